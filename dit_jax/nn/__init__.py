@@ -1,0 +1,1 @@
+"""Blocks shared by every model: attention, embeddings, modulation, MLP, block stacks."""

@@ -1,0 +1,62 @@
+"""Logical axis names and their default mapping onto the mesh axes ``data``, ``fsdp`` and ``tensor``.
+
+Every parameter in ``dit_jax`` carries logical names (``nn.with_logical_partitioning``) and activations are
+constrained with the ``act_*`` names at block boundaries. Which mesh axis a logical name lands on is decided
+here (or in an experiment config), never inside a model.
+
+Parameter names:
+  embed       the model width D (sharded over ``fsdp``: ZeRO-3 style parameter sharding)
+  mlp         the MLP hidden width
+  heads       attention heads (q/k/v output, attention output input)
+  kv          the per-head feature axis
+  modulation  adaLN modulation outputs (6·D, 2·D)
+  classes     rows of the class-embedding table
+  caption     caption (text-encoder) channels
+  freq        sinusoid frequency channels
+  patch       patch-embedding kernel spatial/input axes
+  layers      the stacked-layer axis of scanned block stages
+Activation names:
+  act_batch, act_length, act_embed, act_heads, act_mlp, act_kv
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # parameters
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("modulation", "tensor"),
+    ("classes", None),
+    ("caption", None),
+    ("freq", None),
+    ("patch", None),
+    ("layers", None),
+    ("norm", None),
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_kv", None),
+)
+
+
+def logical_rules(overrides: Rules | None = None) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+    """DEFAULT_RULES with ``overrides`` taking precedence (same logical name → the override's mesh axes)."""
+    if not overrides:
+        return DEFAULT_RULES
+    override = {name: axes for name, axes in overrides}
+    merged = [(name, override.pop(name)) if name in override else (name, axes) for name, axes in DEFAULT_RULES]
+    return tuple(merged) + tuple(override.items())
+
+
+def constrain(x, names: tuple[str | None, ...]):
+    """Constrain an activation to logical axis names (a no-op without a mesh and rules in context)."""
+    return nn.with_logical_constraint(x, names)
