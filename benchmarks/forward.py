@@ -1,0 +1,170 @@
+"""Forward latency: dit_jax vs diffusers (same device, same run), and the KV-compression speedup.
+
+  python benchmarks/forward.py                      # all cases, bf16 on GPU / fp32 on CPU
+  python benchmarks/forward.py --cases dit --batch 8
+  python benchmarks/forward.py --cases kv --depth 4 # CPU: shallower models keep it within minutes
+
+Cases: ``dit`` DiT-XL/2 at 256 and 512 px; ``pixart`` PixArt-Σ XL/2 at 1024 px (4,096 tokens) and 2K
+(16,384 tokens) with 300 caption tokens; ``kv`` PixArt-Σ with KV compression (R=2 on the deep half of the layers)
+against without, at 2K and 4K (65,536 tokens). One JSON line per case (see benchmarks/common.py).
+"""
+
+import argparse
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import emit, jax_sync, peak_flops, time_calls, torch_sync
+from dit_jax import models
+from dit_jax.models.flops import forward_flops
+
+PX = {"256": 32, "512": 64, "1024": 128, "2K": 256, "4K": 512}  # image size → latent size
+
+
+def jax_forward(config, batch: int, latent: int, caption: int = 300):
+    model = models.build(config)
+    params = jax.device_put(models.init_params(config))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, latent, latent, config.in_channels)), jnp.float32)
+    t = jnp.full((batch,), 500.0)
+    if isinstance(config, models.DiTConfig):
+        args = (x, t, jnp.arange(batch) % config.num_classes)
+    else:
+        cap = jnp.asarray(rng.standard_normal((batch, caption, config.caption_width)), jnp.float32)
+        args = (x, t, cap, jnp.ones((batch, caption), jnp.int32))
+    fn = jax.jit(model.apply)
+    return lambda: fn({"params": params}, *args)
+
+
+def torch_forward(config, batch: int, latent: int, dtype: str, caption: int = 300):
+    import torch
+    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    common = dict(
+        num_attention_heads=config.num_heads,
+        attention_head_dim=config.hidden_size // config.num_heads,
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        num_layers=config.depth,
+        patch_size=config.patch_size,
+        sample_size=config.input_size,
+    )
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, config.in_channels, latent, latent, generator=g).to(device, tdtype)
+    t = torch.full((batch,), 500, device=device)
+    if isinstance(config, models.DiTConfig):
+        model = DiTTransformer2DModel(**common, num_embeds_ada_norm=config.num_classes)
+        kwargs = dict(hidden_states=x, timestep=t, class_labels=torch.arange(batch, device=device))
+    else:
+        model = PixArtTransformer2DModel(
+            **common,
+            caption_channels=config.caption_channels,
+            interpolation_scale=config.pe_interpolation,
+            use_additional_conditions=False,
+        )
+        cap = torch.randn(batch, caption, config.caption_width, generator=g).to(device, tdtype)
+        mask = torch.ones(batch, caption, device=device)
+        kwargs = dict(
+            hidden_states=x,
+            timestep=t,
+            encoder_hidden_states=cap,
+            encoder_attention_mask=mask,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        )
+    model = model.to(device, tdtype).eval()
+
+    def run():
+        with torch.inference_mode():
+            return model(**kwargs, return_dict=False)[0]
+
+    return run
+
+
+def report(case, config, latent, batch, dtype, jax_t, torch_t=None, **extra):
+    flops = forward_flops(config, latent, latent) * batch
+    peak = peak_flops()
+    rec = {
+        "case": case,
+        "dtype": dtype,
+        "batch": batch,
+        "depth": config.depth,
+        "tokens": (latent // 2) ** 2,
+        "jax_ms": round(jax_t["median_ms"], 2),
+        "tflops_per_s": round(flops / jax_t["median_ms"] / 1e9, 2),
+    }
+    if peak and dtype == "bf16":
+        rec["mfu"] = round(flops / (jax_t["median_ms"] / 1e3) / peak, 3)
+    if torch_t is not None:
+        rec["torch_ms"] = round(torch_t["median_ms"], 2)
+        rec["speedup_vs_torch"] = round(torch_t["median_ms"] / jax_t["median_ms"], 3)
+    emit({**rec, **extra})
+
+
+def main():
+    on_gpu = jax.default_backend() == "gpu"
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="dit,pixart,kv")
+    ap.add_argument("--dtype", default="bf16" if on_gpu else "fp32", choices=["bf16", "fp32"])
+    ap.add_argument("--batch", type=int, default=8 if on_gpu else 1)
+    ap.add_argument("--depth", type=int, default=None, help="override depth (keeps CPU runs short)")
+    ap.add_argument("--iters", type=int, default=10 if on_gpu else 3)
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--dit-sizes", default="256,512")
+    ap.add_argument("--pixart-sizes", default="1024,2K")
+    ap.add_argument("--kv-sizes", default="2K,4K")
+    args = ap.parse_args()
+    over = {"dtype": "bfloat16" if args.dtype == "bf16" else "float32"}
+    if args.depth:
+        over["depth"] = args.depth
+    timing = dict(iters=args.iters, warmup=2)
+    cases = args.cases.split(",")
+
+    if "dit" in cases:
+        for size in args.dit_sizes.split(","):
+            latent = PX[size]
+            cfg = models.preset("DiT-XL/2", input_size=latent, **over)
+            j = time_calls(jax_forward(cfg, args.batch, latent), sync=jax_sync, **timing)
+            t = (
+                None
+                if args.no_torch
+                else time_calls(torch_forward(cfg, args.batch, latent, args.dtype), sync=torch_sync, **timing)
+            )
+            report(f"DiT-XL/2 {size}px forward", cfg, latent, args.batch, args.dtype, j, t)
+    if "pixart" in cases:
+        for size in args.pixart_sizes.split(","):
+            latent = PX[size]
+            cfg = models.preset("PixArt-Sigma-XL-2-1024-MS", **over)
+            j = time_calls(jax_forward(cfg, args.batch, latent), sync=jax_sync, **timing)
+            t = (
+                None
+                if args.no_torch
+                else time_calls(torch_forward(cfg, args.batch, latent, args.dtype), sync=torch_sync, **timing)
+            )
+            report(f"PixArt-Sigma-XL/2 {size} forward", cfg, latent, args.batch, args.dtype, j, t)
+    if "kv" in cases:
+        for size in args.kv_sizes.split(","):
+            latent = PX[size]
+            base = models.preset("PixArt-Sigma-XL-2-2K-MS", **over)
+            kv = dataclasses.replace(base, kv_compress_layers=tuple(range(base.depth // 2, base.depth)))
+            plain = time_calls(jax_forward(base, args.batch, latent), sync=jax_sync, **timing)
+            comp = time_calls(jax_forward(kv, args.batch, latent), sync=jax_sync, **timing)
+            emit(
+                {
+                    "case": f"PixArt-Sigma KV compression R=2 layers {base.depth // 2}-{base.depth - 1}, {size}",
+                    "dtype": args.dtype,
+                    "batch": args.batch,
+                    "depth": base.depth,
+                    "tokens": (latent // 2) ** 2,
+                    "plain_ms": round(plain["median_ms"], 2),
+                    "kv_ms": round(comp["median_ms"], 2),
+                    "time_cut": round(1 - comp["median_ms"] / plain["median_ms"], 3),
+                }
+            )
+
+
+if __name__ == "__main__":
+    main()
