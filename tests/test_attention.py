@@ -51,7 +51,7 @@ def test_xla_matches_softmax_reference(mask, ref_mask):
     print(f"xla fp32 vs float64 softmax: max abs err {err:.2e}")
     assert err < 1e-5
 
-    # bf16 inputs: softmax stays fp32, the error is bf16 rounding of q, k, v, probabilities and output (measured ~5e-3 rel).
+    # bf16 inputs: softmax stays fp32; the error is bf16 rounding of q, k, v, probabilities, output (~5e-3 rel).
     got16 = dot_product_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)), mask, backend="xla")
     assert got16.dtype == jnp.bfloat16
     err16 = np.abs(np.asarray(got16, np.float32) - want).max() / np.abs(want).max()
