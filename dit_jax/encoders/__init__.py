@@ -1,1 +1,28 @@
-"""encoders"""
+"""Encoders around the diffusion model: the AutoencoderKL VAE (and text encoders)."""
+
+# The model registry imports dit_jax.encoders.vae, and vae imports dit_jax.models.config: load the models package
+# first so that importing dit_jax.encoders.vae before dit_jax.models never meets a half-initialised registry.
+import dit_jax.models  # noqa: F401
+from dit_jax.encoders.vae import (
+    PRESETS,
+    AutoencoderKL,
+    VAEConfig,
+    decode_tiled,
+    encode_tiled,
+    sample_posterior,
+    scale_latents,
+    unscale_latents,
+    vae_preset,
+)
+
+__all__ = [
+    "PRESETS",
+    "AutoencoderKL",
+    "VAEConfig",
+    "decode_tiled",
+    "encode_tiled",
+    "sample_posterior",
+    "scale_latents",
+    "unscale_latents",
+    "vae_preset",
+]

@@ -7,15 +7,17 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from dit_jax.encoders import vae
 from dit_jax.models import dit, pixart
 from dit_jax.models.config import ExecutionConfig
 from dit_jax.nn.stack import scan_layout, unscan_layout
 
-ModelConfig = dit.DiTConfig | pixart.PixArtConfig
+ModelConfig = dit.DiTConfig | pixart.PixArtConfig | vae.VAEConfig
 
 FAMILIES: dict[str, tuple[type, type]] = {
     "dit": (dit.DiTConfig, dit.DiT),
     "pixart": (pixart.PixArtConfig, pixart.PixArt),
+    "vae": (vae.VAEConfig, vae.AutoencoderKL),
 }
 PRESETS: dict[str, ExecutionConfig] = {**dit.PRESETS, **pixart.PRESETS}
 

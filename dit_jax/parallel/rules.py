@@ -15,6 +15,8 @@ Parameter names:
   freq        sinusoid frequency channels
   patch       patch-embedding kernel spatial/input axes
   layers      the stacked-layer axis of scanned block stages
+  channels    conv/GroupNorm channel axes of convolutional autoencoders (VAE); replicated by default, since their
+              parameters are small next to their activations
 Activation names:
   act_batch, act_length, act_embed, act_heads, act_mlp, act_kv
 """
@@ -38,6 +40,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("patch", None),
     ("layers", None),
     ("norm", None),
+    ("channels", None),
     # activations
     ("act_batch", ("data", "fsdp")),
     ("act_length", None),
