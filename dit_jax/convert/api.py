@@ -1,0 +1,204 @@
+"""``from_torch`` / ``to_torch``: detect the family and format, build the config, run the family's rule table.
+
+Config precedence: the family defaults (or ``preset=``) < what the checkpoint says (keys, shapes, ``config.json``)
+< explicit overrides. Guesses such as heads from a published width rank below a preset. A field that is needed but
+neither inferable nor given is one clear error naming it.
+"""
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from dit_jax.convert import dit, io, pixart
+from dit_jax.convert.rules import ConversionError, export, flatten, import_
+from dit_jax.models import abstract_params, preset, set_scan
+from dit_jax.models.registry import ModelConfig
+
+FORMATS = ("original", "diffusers")
+FAMILIES: dict[str, ModuleType] = {m.FAMILY: m for m in (dit, pixart)}
+
+
+def _family_of_config(config: ModelConfig) -> ModuleType:
+    for module in FAMILIES.values():
+        if isinstance(config, module.CONFIG):
+            return module
+    raise TypeError(f"no torch conversion for {type(config).__name__}; supported: {sorted(FAMILIES)}")
+
+
+def detect(
+    state_dict: Mapping[str, Any], diffusers_config: Mapping[str, Any] | None = None, *, source: str = "checkpoint"
+) -> tuple[str, str]:
+    """``(family, format)`` of a checkpoint from its keys (and a diffusers ``config.json`` when there is one)."""
+    keys = set(state_dict)
+    found = [(name, fmt) for name, m in FAMILIES.items() if (fmt := m.detect(keys))]
+    if diffusers_config is not None:
+        by_config = [name for name, m in FAMILIES.items() if m.is_diffusers_config(diffusers_config)]
+        if not by_config:
+            raise ConversionError(
+                f"{source}: config.json describes a {diffusers_config.get('_class_name')!r} "
+                f"(norm_type={diffusers_config.get('norm_type')!r}); supported: "
+                f"{[m.DIFFUSERS_CLASS for m in FAMILIES.values()]}"
+            )
+        if found and found[0] != (by_config[0], "diffusers"):
+            raise ConversionError(
+                f"{source}: config.json describes a diffusers {by_config[0]} but the weights look like {found[0]}"
+            )
+        return by_config[0], "diffusers"
+    if len(found) != 1:
+        sample = sorted(keys)[:8]
+        raise ConversionError(
+            f"{source}: cannot tell the model family and format from its keys (first keys: {sample}); expected a "
+            "DiT or PixArt checkpoint in the original or diffusers format"
+        )
+    return found[0]
+
+
+def _merge_config(
+    module: ModuleType, inference, overrides: dict[str, Any], preset_name: str | None, source: str
+) -> ModelConfig:
+    cls = module.CONFIG
+    if preset_name is not None:
+        base = preset(preset_name)
+        if not isinstance(base, cls):
+            raise ValueError(f"preset {preset_name!r} is a {type(base).__name__}, but {source} is a {module.FAMILY}")
+        fields = {}
+    else:
+        base = cls()
+        fields = dict(inference.soft)
+    fields.update(inference.fields)
+    fields.update(overrides)
+    # A preset supplies every field; otherwise each field the checkpoint cannot tell must be overridden.
+    absent = {} if preset_name is not None else {k: w for k, w in inference.missing.items() if k not in overrides}
+    if absent:
+        lines = [f"{k}: {why}; pass {k}=... (or preset=...)" for k, why in absent.items()]
+        raise ConversionError(f"{source}: cannot infer " + "; ".join(lines))
+    try:
+        return dataclasses.replace(base, **fields)
+    except ValueError as e:
+        raise ValueError(f"{source}: the inferred config is invalid: {e}") from e
+
+
+def _check_overrides(module: ModuleType, overrides: Mapping[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(module.CONFIG)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown {module.CONFIG.__name__} override(s) {unknown}; known fields: {sorted(known)} and 'preset'"
+        )
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Flax path → parameter shape in the loop layout (what a converted checkpoint must produce)."""
+    loop = dataclasses.replace(config, scan_blocks=False)
+    abstract = nn.meta.unbox(abstract_params(loop))
+    return {k: tuple(v.shape) for k, v in flatten(abstract).items()}
+
+
+def from_state_dict(
+    state_dict: Mapping[str, Any],
+    *,
+    format: str | None = None,
+    diffusers_config: Mapping[str, Any] | None = None,
+    source: str = "state dict",
+    **config_overrides: Any,
+) -> tuple[ModelConfig, dict[str, Any]]:
+    """A torch state dict (numpy arrays or tensors) → ``(config, params)``; see ``from_torch``."""
+    if format not in (None, *FORMATS):
+        raise ValueError(f"format={format!r} is invalid: expected None (detect), 'original' or 'diffusers'")
+    state_dict = {
+        k: io.to_float32(v.detach().cpu().float().numpy() if hasattr(v, "detach") else v) for k, v in state_dict.items()
+    }
+    family, fmt = detect(state_dict, diffusers_config, source=source)
+    if format is not None and format != fmt:
+        raise ConversionError(f"{source}: format={format!r} was requested but the checkpoint is in the {fmt} format")
+    module = FAMILIES[family]
+    overrides = dict(config_overrides)
+    preset_name = overrides.pop("preset", None)
+    _check_overrides(module, overrides)
+    scan = bool(overrides.pop("scan_blocks", False))
+    inference = module.infer_config(state_dict, diffusers_config, fmt, source)
+    config = _merge_config(module, inference, overrides, preset_name, source)
+    config = dataclasses.replace(config, scan_blocks=False)
+    table, star = module.rules(config, fmt)
+    module.check_state_dict(state_dict, fmt, config.depth, source)
+    params = import_(
+        table, state_dict, expected=expected_shapes(config), star=star, ignore=module.ignored(fmt), source=source
+    )
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+    return set_scan(config, params, scan)
+
+
+def from_torch(
+    path: str | os.PathLike, *, format: str | None = None, weights: str = "ema", **config_overrides: Any
+) -> tuple[ModelConfig, dict[str, Any]]:
+    """Import a PyTorch DiT/PixArt checkpoint → ``(config, params)`` (nested dicts of float32 numpy arrays).
+
+    ``path``: ``.pt/.pth/.bin`` (``weights`` picks ``"ema"`` or ``"model"`` from training checkpoints),
+    ``.safetensors``, a shard ``*.index.json``, or a diffusers model/pipeline folder. ``format``: None (detect),
+    ``"original"`` or ``"diffusers"``. ``config_overrides``: config fields the checkpoint cannot tell (e.g.
+    ``num_heads``), ``preset="DiT-XL/2"`` for defaults, ``scan_blocks=True`` for the scanned layout.
+    """
+    state_dict, diffusers_config, source = io.read_checkpoint(path, weights)
+    return from_state_dict(
+        state_dict, format=format, diffusers_config=diffusers_config, source=source, **config_overrides
+    )
+
+
+def to_torch(config: ModelConfig, params: Mapping[str, Any], *, format: str) -> dict[str, np.ndarray]:
+    """``(config, params)`` → a torch-format state dict of float32 numpy arrays (``"original"`` or ``"diffusers"``)."""
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r} is invalid: expected 'original' or 'diffusers'")
+    module = _family_of_config(config)
+    module.check_export(config, format)
+    if config.scan_blocks:
+        config, params = set_scan(config, params, False)
+    expected = expected_shapes(config)
+    got = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
+    problems = sorted(set(expected) ^ set(got)) + sorted(k for k in expected if k in got and expected[k] != got[k])
+    if problems:
+        details = [f"{k}: expected {expected.get(k, 'nothing')}, found {got.get(k, 'nothing')}" for k in problems]
+        raise ConversionError("params do not match the config:\n  " + "\n  ".join(details))
+    table, star = module.rules(config, format, **({"for_export": True} if module is pixart else {}))
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32), dict(params))
+    out = export(table, params, star=star)
+    out.update(module.export_extras(config, params, format))
+    return out
+
+
+def diffusers_config(config: ModelConfig) -> dict[str, Any]:
+    """The diffusers ``config.json`` of ``config``."""
+    return _family_of_config(config).diffusers_config(config)
+
+
+def save_torch(
+    path: str | os.PathLike,
+    config: ModelConfig,
+    params: Mapping[str, Any],
+    *,
+    format: str,
+    overwrite: bool = False,
+) -> Path:
+    """Export and write: ``*.safetensors``, ``*.pt``/``.pth``/``.bin``, or (no suffix, diffusers) a model folder.
+
+    Original-format PixArt ``.pt`` files are wrapped as ``{"state_dict": ...}``, as the PixArt scripts load them.
+    """
+    path = Path(path)
+    state_dict = to_torch(config, params, format=format)
+    if path.suffix == ".safetensors":
+        return io.write_safetensors(path, state_dict, overwrite=overwrite)
+    if path.suffix in io.TORCH_SUFFIXES:
+        wrap = "state_dict" if format == "original" and _family_of_config(config) is pixart else None
+        return io.write_torch(path, state_dict, wrap=wrap, overwrite=overwrite)
+    if path.suffix == "" and format == "diffusers":
+        return io.write_diffusers_folder(path, diffusers_config(config), state_dict, overwrite=overwrite)
+    raise ValueError(
+        f"{path}: expected a .safetensors or .pt file"
+        + (", or a folder path without suffix" if format == "diffusers" else " (folders are for format='diffusers')")
+    )
