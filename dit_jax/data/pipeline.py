@@ -126,7 +126,9 @@ def validate_data_config(data_config: Any) -> dict[str, Any]:
             continue
         if key in _BOOL_KEYS and not isinstance(value, bool | np.bool_):
             raise ValueError(f"data.{key}: expected True or False, got {value!r}")
-        if key in _POSITIVE_INT_KEYS and (isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1):
+        if key in _POSITIVE_INT_KEYS and (
+            isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1
+        ):
             raise ValueError(f"data.{key}: expected a positive integer, got {value!r}")
         if key in _STR_KEYS and not isinstance(value, str):
             raise ValueError(f"data.{key}: expected a string, got {value!r}")
@@ -235,7 +237,9 @@ def create_dataset(
     skipped = sources.SkipCounter(cfg["name"])
     source = build_source(cfg, split, skipped)
     if cfg["num_classes"] is not None and source.num_classes is not None and source.num_classes != cfg["num_classes"]:
-        raise ValueError(f"data.num_classes: {cfg['num_classes']}, but the {cfg['name']} source has {source.num_classes}")
+        raise ValueError(
+            f"data.num_classes: {cfg['num_classes']}, but the {cfg['name']} source has {source.num_classes}"
+        )
     shuffle_seed, map_seed = (int(s) for s in np.random.SeedSequence(int(seed)).generate_state(2))
     meta = dict(config=cfg, batch_size=int(batch_size), num_records=source.num_records,
                 num_classes=source.num_classes, skipped=skipped)  # fmt: skip

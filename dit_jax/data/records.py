@@ -52,8 +52,10 @@ def encode_latent_record(record: Mapping[str, Any]) -> bytes:
         elif key == "caption":
             value = str(value)
         else:
-            raise ValueError(f"encode_latent_record: unknown key {key!r}; expected one of {_ARRAY_KEYS} or label, "
-                             "caption, source_index")
+            raise ValueError(
+                f"encode_latent_record: unknown key {key!r}; expected one of {_ARRAY_KEYS} or label, "
+                "caption, source_index"
+            )
         out[key] = value
     return serialization.msgpack_serialize(out)
 
@@ -69,7 +71,9 @@ def decode_latent_record(data: bytes) -> dict[str, Any]:
     shape = record["latent_mean"].shape
     for key in ("latent_logvar", "flipped_mean", "flipped_logvar"):
         if key in record and getattr(record[key], "shape", None) != shape:
-            raise ValueError(f"latent record: {key!r} has shape {getattr(record[key], 'shape', None)}, expected {shape}")
+            raise ValueError(
+                f"latent record: {key!r} has shape {getattr(record[key], 'shape', None)}, expected {shape}"
+            )
     return record
 
 

@@ -12,7 +12,6 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -45,8 +44,9 @@ class SkipCounter:
             self._count += 1
             n = self._count
         if n <= 10 or n & (n - 1) == 0:
-            log.warning("%s: skipped unreadable %s (%s: %s); %d skipped so far", self.name, what,
-                        type(error).__name__, error, n)
+            log.warning(
+                "%s: skipped unreadable %s (%s: %s); %d skipped so far", self.name, what, type(error).__name__, error, n
+            )
 
     def __repr__(self) -> str:
         return f"SkipCounter({self.name!r}, count={self._count})"
@@ -285,7 +285,10 @@ class TfdsSource(_ImageSource):
 
 
 class LatentSource:
-    """Precomputed latents (ArrayRecord + manifest): x = (z − shift) · scale, z sampled from the stored posterior."""
+    """Precomputed latents (ArrayRecord + manifest): x = (z − shift) · scale, z sampled from the stored posterior.
+
+    With per-channel statistics in the manifest (VAEs defining latents_mean/std): x = (z − μ_c − shift)·scale/σ_c.
+    """
 
     def __init__(
         self,
@@ -306,6 +309,9 @@ class LatentSource:
         self.sample = sample
         self.scale = float(cfg["scaling_factor"] if scale is None else scale)
         self.shift = float(cfg.get("shift_factor", 0.0) if shift is None else shift)
+        # optional per-channel statistics (as in `dit_jax.encoders.vae.scale_latents`)
+        self.channel_mean = np.asarray(cfg.get("latents_mean") or 0.0, np.float32)
+        self.channel_std = np.asarray(cfg.get("latents_std") or 1.0, np.float32)
         self.skipped = skipped
         self.num_classes = cfg.get("num_classes") if cfg.get("has_labels") else None
         self.has_labels = bool(cfg.get("has_labels"))
@@ -350,12 +356,11 @@ class LatentSource:
         z = mean.astype(np.float32)
         if self.sample and logvar is not None:
             z = z + np.exp(0.5 * logvar.astype(np.float32)) * rng.standard_normal(z.shape, dtype=np.float32)
-        out: Example = {"x": ((z - self.shift) * self.scale).astype(np.float32)}
+        x = (z - self.channel_mean - self.shift) * self.scale / self.channel_std
+        out: Example = {"x": x.astype(np.float32)}
         if self.has_labels:
             out["y"] = np.int32(record["label"])
         if self.has_embeddings:
             out["caption"] = record["caption_embedding"].astype(np.float32)
             out["caption_mask"] = record["caption_mask"].astype(np.int32)
         return out
-
-
