@@ -162,6 +162,9 @@ def test_config_defaults_and_configdict():
     ml_collections = pytest.importorskip("ml_collections")
     cfg = validate_data_config(ml_collections.ConfigDict({"name": "digits"}))
     assert cfg["image_size"] == 16 and cfg["random_flip"] is False and cfg["shuffle"] is True
+    assert validate_data_config({"name": "digits", "image_size": None, "num_classes": None})["image_size"] == 16
+    tfds_cfg = validate_data_config({"name": "tfds", "tfds_name": "x", "image_size": 32, "label_key": None})
+    assert tfds_cfg["label_key"] is None and tfds_cfg["image_key"] == "image"
     assert validate_data_config({"name": "folder", "path": "p", "image_size": 64})["random_flip"] is True
     with pytest.raises(ValueError, match="split"):
         create_dataset({"name": "digits"}, batch_size=2, seed=0, split="validation", shard_index=0, shard_count=1)

@@ -16,7 +16,7 @@ batch after the saved one. Unreadable records are skipped and counted: `ds.skipp
 start; not part of the checkpoint). With aspect-ratio buckets, every batch holds one bucket, all processes get
 the same shape at the same step, and `ds.x_shapes` lists the possible shapes of x (one step compiles per shape).
 
-Keys of `data_config` (an `ml_collections.ConfigDict` or dict); unknown keys are an error.
+Keys of `data_config` (an `ml_collections.ConfigDict` or dict); unknown keys are an error, None means the default.
 All sources:
   name                  'digits' | 'tfds' | 'folder' | 'latents'                                     (required)
   shuffle               global shuffle, reshuffled every epoch                                       (True)
@@ -34,7 +34,7 @@ centre crop (BOX halving, BICUBIC resize, centre crop) to image_size, RGB:
   data_dir              TFDS data directory (None: TFDS's default)                                   (None)
   image_size            side in pixels, a multiple of 8                                              (required)
   random_flip           random horizontal flips                                                      (True)
-  image_key, label_key  feature names; label_key None for unlabelled data                    ('image', 'label')
+  image_key, label_key  feature names; label_key None for unlabelled data (no y)          ('image', 'label')
 'folder' — an image folder: one sub-folder per class (label = index in the sorted folder names), or image +
 same-named .txt caption pairs; same preprocessing as 'tfds':
   path                  the folder                                                                   (required)
@@ -118,7 +118,11 @@ def validate_data_config(data_config: Any) -> dict[str, Any]:
     unknown = sorted(set(data_config) - set(spec))
     if unknown:
         raise ValueError(f"data.{unknown[0]}: unknown key for source {name!r}; known keys: {sorted(spec)}")
-    cfg = {key: data_config.get(key, default) for key, default in spec.items()}
+    # None means "the default" (ConfigDicts often hold None placeholders), except label_key: None = unlabelled.
+    cfg = {
+        key: default if data_config.get(key) is None and key != "label_key" else data_config.get(key, default)
+        for key, default in spec.items()
+    }
     for key, value in cfg.items():
         if value is _REQUIRED:
             raise ValueError(f"data.{key}: required for source {name!r}")

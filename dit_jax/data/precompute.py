@@ -104,6 +104,11 @@ class PrecomputeSummary:
     skipped: int
 
 
+def _canon(value: Any) -> str:
+    """A JSON text that compares equal for equal settings (key order and tuple/list aside)."""
+    return json.dumps(value, sort_keys=True)
+
+
 def _shard_stem(k: int) -> str:
     return f"latents-{k:05d}"
 
@@ -222,22 +227,28 @@ def precompute_latents(
     }
     os.makedirs(out_dir, exist_ok=True)
     manifest_path = os.path.join(out_dir, records_lib.MANIFEST)
+    num_examples = source.num_records if limit is None else min(limit, source.num_records)
+    num_shards = math.ceil(num_examples / shard_size)
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
-            previous = json.load(f).get("config", {})
-        changed = [k for k in _CONTENT_KEYS if json.dumps(previous.get(k)) != json.dumps(settings[k])]
+            previous = json.load(f)
+        before = previous.get("config", {})
+        changed = [k for k in _CONTENT_KEYS if _canon(before.get(k)) != _canon(settings[k])]
         if changed:
             k = changed[0]
             raise ValueError(
-                f"{out_dir!r} holds latents made with {k}={previous.get(k)!r}, now {k}={settings[k]!r}; "
+                f"{out_dir!r} holds latents made with {k}={before.get(k)!r}, now {k}={settings[k]!r}; "
                 "use another --out directory or the same settings"
             )
-    num_examples = source.num_records if limit is None else min(limit, source.num_records)
-    num_shards = math.ceil(num_examples / shard_size)
+        if previous.get("num_examples") != num_examples:
+            raise ValueError(
+                f"{out_dir!r} holds latents of {previous.get('num_examples')} source examples, but the source now "
+                f"has {num_examples}; use another --out directory"
+            )
     header = {"format": records_lib.FORMAT, "version": records_lib.VERSION, "complete": False, "config": settings,
               "num_examples": num_examples, "num_shards": num_shards}  # fmt: skip
-    if process_index == 0 and not os.path.exists(manifest_path):
-        records_lib.write_json_atomic(manifest_path, header)
+    if process_index == 0 and not all(_shard_done(out_dir, k) for k in range(num_shards)):
+        records_lib.write_json_atomic(manifest_path, header)  # readers see "incomplete" until the end
 
     mine = [k for k in range(process_index, num_shards, process_count) if _shard_done(out_dir, k) is None]
     pending = sum(min(num_examples, (k + 1) * shard_size) - k * shard_size for k in mine)
