@@ -102,6 +102,8 @@ def test_digits_sizes_and_flip_option():
 
 def test_process_shards_are_disjoint_and_make_the_global_batch():
     whole = _take(create_dataset(_digits(), batch_size=8, seed=1, shard_index=0, shard_count=1), 2)
+    default = _take(create_dataset(_digits(), batch_size=8, seed=1), 2)  # one process: jax.process_index() == 0
+    np.testing.assert_array_equal(default[1]["x"], whole[1]["x"])
     parts = [_take(create_dataset(_digits(), batch_size=4, seed=1, shard_index=i, shard_count=2), 2) for i in (0, 1)]
     for step in range(2):
         p0, p1 = parts[0][step]["x"], parts[1][step]["x"]

@@ -190,3 +190,34 @@ def test_bucketed_caption_precompute_with_text_embeddings(tmp_path):
             np.testing.assert_array_equal(b["caption_mask"][0], np.arange(5) < min(n, 5))
             np.testing.assert_allclose(b["x"][0, ..., 3], 2.0 * b["x"][0, ..., 0], atol=1e-6)
     assert shapes_seen == {(wide[0] // 8, wide[1] // 8, 4), (4, 4, 4)}
+
+
+def test_load_vae_encoder_from_a_model_directory_and_bad_paths(tmp_path, tiny_vae):
+    from dit_jax.checkpoint import save_model
+    from dit_jax.data.precompute import load_vae_encoder
+
+    vae_dir, model, params = tiny_vae
+    save_model(tmp_path / "vae_model", model.config, params)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    want = model.apply({"params": params}, x, method="encode")
+    for path in (tmp_path / "vae_model", vae_dir):
+        encoder = load_vae_encoder(str(path))
+        assert encoder.scaling_factor == 0.5 and encoder.name == os.path.abspath(path)
+        for got, ref in zip(encoder.apply(encoder.params, x), want):
+            np.testing.assert_allclose(got, ref, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="missing_vae"):
+        load_vae_encoder(str(tmp_path / "missing_vae"))
+
+
+def test_precompute_from_a_tfds_source_with_limit(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
+        summary = precompute_latents({"name": "tfds", "tfds_name": "imagenet2012"}, str(tmp_path), _pool_encoder(),
+                                     image_size=8, batch_size=2, shard_size=2, limit=4, dtype="float16",
+                                     num_threads=2, progress=False)  # fmt: skip
+        labels = [int(tfds.data_source("imagenet2012", split="train", download=False)[i]["label"]) for i in range(4)]
+    assert summary.manifest["num_records"] == 4 and summary.manifest["config"]["num_classes"] == 1000
+    manifest, recs = _records(tmp_path)
+    assert len(manifest["files"]) == 2 and [r["source_index"] for r in recs] == [0, 1, 2, 3]
+    assert [r["label"] for r in recs] == labels
+    assert all(r["latent_mean"].dtype == np.float16 and r["latent_mean"].shape == (1, 1, 4) for r in recs)
