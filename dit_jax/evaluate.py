@@ -1,0 +1,176 @@
+"""``python -m dit_jax.evaluate --workdir runs/quickstart``: do the samples of a digits run show the right digit?
+
+Generates ``--samples_per_class`` images per class with the run's EMA params (the sampler settings of the run's
+``config.sample`` unless overridden), shrinks them back to 8×8 by area averaging, and classifies them with an SVM
+fitted on the real digits passed through the same resize and shrink. Prints per-class and overall accuracy and
+writes ``WORKDIR/eval/step_<N>.json`` (and a PNG of the first samples of each class). The quickstart's bar: every
+class ≥ 90%.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+PASS_THRESHOLD = 0.9
+
+
+def shrink(images: np.ndarray, size: int = 8) -> np.ndarray:
+    """(N, S, S, 1) in [−1, 1] → (N, size·size) features on the sklearn digits scale 0–16 (area averaging)."""
+    n, s = images.shape[0], images.shape[1]
+    f = s // size
+    x = np.clip((images[..., 0] + 1.0) / 2.0, 0.0, 1.0)
+    x = x.reshape(n, size, f, size, f).mean(axis=(2, 4))
+    return (x * 16.0).reshape(n, size * size)
+
+
+def fit_classifier(image_size: int, seed: int = 0) -> tuple[Any, float]:
+    """An SVM on the real digits (resized as in training, shrunk back); returns it and its 5-fold CV accuracy."""
+    from sklearn.model_selection import cross_val_score
+    from sklearn.svm import SVC
+
+    from dit_jax.data import load_digits_arrays
+
+    x, y = load_digits_arrays(image_size)
+    feats = shrink(x)
+    clf = SVC(gamma=0.001, C=10.0, random_state=seed)
+    cv = float(np.mean(cross_val_score(clf, feats, y, cv=5)))
+    clf.fit(feats, y)
+    return clf, cv
+
+
+def generate_digits(
+    workdir: str,
+    *,
+    step: int | None = None,
+    samples_per_class: int = 100,
+    num_steps: int | None = None,
+    guidance_scale: float | None = None,
+    method: str | None = None,
+    seed: int = 1234,
+    batch: int = 250,
+) -> tuple[int, dict[str, Any], np.ndarray, np.ndarray, dict[str, Any]]:
+    """``(step, config, images (N, S, S, C) in [−1, 1], labels (N,), sampler settings)`` from a run's EMA params."""
+    import jax
+    import jax.numpy as jnp
+
+    from dit_jax.train.checkpoints import load_config, load_ema_params
+    from dit_jax.train.objectives import make_schedule
+    from dit_jax.train.sampling import generate, sample_method
+
+    step, model_config, config = load_config(workdir, step)
+    _, params = load_ema_params(workdir, step)
+    s = config.get("sample", {})
+    settings = dict(
+        method=sample_method(config["objective"], method or s.get("method")),
+        num_steps=int(num_steps or s.get("num_steps", 50)),
+        guidance_scale=float(s.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale),
+    )
+    schedule = make_schedule(config["objective"], config.get("diffusion", {}), model_config)
+    size = model_config.input_size
+    labels = np.repeat(np.arange(model_config.num_classes, dtype=np.int32), samples_per_class)
+
+    @jax.jit
+    def run(params, y, key):
+        latents = jax.random.normal(key, (y.shape[0], size, size, model_config.in_channels), jnp.float32)
+        return generate(
+            model_config,
+            params,
+            {"y": y},
+            latents,
+            jax.random.fold_in(key, 1),
+            schedule=schedule,
+            objective=config["objective"],
+            **settings,
+        )
+
+    key = jax.random.key(seed)
+    out = []
+    for i in range(0, len(labels), batch):
+        y = labels[i : i + batch]
+        pad = batch - len(y)
+        y_in = np.concatenate([y, np.zeros(pad, np.int32)]) if pad else y
+        x = np.asarray(run(params, jnp.asarray(y_in), jax.random.fold_in(key, i)))
+        out.append(x[: len(y)])
+    return step, config, np.concatenate(out), labels, settings
+
+
+def evaluate(workdir: str, **kwargs) -> dict[str, Any]:
+    """Generate, classify and score; returns the report that is also written as JSON."""
+    from dit_jax.train.sampling import image_grid, save_png, to_images
+
+    t0 = time.perf_counter()
+    step, config, images, labels, settings = generate_digits(workdir, **kwargs)
+    seconds = time.perf_counter() - t0
+    if config["data"].get("name") != "digits":
+        raise ValueError(f"{workdir} trained on {config['data'].get('name')!r}; this evaluator knows the digits only")
+    clf, cv = fit_classifier(images.shape[1])
+    pred = clf.predict(shrink(images))
+    classes = sorted(set(labels.tolist()))
+    per_class = {str(c): float(np.mean(pred[labels == c] == c)) for c in classes}
+    report = {
+        "workdir": os.path.abspath(workdir),
+        "step": step,
+        "samples_per_class": int(np.sum(labels == classes[0])),
+        **settings,
+        "per_class_accuracy": per_class,
+        "accuracy": float(np.mean(pred == labels)),
+        "min_class_accuracy": min(per_class.values()),
+        "passed": min(per_class.values()) >= PASS_THRESHOLD,
+        "classifier": "SVC(gamma=0.001, C=10) on the real digits (resized as in training, shrunk to 8x8)",
+        "classifier_cv_accuracy_on_real": cv,
+        "sampling_seconds": seconds,
+    }
+    out_dir = os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"step_{step:07d}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(path + ".tmp", path)
+    first = np.concatenate([images[labels == c][:10] for c in classes])
+    save_png(os.path.join(out_dir, f"step_{step:07d}.png"), image_grid(to_images(first), len(classes)))
+    report["json"] = path
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dit_jax.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default="runs/quickstart", help="training run directory (default: %(default)s)")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--samples_per_class", type=int, default=100)
+    p.add_argument("--num_steps", type=int, help="sampler steps (default: the run's config.sample.num_steps)")
+    p.add_argument("--guidance_scale", type=float, help="CFG scale (default: the run's config.sample)")
+    p.add_argument("--method", help="sampler (default: the run's config.sample.method or the objective's)")
+    p.add_argument("--seed", type=int, default=1234)
+    args = p.parse_args(argv)
+    try:
+        r = evaluate(
+            args.workdir,
+            step=args.step,
+            samples_per_class=args.samples_per_class,
+            num_steps=args.num_steps,
+            guidance_scale=args.guidance_scale,
+            method=args.method,
+            seed=args.seed,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sampler = f"{r['method']} {r['num_steps']} steps, guidance {r['guidance_scale']}"
+    print(f"checkpoint {r['step']} of {r['workdir']}: {r['samples_per_class']} samples per class, {sampler}")
+    print(f"sampling took {r['sampling_seconds']:.0f} s")
+    print(f"classifier accuracy on real digits (5-fold CV): {r['classifier_cv_accuracy_on_real']:.3f}")
+    for c, acc in r["per_class_accuracy"].items():
+        print(f"  class {c}: {acc:6.1%}")
+    verdict = "PASS" if r["passed"] else "FAIL"
+    print(f"overall: {r['accuracy']:.1%}   worst class: {r['min_class_accuracy']:.1%}   {verdict} (every class >= 90%)")
+    print(f"wrote {r['json']}")
+    return 0 if r["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

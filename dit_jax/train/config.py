@@ -1,0 +1,113 @@
+"""Training config: every key with its default (``base_config``), validation, and the model config it names.
+
+Experiment files in ``configs/`` start from ``base_config()`` and change what differs, so a key is spelled once.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from dit_jax.models import ModelConfig, preset
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All training keys with their defaults (a small class-conditional DiT with flow matching)."""
+    c = ml_collections.ConfigDict()
+    # model: a preset name plus any config-field overrides (dtype, scan_blocks, remat, depth, …)
+    c.model = ml_collections.ConfigDict(dict(name="DiT-S/2"))
+    c.objective = "flow"  # flow | ddpm
+    c.diffusion = ml_collections.ConfigDict()  # schedule fields + loss options of the objective
+    c.data = ml_collections.ConfigDict(dict(name="digits"))
+    c.optimizer = ml_collections.ConfigDict(
+        dict(
+            name="adamw",  # adamw | came
+            lr=1e-4,
+            b1=0.9,
+            b2=0.999,
+            b3=0.9999,  # CAME only
+            eps=1e-8,  # AdamW
+            eps1=1e-30,  # CAME
+            eps2=1e-16,  # CAME
+            weight_decay=0.0,
+            warmup_steps=0,
+            decay="constant",  # constant | cosine | linear
+            end_lr_ratio=0.0,
+            grad_clip=0.0,  # global norm; 0 disables
+        )
+    )
+    c.batch_size = 256  # global, over all processes
+    c.grad_accum_steps = 1
+    c.total_steps = 1000
+    c.seed = 0
+    c.ema_decay = 0.9999
+    c.ema_warmup = False  # decay min(ema_decay, (1+s)/(10+s)): useful for short runs
+    c.cfg_dropout_prob = ml_collections.config_dict.placeholder(float)  # None: the model's class/caption dropout
+    c.log_every = 50
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.sample_every = 0  # 0: only at the end when sample.enabled
+    c.nan_guard_limit = 20  # consecutive non-finite steps before saving and stopping
+    # device mesh over all processes; −1 takes the remaining devices. dcn_mesh: across-slice factors (multi-slice).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.dcn_mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+    c.logical_axis_rules = ()  # overrides of dit_jax.parallel.DEFAULT_RULES, e.g. (("embed", None),)
+    # start from another run or a model directory (fine-tuning stages); the model may add KV compression
+    c.init_from = ml_collections.ConfigDict(dict(workdir="", model_dir="", step=-1, use_ema=True))
+    # sample grids (and the defaults of python -m dit_jax.evaluate)
+    c.sample = ml_collections.ConfigDict(
+        dict(
+            enabled=True,
+            method="",  # "": the objective's default sampler
+            num_steps=50,
+            guidance_scale=1.0,
+            per_class=1,  # DiT: images per class in a grid row
+            num_classes=10,  # DiT: how many classes (0 … n−1) the grid shows
+            seed=0,
+        )
+    )
+    c.export_torch_format = ""  # e.g. "original": torch export by python -m dit_jax.train.export by default
+    return c
+
+
+def _bad(key: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"config.{key}={value!r} is invalid: expected {expected}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """One clear error for the first bad value (mesh sizes are checked against the devices when the mesh is made)."""
+    for key in ("batch_size", "total_steps", "log_every", "grad_accum_steps", "keep_checkpoints"):
+        v = config.get(key)
+        if not isinstance(v, int) or v < 1:
+            raise _bad(key, v, "a positive integer")
+    for key in ("checkpoint_every", "sample_every", "nan_guard_limit"):
+        v = config.get(key)
+        if not isinstance(v, int) or v < 0:
+            raise _bad(key, v, "an integer >= 0 (0 disables)")
+    if config.objective not in ("flow", "ddpm"):
+        raise _bad("objective", config.objective, "'flow' or 'ddpm'")
+    if not 0.0 <= float(config.ema_decay) <= 1.0:
+        raise _bad("ema_decay", config.ema_decay, "a value in [0, 1]")
+    if config.batch_size % config.grad_accum_steps:
+        raise _bad("grad_accum_steps", config.grad_accum_steps, f"a divisor of batch_size={config.batch_size}")
+    if "name" not in config.model:
+        raise _bad("model", dict(config.model), "a 'name' key naming a preset (see dit_jax.models.list_presets())")
+    if "name" not in config.data:
+        raise _bad("data", dict(config.data), "a 'name' key naming a data source")
+    if config.init_from.get("workdir") and config.init_from.get("model_dir"):
+        raise _bad("init_from", dict(config.init_from), "at most one of workdir and model_dir")
+
+
+def _as_field(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def model_config_from(model: Mapping[str, Any]) -> ModelConfig:
+    """``config.model`` (a preset ``name`` plus field overrides) → the model config dataclass."""
+    fields = {k: _as_field(v) for k, v in dict(model).items() if k != "name"}
+    try:
+        return preset(model["name"], **fields)
+    except TypeError as e:
+        raise ValueError(f"config.model has an unknown field: {e}") from e

@@ -1,0 +1,418 @@
+"""``train_and_evaluate(config, workdir)``: the training loop (importable, e.g. from a notebook).
+
+Per run: a mesh over all devices of all processes, the train state created in its shards (or restored from the
+latest checkpoint in ``WORKDIR/checkpoints``, onto this mesh), a grain iterator feeding per-process batches that
+become global arrays, the train step compiled ahead of time with explicit shardings and a donated state, then the
+loop: metrics every ``log_every`` steps, async checkpoints every ``checkpoint_every`` steps, sample grids every
+``sample_every`` steps. SIGTERM (preemption) and a persistent NaN/Inf save a checkpoint before the loop stops.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dit_jax.models import ModelConfig, count_params
+from dit_jax.models.flops import forward_flops
+from dit_jax.parallel.mesh import (
+    batch_sharding,
+    check_batch_layout,
+    create_mesh,
+    describe_mesh,
+    example_order,
+    global_batch,
+)
+from dit_jax.parallel.rules import logical_rules
+from dit_jax.train import config as config_lib
+from dit_jax.train.checkpoints import Checkpointer
+from dit_jax.train.metrics import MetricWriter, Throughput, peak_flops_per_device
+from dit_jax.train.objectives import cond_dropout_prob, make_loss_fn, make_schedule
+from dit_jax.train.optimizers import create_optimizer
+from dit_jax.train.state import TrainState, create_train_state, state_shardings
+from dit_jax.train.steps import StepConfig, make_train_step
+
+
+def quiet_library_logs() -> None:
+    """Keep orbax's per-file INFO lines out of the console (its warnings and errors still show)."""
+    import logging as py_logging
+
+    def keep(record: py_logging.LogRecord) -> bool:
+        return record.levelno >= py_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+    handler = logging.get_absl_handler()
+    if not any(getattr(f, "_dit_jax", False) for f in handler.filters):
+        keep._dit_jax = True
+        handler.addFilter(keep)
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after ``nan_guard_limit`` consecutive non-finite steps (a checkpoint was saved first)."""
+
+
+class _Preemption:
+    """SIGTERM → stop at the next step boundary (single process); multi-host uses JAX's preemption sync point."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        self.multihost = jax.process_count() > 1
+
+    def __enter__(self):
+        if not self.multihost:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._handler)
+            except ValueError:  # not the main thread: no handler, no preemption saves
+                self._previous = None
+        return self
+
+    def _handler(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if self.multihost:
+            from jax.experimental import multihost_utils
+
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # preemption service disabled
+                return False
+        return self.requested
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return json.loads(config.to_json_best_effort())
+
+
+def _with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The base config updated with ``config`` (so an experiment file may leave keys out)."""
+    merged = config_lib.base_config()
+    with merged.unlocked():
+        _merge(merged, config)
+    return merged
+
+
+def _merge(base: ml_collections.ConfigDict, update: ml_collections.ConfigDict) -> None:
+    for key, value in update.items():
+        if isinstance(value, ml_collections.ConfigDict) and isinstance(base.get(key), ml_collections.ConfigDict):
+            if key in ("model", "data", "diffusion"):  # replaced as a whole: their keys depend on the choice
+                base[key] = value
+            else:
+                _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _initial_params(
+    config: ml_collections.ConfigDict, model_config: ModelConfig, abstract: TrainState, shardings: TrainState
+) -> Any:
+    """Params of ``config.init_from`` (a workdir's EMA/raw weights or a model directory) in their shards, or None."""
+    src = config.init_from
+    if not (src.get("workdir") or src.get("model_dir")):
+        return None
+    from dit_jax.models import enable_kv_compress, set_scan
+    from dit_jax.train.checkpoints import host_params, load_ema_params
+
+    if src.get("workdir"):
+        step = None if src.get("step", -1) < 0 else int(src.step)
+        item = "ema_params" if src.get("use_ema", True) else "params"
+        src_config, params = load_ema_params(src.workdir, step, item=item)
+        where = src.workdir
+    else:
+        from dit_jax.checkpoint import load_model
+
+        src_config, params = load_model(src.model_dir)
+        where = src.model_dir
+    params = host_params(params)
+    if type(src_config) is not type(model_config):
+        raise ValueError(
+            f"config.init_from {where} holds a {type(src_config).__name__}, not a {type(model_config).__name__}"
+        )
+    src_config, params = set_scan(src_config, params, False)
+    if getattr(model_config, "kv_compress_layers", ()) and not src_config.kv_compress_layers:
+        src_config, params = enable_kv_compress(
+            src_config,
+            params,
+            model_config.kv_compress_layers,
+            ratio=model_config.kv_compress_ratio,
+            op=model_config.kv_compress_op,
+        )
+        logging.info("init_from: KV compression (Conv Avg Init) on layers %s", model_config.kv_compress_layers)
+    _, params = set_scan(src_config, params, model_config.scan_blocks)
+    want = jax.tree_util.tree_structure(abstract.params)
+    if want != jax.tree_util.tree_structure(params):
+        raise ValueError(
+            f"config.init_from {where}: its parameter tree does not match the model {config.model.to_dict()}"
+        )
+    for (path, a), x in zip(jax.tree_util.tree_leaves_with_path(abstract.params), jax.tree.leaves(params)):
+        if tuple(a.shape) != tuple(np.shape(x)):
+            raise ValueError(
+                f"config.init_from {where}: parameter {jax.tree_util.keystr(path)} has shape {np.shape(x)}, the "
+                f"model {config.model.to_dict()} expects {tuple(a.shape)}"
+            )
+
+    def place(x, s):
+        x = np.asarray(x, np.float32)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+    logging.info("init_from: parameters from %s", where)
+    return jax.tree.map(place, params, shardings.params)
+
+
+def _step_flops(model_config: ModelConfig, batch: dict[str, jax.Array]) -> float:
+    """Analytic model FLOPs of one train step (3 × forward over the global batch)."""
+    x = batch["x"]
+    caption = batch.get("caption")
+    length = None if caption is None else caption.shape[1]
+    return 3.0 * forward_flops(model_config, x.shape[1], x.shape[2], length) * x.shape[0]
+
+
+def _log_compiled(compiled: Any, flops: float, mesh: Any) -> None:
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        logging.info(
+            "compiled step: %.3g FLOPs per device reported by XLA (a scanned body counts once)",
+            float(cost.get("flops", 0.0)),
+        )
+    except Exception as e:  # cost analysis is optional per backend
+        logging.info("compiled step: no cost analysis (%s)", e)
+    logging.info("model FLOPs per step (analytic, 3× forward): %.4g total, %.4g per device", flops, flops / mesh.size)
+    try:
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+            total += mem.temp_size_in_bytes
+            logging.info(
+                "compiled step memory per device: arguments %.1f MiB, outputs %.1f MiB, aliased %.1f MiB, "
+                "temporaries %.1f MiB (bound %.1f MiB)",
+                mem.argument_size_in_bytes / 2**20,
+                mem.output_size_in_bytes / 2**20,
+                mem.alias_size_in_bytes / 2**20,
+                mem.temp_size_in_bytes / 2**20,
+                total / 2**20,
+            )
+    except Exception as e:
+        logging.info("compiled step: no memory analysis (%s)", e)
+
+
+def _check_batch(batch: dict[str, np.ndarray], model_config: ModelConfig, per_process: int) -> None:
+    x = batch.get("x")
+    if x is None:
+        raise ValueError(f"the data source yields {sorted(batch)}; the trainer needs 'x' (model-input images/latents)")
+    if x.shape[0] != per_process:
+        raise ValueError(f"the data source yields batches of {x.shape[0]} per process; expected {per_process}")
+    if x.shape[-1] != model_config.in_channels:
+        raise ValueError(
+            f"data has {x.shape[-1]} channels but the model expects in_channels={model_config.in_channels} "
+            f"(set config.model.in_channels or the data source)"
+        )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train (or resume) the run of ``config`` in ``workdir``; returns the last logged metrics."""
+    from dit_jax import data as data_lib
+
+    config = _with_defaults(config)
+    config_lib.validate(config)
+    workdir = os.path.abspath(workdir)
+    model_config = config_lib.model_config_from(config.model)
+    mesh = create_mesh(config.mesh, config.dcn_mesh)
+    rules = logical_rules([tuple(r) for r in config.logical_axis_rules])
+    tx, lr_schedule = create_optimizer(config.optimizer, config.total_steps)
+    schedule = make_schedule(config.objective, config.diffusion, model_config)
+    step_cfg = StepConfig(
+        model_config=model_config,
+        loss_fn=make_loss_fn(config.objective, config.diffusion, schedule, model_config.patch_size),
+        tx=tx,
+        lr_schedule=lr_schedule,
+        objective=config.objective,
+        ema_decay=float(config.ema_decay),
+        ema_warmup=bool(config.ema_warmup),
+        accum_steps=config.grad_accum_steps,
+        cond_dropout_prob=cond_dropout_prob(config.cfg_dropout_prob, model_config),
+    )
+    if config.batch_size % jax.process_count():
+        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by {jax.process_count()} processes")
+    per_process = config.batch_size // jax.process_count()
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (config.batch_size // config.grad_accum_steps) % batch_shards:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} / grad_accum_steps={config.grad_accum_steps} is not divisible by "
+            f"the {batch_shards} batch shards of the mesh (data × fsdp)"
+        )
+    main = jax.process_index() == 0
+    if main:
+        os.makedirs(workdir, exist_ok=True)
+    config_json = _config_dict(config)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        check_batch_layout(mesh)
+        step_cfg = dataclasses.replace(step_cfg, example_order=example_order(mesh, config.batch_size))
+        logging.info("mesh: %s", describe_mesh(mesh))
+        abstract, shardings = state_shardings(model_config, tx, mesh)
+        dataset = data_lib.create_dataset(config.data, batch_size=per_process, seed=config.seed, split="train")
+        data_iter = iter(dataset)
+        checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
+        start = checkpointer.latest_step() or 0
+        if start:
+            state, data_iter = checkpointer.restore(start, abstract, shardings, data_iter)
+            state = state.replace(nan_skips=jax.device_put(np.int32(0), shardings.nan_skips))
+            logging.info("resumed from %s at step %d", checkpointer.manager.directory, start)
+        else:
+            state = create_train_state(
+                model_config, tx, shardings, config.seed, _initial_params(config, model_config, abstract, shardings)
+            )
+        n_params = count_params(abstract.params)
+        logging.info("model %s: %s parameters (%.1fM)", config.model.name, f"{n_params:,}", n_params / 1e6)
+        writer = MetricWriter(workdir, resume_step=start)
+        writer.write_text("config", "```\n" + json.dumps(config_json, indent=2) + "\n```", start)
+
+        local = next(data_iter)
+        _check_batch(local, model_config, per_process)
+        batch = global_batch(local, mesh)
+        replicated = NamedSharding(mesh, P())
+        batch_sh = {k: batch_sharding(mesh, v.ndim) for k, v in batch.items()}
+        step_fn = jax.jit(
+            make_train_step(step_cfg),
+            in_shardings=(shardings, batch_sh),
+            out_shardings=(shardings, replicated),
+            donate_argnums=0,
+        )
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(state, batch).compile()
+        logging.info("train step compiled in %.1f s", time.perf_counter() - t0)
+        flops = _step_flops(model_config, batch)
+        _log_compiled(compiled, flops, mesh)
+        peak = peak_flops_per_device()
+
+        sampler = None
+        if config.sample.enabled:
+            from dit_jax.train.sampling import GridSampler
+
+            sampler = GridSampler(config, model_config, schedule, mesh, shardings.ema_params, batch)
+
+        loop = _Loop(config, workdir, writer, checkpointer, model_config, config_json, start, flops, peak, mesh)
+        try:
+            with _Preemption() as preemption:
+                state = loop.run(compiled, state, batch, data_iter, mesh, preemption, sampler)
+        finally:
+            checkpointer.wait()
+            checkpointer.close()
+            writer.close()
+    return loop.last_metrics
+
+
+class _Loop:
+    """The step loop with one step in flight: metrics of step s are read after step s+1 is dispatched."""
+
+    def __init__(self, config, workdir, writer, checkpointer, model_config, config_json, start, flops, peak, mesh):
+        self.config = config
+        self.workdir = workdir
+        self.writer = writer
+        self.checkpointer = checkpointer
+        self.model_config = model_config
+        self.config_json = config_json
+        self.start = start
+        self.flops = flops
+        self.peak = peak
+        self.num_devices = mesh.size
+        self.last_metrics: dict[str, Any] = {}
+        self.throughput = Throughput(start)
+        self.bar = None
+
+    def save(self, state: TrainState, data_iter: Any, step: int) -> None:
+        self.checkpointer.save(
+            state, data_iter=data_iter, model_config=self.model_config, config=self.config_json, step=step
+        )
+
+    def run(self, compiled, state, batch, data_iter, mesh, preemption, sampler) -> TrainState:
+        config = self.config
+        total = config.total_steps
+        if jax.process_index() == 0:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=self.start, desc="train", unit="step", dynamic_ncols=True)
+        pending = None
+        step = self.start
+        try:
+            while step < total:
+                if batch is None:
+                    batch = global_batch(next(data_iter), mesh)
+                state, metrics = compiled(state, batch)
+                batch = None
+                step += 1
+                if pending is not None:
+                    self._after(pending, state, data_iter)
+                pending = (step, metrics)
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
+                    self.save(state, data_iter, step)
+                if sampler is not None and config.sample_every and step % config.sample_every == 0 and step < total:
+                    sampler.write(state.ema_params, step, self.workdir)
+                if preemption.reached(step):
+                    self._after(pending, state, data_iter)
+                    pending = None
+                    self.save(state, data_iter, step)
+                    self.checkpointer.wait()
+                    logging.warning("preemption (SIGTERM): saved checkpoint %d; the next start resumes from it", step)
+                    return state
+            if pending is not None:
+                self._after(pending, state, data_iter)
+            if step > self.start or self.checkpointer.latest_step() != step:
+                self.save(state, data_iter, step)
+            if sampler is not None:
+                sampler.write(state.ema_params, step, self.workdir)
+            return state
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+
+    def _after(self, pending: tuple[int, dict], state: TrainState, data_iter: Any) -> None:
+        """Host side of step ``pending``: progress bar, metrics record, NaN guard (``state`` is newer by ≤ 1 step)."""
+        step, metrics = pending
+        config = self.config
+        logged = step % config.log_every == 0 or step == config.total_steps or step == self.start + 1
+        limit = config.nan_guard_limit
+        if not logged and self.bar is None and not limit:
+            return
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+        if logged:
+            rate = self.throughput.rate(step)
+            record = dict(values)
+            record["steps_per_sec"] = rate
+            record["images_per_sec"] = rate * config.batch_size
+            if self.peak and rate:
+                record["mfu"] = self.flops * rate / (self.peak * self.num_devices)
+            self.writer.write(step, record)
+            self.last_metrics = {"step": step, **record}
+            self.throughput.reset(step)
+            if self.bar is not None:
+                self.bar.set_postfix(
+                    loss=f"{values['loss']:.4f}", img_s=f"{record['images_per_sec']:.1f}", refresh=False
+                )
+        if limit and values["nan_skips"] >= limit:
+            saved = int(jax.device_get(state.step))
+            self.save(state, data_iter, saved)
+            self.checkpointer.wait()
+            raise NonFiniteError(
+                f"{int(values['nan_skips'])} consecutive train steps had a non-finite loss or gradient (up to step "
+                f"{step}; {int(values['nan_total'])} skipped in all). Saved checkpoint {saved} in "
+                f"{self.checkpointer.manager.directory} and stopped. Lower config.optimizer.lr, set "
+                f"config.optimizer.grad_clip, check the data, or raise config.nan_guard_limit={limit}."
+            )
