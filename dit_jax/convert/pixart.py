@@ -293,6 +293,11 @@ def export_extras(config: PixArtConfig, params: Mapping[str, Any], fmt: str) -> 
 
 def check_export(config: PixArtConfig, fmt: str) -> None:
     """Errors for what ``fmt`` cannot hold; warnings where its reference computes differently or drops weights."""
+    if fmt == "diffusers" and config.kv_compress_layers:
+        raise ConversionError(
+            "diffusers' PixArtTransformer2DModel has no KV compression; export this model "
+            f"(kv_compress_layers={config.kv_compress_layers}) with format='original'"
+        )
     if config.timestep_freq_shift != 0.0:
         warnings.warn(
             f"exporting a PixArt with timestep_freq_shift={config.timestep_freq_shift}; PixArt references use 0",
