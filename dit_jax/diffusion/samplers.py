@@ -1,0 +1,649 @@
+"""Samplers that reproduce the diffusers schedulers (and the original DiT / PixArt samplers) step for step.
+
+``sample(model_fn, latents, schedule=..., method=..., num_steps=...)`` builds a per-step coefficient table on the
+host in float64 (static: it depends only on the schedule, method, step count and options), then runs the whole
+trajectory in one ``lax.fori_loop`` whose body calls the model once. It is a pure function: jit it, shard the
+latents over the batch, and the loop compiles once.
+
+Methods:
+  DDPMSchedule  ``ddpm``      ancestral (``DDPMScheduler``; ADM ``p_sample_loop`` with ``respacing=``), learned-range
+                              variance when ``schedule.learned_sigma``
+                ``ddim``      ``DDIMScheduler`` (``eta``; ADM ``ddim_sample_loop`` with ``respacing=``)
+                ``dpmpp_2m``  ``DPMSolverMultistepScheduler`` (DPM-Solver++ multistep, order 2); PixArt's original
+                              DPM-Solver (continuous times) with ``variant="dpm_solver"``
+  FlowSchedule  ``euler``     ``FlowMatchEulerDiscreteScheduler``
+                ``heun``      ``FlowMatchHeunDiscreteScheduler`` (2·n − 1 model calls)
+                ``dpmpp_2m``  ``DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")``
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dit_jax.diffusion.ddpm import split_learned_sigma
+from dit_jax.diffusion.schedules import (
+    DDPMSchedule,
+    FlowSchedule,
+    float32_alphas_cumprod,
+    space_timesteps,
+    time_shift,
+)
+
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+DDPM_METHODS = ("ddpm", "ddim", "dpmpp_2m")
+FLOW_METHODS = ("euler", "heun", "dpmpp_2m")
+_SPACINGS = ("leading", "trailing", "linspace")
+
+# Options per (family, method) with their defaults (= the matching diffusers scheduler's defaults, except
+# clip_sample, which is off: every DiT-family latent model samples without it).
+_DDPM_OPTIONS = {
+    "timestep_spacing": "leading",
+    "steps_offset": 0,
+    "clip_sample": False,
+    "clip_sample_range": 1.0,
+    "variance_type": None,
+    "respacing": None,
+    "timesteps": None,
+    "schedule_dtype": None,
+}
+_DDIM_OPTIONS = {
+    "timestep_spacing": "leading",
+    "steps_offset": 0,
+    "set_alpha_to_one": True,
+    "clip_sample": False,
+    "clip_sample_range": 1.0,
+    "eta": 0.0,
+    "use_clipped_model_output": False,
+    "respacing": None,
+    "schedule_dtype": None,
+}
+_DPM_OPTIONS = {
+    "variant": "diffusers",
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "lower_order_final": True,
+    "euler_at_final": False,
+    "final_sigmas_type": "zero",
+    "timestep_spacing": "linspace",
+    "steps_offset": 0,
+    "lambda_min_clipped": -math.inf,
+    "schedule_dtype": "float32",
+    # variant="dpm_solver" only
+    "skip_type": "time_uniform",
+    "t_start": None,
+    "t_end": None,
+}
+_FLOW_OPTIONS = {"sigmas": None, "image_seq_len": None, "mu": None, "shift_terminal": None}
+_FLOW_DPM_OPTIONS = {
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "lower_order_final": True,
+    "euler_at_final": False,
+    "final_sigmas_type": "zero",
+    "image_seq_len": None,
+    "mu": None,
+}
+_OPTIONS = {
+    ("ddpm", "ddpm"): _DDPM_OPTIONS,
+    ("ddpm", "ddim"): _DDIM_OPTIONS,
+    ("ddpm", "dpmpp_2m"): _DPM_OPTIONS,
+    ("flow", "euler"): _FLOW_OPTIONS,
+    ("flow", "heun"): {k: v for k, v in _FLOW_OPTIONS.items() if k != "shift_terminal"},
+    ("flow", "dpmpp_2m"): _FLOW_DPM_OPTIONS,
+}
+_DPM_SOLVER_ONLY = ("skip_type", "t_start", "t_end")
+_DPM_DIFFUSERS_ONLY = (
+    "euler_at_final",
+    "final_sigmas_type",
+    "timestep_spacing",
+    "steps_offset",
+    "lambda_min_clipped",
+    "schedule_dtype",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A sampling trajectory resolved on the host: what the loop body does at each of ``len(model_t)`` model calls.
+
+    ``kind`` selects the loop body, ``model_t`` (float32) are the timesteps the model sees, ``tables`` maps
+    coefficient names to per-call float32 arrays, ``prediction`` is how the mean output is read (epsilon,
+    v_prediction, sample, flow) and ``flags`` holds static switches of the body.
+    """
+
+    kind: str
+    model_t: np.ndarray
+    tables: dict
+    prediction: str
+    flags: tuple = ()
+
+    @property
+    def num_model_calls(self) -> int:
+        """Model evaluations of the trajectory."""
+        return int(len(self.model_t))
+
+
+def _resolve_options(family: str, method: str, options: dict) -> tuple[dict, set]:
+    allowed = _OPTIONS[(family, method)]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for method {method!r} with a {family} schedule; allowed: {sorted(allowed)}"
+        )
+    return {**allowed, **options}, set(options)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {tuple(choices)}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DDPM-family plans
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _spaced_timesteps(num_train: int, n: int, spacing: str, steps_offset: int) -> np.ndarray:
+    """diffusers ``DDPMScheduler``/``DDIMScheduler.set_timesteps`` (descending int64)."""
+    _check_choice("timestep_spacing", spacing, _SPACINGS)
+    if spacing == "linspace":
+        return np.linspace(0, num_train - 1, n).round()[::-1].astype(np.int64)
+    if spacing == "leading":
+        ratio = num_train // n
+        return (np.arange(0, n) * ratio).round()[::-1].astype(np.int64) + steps_offset
+    ratio = num_train / n
+    return np.round(np.arange(num_train, 0, -ratio)).astype(np.int64) - 1
+
+
+def _alphas_cumprod(schedule: DDPMSchedule, o: dict) -> np.ndarray:
+    """ᾱ in the arithmetic of the reference: diffusers' float32 ᾱ and float32 step coefficients (the default), or
+    float64 (ADM; the default with ``respacing``). Step tables are computed in the returned array's dtype."""
+    dtype = o.get("schedule_dtype") or ("float64" if o.get("respacing") is not None else "float32")
+    _check_choice("schedule_dtype", dtype, ("float32", "float64"))
+    if dtype == "float64":
+        return schedule.alphas_cumprod
+    ac = float32_alphas_cumprod(
+        schedule.beta_schedule, schedule.num_train_timesteps, schedule.beta_start, schedule.beta_end
+    )
+    return ac.astype(np.float32)
+
+
+def _check_steps(num_steps, limit: int | None = None) -> int:
+    if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    if limit is not None and num_steps > limit:
+        raise ValueError(f"num_steps={num_steps} exceeds num_train_timesteps={limit}")
+    return int(num_steps)
+
+
+def _respaced(schedule: DDPMSchedule, respacing, num_steps) -> np.ndarray:
+    ts = np.asarray(space_timesteps(schedule.num_train_timesteps, respacing), np.int64)[::-1]
+    if num_steps is not None and num_steps != len(ts):
+        raise ValueError(f"respacing {respacing!r} gives {len(ts)} steps but num_steps={num_steps}")
+    return ts
+
+
+def _ddpm_timesteps(schedule: DDPMSchedule, num_steps, o: dict, given: set) -> np.ndarray:
+    t_total = schedule.num_train_timesteps
+    sources = [k for k in ("respacing", "timesteps") if o.get(k) is not None]
+    if len(sources) > 1:
+        raise ValueError("give at most one of respacing= and timesteps=")
+    if sources and given & {"timestep_spacing", "steps_offset"}:
+        raise ValueError(f"{sources[0]}= fixes the timesteps; timestep_spacing/steps_offset cannot be combined with it")
+    if o.get("respacing") is not None:
+        return _respaced(schedule, o["respacing"], num_steps)
+    if o.get("timesteps") is not None:
+        ts = np.asarray(o["timesteps"], np.int64)
+        if ts.ndim != 1 or len(ts) == 0 or np.any(np.diff(ts) >= 0) or ts[0] >= t_total or ts[-1] < 0:
+            raise ValueError(f"timesteps must be strictly descending integers in [0, {t_total}), got {o['timesteps']}")
+        if num_steps is not None and num_steps != len(ts):
+            raise ValueError(f"{len(ts)} timesteps given but num_steps={num_steps}")
+        return ts
+    n = _check_steps(num_steps, t_total)
+    ts = _spaced_timesteps(t_total, n, o["timestep_spacing"], o["steps_offset"])
+    if ts.max() >= t_total or ts.min() < 0:
+        raise ValueError(f"timesteps {ts.tolist()} fall outside [0, {t_total}) (steps_offset={o['steps_offset']})")
+    return ts
+
+
+def _ddpm_plan(schedule: DDPMSchedule, num_steps, o: dict, given: set) -> Plan:
+    ts = _ddpm_timesteps(schedule, num_steps, o, given)
+    ac = _alphas_cumprod(schedule, o)
+    variance_type = o["variance_type"] or ("learned_range" if schedule.learned_sigma else "fixed_small")
+    _check_choice("variance_type", variance_type, ("fixed_small", "fixed_small_log", "fixed_large", "learned_range"))
+    if variance_type == "learned_range" and not schedule.learned_sigma:
+        raise ValueError("variance_type='learned_range' needs a schedule with learned_sigma=True")
+    ab_t = ac[ts]
+    ab_prev = np.append(ac[ts[1:]], ac.dtype.type(1.0))  # the next listed step, or ᾱ = 1 past the end (prev_t = −1)
+    alpha_t = ab_t / ab_prev
+    beta_t = 1.0 - alpha_t
+    var = np.maximum((1.0 - ab_prev) / (1.0 - ab_t) * beta_t, 1e-20)
+    tables = {
+        "sa": np.sqrt(ab_t),
+        "s1m": np.sqrt(1.0 - ab_t),
+        "c_x0": np.sqrt(ab_prev) * beta_t / (1.0 - ab_t),
+        "c_xt": np.sqrt(alpha_t) * (1.0 - ab_prev) / (1.0 - ab_t),
+        "noise_on": (ts > 0).astype(np.float64),
+    }
+    if variance_type == "learned_range":
+        tables["min_log"], tables["max_log"] = np.log(var), np.log(beta_t)
+    else:
+        tables["std"] = np.sqrt(beta_t) if variance_type == "fixed_large" else np.sqrt(var)
+    flags = (("learned_range", variance_type == "learned_range"), ("clip", o["clip_sample"]))
+    tables["clip_range"] = np.full(len(ts), float(o["clip_sample_range"]))
+    return Plan("ddpm", ts.astype(np.float32), tables, schedule.prediction, flags)
+
+
+def _ddim_plan(schedule: DDPMSchedule, num_steps, o: dict, given: set) -> Plan:
+    t_total = schedule.num_train_timesteps
+    ac = _alphas_cumprod(schedule, o)
+    final = ac.dtype.type(1.0) if o["set_alpha_to_one"] else ac[0]
+    if o["respacing"] is not None:
+        if given & {"timestep_spacing", "steps_offset"}:
+            raise ValueError("respacing= fixes the timesteps; timestep_spacing/steps_offset cannot be combined with it")
+        ts = _respaced(schedule, o["respacing"], num_steps)
+        prev = np.append(ts[1:], -1)  # ADM: the next kept step
+    else:
+        n = _check_steps(num_steps, t_total)
+        ts = _spaced_timesteps(t_total, n, o["timestep_spacing"], o["steps_offset"])
+        if ts.max() >= t_total or ts.min() < 0:
+            raise ValueError(f"timesteps {ts.tolist()} fall outside [0, {t_total}) (steps_offset={o['steps_offset']})")
+        prev = ts - t_total // n  # diffusers: always t − T // n
+    ab_t = ac[ts]
+    ab_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], final)
+    eta = float(o["eta"])
+    if eta < 0:
+        raise ValueError(f"eta must be ≥ 0, got {eta}")
+    variance = (1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)
+    std = ac.dtype.type(eta) * np.sqrt(variance)
+    tables = {
+        "sa": np.sqrt(ab_t),
+        "s1m": np.sqrt(1.0 - ab_t),
+        "sa_prev": np.sqrt(ab_prev),
+        "dir": np.sqrt(np.maximum(1.0 - ab_prev - std**2, ac.dtype.type(0.0))),
+        "std": std,
+        "clip_range": np.full(len(ts), float(o["clip_sample_range"])),
+    }
+    flags = (
+        ("clip", o["clip_sample"]),
+        ("clipped_eps", o["use_clipped_model_output"]),
+        ("stochastic", eta > 0),
+    )
+    return Plan("ddim", ts.astype(np.float32), tables, schedule.prediction, flags)
+
+
+def _multistep_tables(alpha, sigma, orders: list[int], solver_type: str) -> dict:
+    """DPM-Solver++ update x_{i+1} = a·x + b·D_i + c·(D_i − D_{i−1}) from α, σ at the n + 1 points."""
+    _check_choice("solver_type", solver_type, ("midpoint", "heun"))
+    alpha = np.asarray(alpha, np.float64)
+    sigma = np.asarray(sigma, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        lam = np.log(alpha) - np.log(sigma)
+        n = len(orders)
+        a, b, c = np.zeros(n), np.zeros(n), np.zeros(n)
+        for i, order in enumerate(orders):
+            h = lam[i + 1] - lam[i]
+            phi = np.expm1(-h)  # e^{−h} − 1
+            a[i] = sigma[i + 1] / sigma[i]
+            b[i] = -alpha[i + 1] * phi
+            if order == 2:
+                r0 = (lam[i] - lam[i - 1]) / h
+                if solver_type == "midpoint":
+                    c[i] = -0.5 * alpha[i + 1] * phi / r0
+                else:
+                    c[i] = alpha[i + 1] * (phi / h + 1.0) / r0
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b)) and np.all(np.isfinite(c))):
+        raise ValueError("the DPM-Solver coefficients are not finite for this schedule (check the sigmas)")
+    return {"a": a, "b": b, "c": c}
+
+
+def _diffusers_orders(n: int, o: dict) -> list[int]:
+    """The order ``DPMSolverMultistepScheduler.step`` uses at each step."""
+    solver_order = o["solver_order"]
+    if solver_order not in (1, 2):
+        raise ValueError(f"solver_order {solver_order!r} is not supported; expected 1 or 2")
+    orders = []
+    for i in range(n):
+        final_low = i == n - 1 and (
+            o["euler_at_final"] or (o["lower_order_final"] and n < 15) or o["final_sigmas_type"] == "zero"
+        )
+        orders.append(1 if solver_order == 1 or i == 0 or final_low else 2)
+    return orders
+
+
+def _dpm_timesteps(schedule: DDPMSchedule, n: int, o: dict) -> np.ndarray:
+    """``DPMSolverMultistepScheduler.set_timesteps`` (descending int64), with ``lambda_min_clipped``."""
+    t_total = schedule.num_train_timesteps
+    ac = _alphas_cumprod(schedule, o)
+    lam = 0.5 * np.log(ac) - 0.5 * np.log(1.0 - ac)
+    clipped = int(np.searchsorted(lam[::-1], o["lambda_min_clipped"]))
+    last = t_total - clipped
+    spacing = o["timestep_spacing"]
+    _check_choice("timestep_spacing", spacing, _SPACINGS)
+    if spacing == "linspace":
+        return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    if spacing == "leading":
+        ratio = last // (n + 1)
+        return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].astype(np.int64) + o["steps_offset"]
+    return np.arange(last, 0, -t_total / n).round().astype(np.int64) - 1
+
+
+def _dpm_plan(schedule: DDPMSchedule, num_steps, o: dict, given: set) -> Plan:
+    _check_choice("variant", o["variant"], ("diffusers", "dpm_solver"))
+    if o["variant"] == "dpm_solver":
+        bad = sorted(given & set(_DPM_DIFFUSERS_ONLY))
+        if bad:
+            raise ValueError(f"option(s) {bad} apply to variant='diffusers' only")
+        return _dpm_solver_plan(schedule, num_steps, o)
+    bad = sorted(given & set(_DPM_SOLVER_ONLY))
+    if bad:
+        raise ValueError(f"option(s) {bad} apply to variant='dpm_solver' only")
+    n = _check_steps(num_steps, schedule.num_train_timesteps)
+    _check_choice("final_sigmas_type", o["final_sigmas_type"], ("zero", "sigma_min"))
+    ac = _alphas_cumprod(schedule, o)
+    ts = _dpm_timesteps(schedule, n, o)
+    vp_sigmas = np.sqrt((1.0 - ac) / ac)
+    last = 0.0 if o["final_sigmas_type"] == "zero" else vp_sigmas[0]
+    sig = np.append(vp_sigmas[ts], last)
+    alpha = 1.0 / np.sqrt(sig**2 + 1.0)
+    sigma = sig * alpha
+    tables = _multistep_tables(alpha, sigma, _diffusers_orders(len(ts), o), o["solver_type"])
+    tables["sa"], tables["s1m"] = alpha[:-1], sigma[:-1]
+    return Plan("dpm", ts.astype(np.float32), tables, schedule.prediction)
+
+
+def _dpm_solver_plan(schedule: DDPMSchedule, num_steps, o: dict) -> Plan:
+    """PixArt's original DPM-Solver++ (``NoiseScheduleVP('discrete')``, multistep, continuous times)."""
+    n = _check_steps(num_steps)
+    if o["solver_order"] not in (1, 2):
+        raise ValueError(f"solver_order {o['solver_order']!r} is not supported; expected 1 or 2")
+    log_alpha = 0.5 * np.cumsum(np.log(1.0 - schedule.betas))
+    # numerical_clip_alpha: drop the tail where λ < −5.1 (cosine schedules); a no-op for the linear schedule
+    lam = log_alpha - 0.5 * np.log(1.0 - np.exp(2.0 * log_alpha))
+    idx = int(np.searchsorted(lam[::-1], -5.1))
+    if idx > 0:
+        log_alpha = log_alpha[:-idx]
+    total_n = len(log_alpha)
+    t_grid = np.linspace(0.0, 1.0, total_n + 1)[1:]
+    t_start = 1.0 if o["t_start"] is None else float(o["t_start"])
+    t_end = 1.0 / total_n if o["t_end"] is None else float(o["t_end"])
+    if not 0 < t_end < t_start <= 1.0:
+        raise ValueError(f"need 0 < t_end < t_start ≤ 1, got t_start={t_start}, t_end={t_end}")
+    _check_choice("skip_type", o["skip_type"], ("time_uniform", "time_quadratic"))
+    if o["skip_type"] == "time_uniform":
+        t = np.linspace(t_start, t_end, n + 1)
+    else:
+        t = np.linspace(t_start**0.5, t_end**0.5, n + 1) ** 2
+    la = _interp_extrapolate(t, t_grid, log_alpha)
+    alpha, sigma = np.exp(la), np.sqrt(1.0 - np.exp(2.0 * la))
+    if o["solver_order"] == 1:
+        orders = [1] * n
+    else:  # first step order 1, then 2; the final step order 1 with lower_order_final (PixArt-Σ's copy)
+        orders = [1] + [min(2, n + 1 - j) if o["lower_order_final"] else 2 for j in range(2, n + 1)]
+    tables = _multistep_tables(alpha, sigma, orders, o["solver_type"])
+    tables["sa"], tables["s1m"] = alpha[:-1], sigma[:-1]
+    model_t = (t[:-1] - 1.0 / total_n) * 1000.0
+    return Plan("dpm", model_t.astype(np.float32), tables, schedule.prediction)
+
+
+def _interp_extrapolate(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """Piecewise-linear interpolation that extrapolates with the outermost segments (DPM-Solver's interpolate_fn)."""
+    i = np.clip(np.searchsorted(xp, x, side="right") - 1, 0, len(xp) - 2)
+    return fp[i] + (x - xp[i]) * (fp[i + 1] - fp[i]) / (xp[i + 1] - xp[i])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Flow plans
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _flow_shift_fn(schedule: FlowSchedule, o: dict):
+    """σ ↦ shifted σ for sampling: the constant shift, or the time shift with μ from ``mu``/``image_seq_len``."""
+    if schedule.dynamic_shift is None:
+        if o.get("mu") is not None or o.get("image_seq_len") is not None:
+            raise ValueError("mu/image_seq_len given but the FlowSchedule has no dynamic_shift")
+        return lambda s: schedule.shift_sigmas(s)
+    if o.get("mu") is not None and o.get("image_seq_len") is not None:
+        raise ValueError("give one of mu= and image_seq_len=")
+    if o.get("mu") is None and o.get("image_seq_len") is None:
+        raise ValueError("a FlowSchedule with dynamic_shift needs image_seq_len= (or mu=) to sample")
+    mu = float(o["mu"]) if o.get("mu") is not None else schedule.mu(o["image_seq_len"])
+    return lambda s: time_shift(mu, s, schedule.time_shift_type)
+
+
+def _flow_sigmas(schedule: FlowSchedule, num_steps, o: dict) -> np.ndarray:
+    """``FlowMatchEulerDiscreteScheduler.set_timesteps``: n shifted sigmas (float32) followed by 0."""
+    t_total = schedule.num_train_timesteps
+    shift = _flow_shift_fn(schedule, o)
+    if o.get("sigmas") is not None:  # shifted in float32, as diffusers does with given sigmas
+        base = np.asarray(o["sigmas"], np.float64).astype(np.float32)
+        if base.ndim != 1 or (num_steps is not None and len(base) != num_steps):
+            raise ValueError(f"sigmas must be 1-D with num_steps={num_steps} entries, got shape {base.shape}")
+    else:
+        n = _check_steps(num_steps)
+        # the training sigmas' ends: shifted by the constant shift unless the shift is dynamic
+        ends = np.array([1.0, 1.0 / t_total], np.float64)
+        if schedule.dynamic_shift is None:
+            ends = schedule.shift_sigmas(ends)
+        ends = ends.astype(np.float32).astype(np.float64)
+        base = np.linspace(ends[0] * t_total, ends[1] * t_total, n) / t_total
+    with np.errstate(divide="ignore"):
+        sig = shift(base)
+    if o.get("shift_terminal"):
+        one_minus = 1.0 - sig
+        sig = 1.0 - one_minus / (one_minus[-1] / (1.0 - o["shift_terminal"]))
+    return np.append(np.asarray(sig, np.float64).astype(np.float32), np.float32(0.0))
+
+
+def _euler_plan(schedule: FlowSchedule, num_steps, o: dict) -> Plan:
+    sig = _flow_sigmas(schedule, num_steps, o)
+    model_t = sig[:-1] * np.float32(schedule.num_train_timesteps)
+    return Plan("euler", model_t, {"dt": sig[1:] - sig[:-1]}, "flow")
+
+
+def _heun_plan(schedule: FlowSchedule, num_steps, o: dict) -> Plan:
+    sig = _flow_sigmas(schedule, num_steps, o)  # n + 1 values, last 0
+    n = len(sig) - 1
+    model_t, dt, second = [], [], []
+    for k in range(2 * n - 1):
+        j = (k + 1) // 2  # first-order calls at σ_j (k even), corrector calls at σ_j (k odd)
+        model_t.append(sig[j] * np.float32(schedule.num_train_timesteps))
+        step = k // 2  # the step this call belongs to: from σ_step to σ_{step+1}
+        dt.append(sig[step + 1] - sig[step])
+        second.append(float(k % 2))
+    tables = {"dt": np.asarray(dt, np.float32), "second": np.asarray(second)}
+    return Plan("heun", np.asarray(model_t, np.float32), tables, "flow")
+
+
+def _flow_dpm_plan(schedule: FlowSchedule, num_steps, o: dict) -> Plan:
+    """``DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")``."""
+    n = _check_steps(num_steps)
+    t_total = schedule.num_train_timesteps
+    if o["final_sigmas_type"] != "zero":
+        raise ValueError(f"final_sigmas_type {o['final_sigmas_type']!r} is not supported with a FlowSchedule")
+    shift = _flow_shift_fn(schedule, o)
+    s = 1.0 - np.linspace(1.0, 1.0 / t_total, n + 1)
+    s = np.flip(shift(s))[:-1].copy()
+    model_t = (s * t_total).astype(np.int64)  # diffusers keeps these as int64 (truncated)
+    sig = np.append(s, 0.0).astype(np.float32).astype(np.float64)
+    alpha, sigma = 1.0 - sig, sig
+    tables = _multistep_tables(alpha, sigma, _diffusers_orders(n, o), o["solver_type"])
+    tables["sa"], tables["s1m"] = alpha[:-1], sigma[:-1]
+    return Plan("dpm", model_t.astype(np.float32), tables, "flow")
+
+
+def make_plan(schedule: DDPMSchedule | FlowSchedule, method: str, num_steps: int | None, **options) -> Plan:
+    """Resolve the trajectory (timesteps and per-call coefficients) of ``sample`` on the host."""
+    options = {k: v for k, v in options.items() if k != "progress"}
+    if isinstance(schedule, DDPMSchedule):
+        _check_choice("method for a DDPMSchedule", method, DDPM_METHODS)
+        o, given = _resolve_options("ddpm", method, options)
+        builder = {"ddpm": _ddpm_plan, "ddim": _ddim_plan, "dpmpp_2m": _dpm_plan}[method]
+        return builder(schedule, num_steps, o, given)
+    if isinstance(schedule, FlowSchedule):
+        _check_choice("method for a FlowSchedule", method, FLOW_METHODS)
+        o, _ = _resolve_options("flow", method, options)
+        builder = {"euler": _euler_plan, "heun": _heun_plan, "dpmpp_2m": _flow_dpm_plan}[method]
+        return builder(schedule, num_steps, o)
+    raise TypeError(f"schedule must be a DDPMSchedule or FlowSchedule, got {type(schedule).__name__}")
+
+
+def model_timesteps(schedule: DDPMSchedule | FlowSchedule, method: str, num_steps: int | None, **options) -> np.ndarray:
+    """The timesteps ``sample`` passes to the model, one per model call (float32)."""
+    return make_plan(schedule, method, num_steps, **options).model_t
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _to_x0_eps(prediction: str, x, out, sa, s1m, need_eps: bool):
+    """x₀ (and ε) from the model's mean output; ``sa``, ``s1m`` are √ᾱ, √(1 − ᾱ) (flow: 1 − σ, σ)."""
+    eps = None
+    if prediction == "epsilon":
+        x0 = (x - s1m * out) / sa
+        eps = out
+    elif prediction == "v_prediction":
+        x0 = sa * x - s1m * out
+        if need_eps:
+            eps = sa * out + s1m * x
+    elif prediction == "sample":
+        x0 = out
+        if need_eps:
+            eps = (x - sa * x0) / s1m
+    else:  # flow: velocity ε − x₀
+        x0 = x - s1m * out
+    return x0, eps
+
+
+def sample(
+    model_fn: ModelFn,
+    latents: jax.Array,
+    *,
+    schedule: DDPMSchedule | FlowSchedule,
+    method: str,
+    num_steps: int | None,
+    key: jax.Array | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    **options,
+) -> jax.Array:
+    """Run a sampler from ``latents`` (pure noise at the first timestep) to x₀, in one ``lax.fori_loop``.
+
+    ``model_fn(x, t)`` gets ``t`` of shape (B,) float32 with the values diffusers passes to the model (DDPM family:
+    the scheduler's integer timesteps; flow: σ·1000; flow ``dpmpp_2m``: int(σ·1000) as diffusers) and returns the
+    model output; with ``schedule.learned_sigma`` it has 2·C channels (last axis) and only ``ddpm`` uses the
+    variance half. ``key`` is needed by the stochastic samplers (``ddpm``, ``ddim`` with ``eta > 0``): the noise
+    of step i is ``normal(fold_in(key, i))``. ``progress(i, n)`` (optional) is called on the host after each model
+    call through ``jax.debug.callback``. ``options`` are the diffusers scheduler config fields of the method
+    (see ``make_plan``), plus ``respacing=`` (ADM) for ``ddpm``/``ddim`` and ``variant="dpm_solver"`` (PixArt's
+    original DPM-Solver) for ``dpmpp_2m``.
+    """
+    plan = make_plan(schedule, method, num_steps, **options)
+    flags = dict(plan.flags)
+    stochastic = plan.kind == "ddpm" or (plan.kind == "ddim" and flags.get("stochastic"))
+    if stochastic and key is None:
+        raise ValueError(f"method {method!r} is stochastic here; pass key=")
+    learned = isinstance(schedule, DDPMSchedule) and schedule.learned_sigma
+    b, c = latents.shape[0], latents.shape[-1]
+    n = plan.num_model_calls
+    model_t = jnp.asarray(plan.model_t, jnp.float32)
+    tables = {k: jnp.asarray(np.asarray(v, np.float64).astype(np.float32)) for k, v in plan.tables.items()}
+    in_dtype = latents.dtype
+
+    def call_model(i, x):
+        t = jnp.broadcast_to(model_t[i], (b,))
+        out = model_fn(x.astype(in_dtype), t)
+        if learned:
+            mean, var = split_learned_sigma(out, c)
+        else:
+            if out.shape != x.shape:
+                raise ValueError(
+                    f"model output shape {out.shape} != latents shape {x.shape}; set learned_sigma=True on the "
+                    "schedule if the model predicts its variance"
+                )
+            mean, var = out, None
+        if progress is not None:
+            jax.debug.callback(lambda step: progress(int(step) + 1, n), i)
+        return mean.astype(jnp.float32), None if var is None else var.astype(jnp.float32)
+
+    def at(name, i):
+        return tables[name][i]
+
+    def noise(i, x):
+        return jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
+
+    if plan.kind == "ddpm":
+
+        def body(i, x):
+            out, var = call_model(i, x)
+            x0, _ = _to_x0_eps(plan.prediction, x, out, at("sa", i), at("s1m", i), need_eps=False)
+            if flags["clip"]:
+                x0 = jnp.clip(x0, -at("clip_range", i), at("clip_range", i))
+            mean = at("c_x0", i) * x0 + at("c_xt", i) * x
+            if flags["learned_range"]:
+                frac = (var + 1.0) / 2.0
+                std = jnp.exp(0.5 * (frac * at("max_log", i) + (1.0 - frac) * at("min_log", i)))
+            else:
+                std = at("std", i)
+            return mean + at("noise_on", i) * std * noise(i, x)
+
+        carry = latents.astype(jnp.float32)
+    elif plan.kind == "ddim":
+
+        def body(i, x):
+            out, _ = call_model(i, x)
+            x0, eps = _to_x0_eps(plan.prediction, x, out, at("sa", i), at("s1m", i), need_eps=True)
+            if flags["clip"]:
+                x0 = jnp.clip(x0, -at("clip_range", i), at("clip_range", i))
+            if flags["clipped_eps"]:
+                eps = (x - at("sa", i) * x0) / at("s1m", i)
+            x = at("sa_prev", i) * x0 + at("dir", i) * eps
+            if flags["stochastic"]:
+                x = x + at("std", i) * noise(i, x)
+            return x
+
+        carry = latents.astype(jnp.float32)
+    elif plan.kind == "dpm":
+
+        def body(i, state):
+            x, d_prev = state
+            out, _ = call_model(i, x)
+            d, _ = _to_x0_eps(plan.prediction, x, out, at("sa", i), at("s1m", i), need_eps=False)
+            x = at("a", i) * x + at("b", i) * d + at("c", i) * (d - d_prev)
+            return x, d
+
+        x32 = latents.astype(jnp.float32)
+        carry = (x32, jnp.zeros_like(x32))
+    elif plan.kind == "euler":
+
+        def body(i, x):
+            v, _ = call_model(i, x)
+            return x + at("dt", i) * v
+
+        carry = latents.astype(jnp.float32)
+    elif plan.kind == "heun":
+
+        def body(i, state):
+            x, x_saved, v_saved = state
+            v, _ = call_model(i, x)
+            second = at("second", i) > 0
+            dt = at("dt", i)
+            x_pred = x + dt * v  # Euler predictor (first-order calls)
+            x_corr = x_saved + dt * (0.5 * (v_saved + v))  # trapezoidal corrector (second-order calls)
+            x_new = jnp.where(second, x_corr, x_pred)
+            return x_new, jnp.where(second, x_saved, x), jnp.where(second, v_saved, v)
+
+        x32 = latents.astype(jnp.float32)
+        carry = (x32, x32, jnp.zeros_like(x32))
+    else:  # pragma: no cover - make_plan only builds the kinds above
+        raise AssertionError(plan.kind)
+
+    out = jax.lax.fori_loop(0, n, body, carry)
+    x = out[0] if isinstance(out, tuple) else out
+    return x.astype(in_dtype)

@@ -1,0 +1,169 @@
+"""Map a diffusers ``scheduler_config.json`` (by ``_class_name``) to ``(schedule, method, options)`` for ``sample``.
+
+Missing keys take the diffusers class defaults (listed here, so diffusers need not be installed); keys that this
+library does not model are ignored, as diffusers ignores unexpected keys; values that would change the numerics
+in a way ``sample`` does not implement raise one error naming the key.
+"""
+
+import math
+from typing import Any
+
+from dit_jax.diffusion.schedules import DDPMSchedule, FlowSchedule
+
+_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+_NO_THRESHOLDING = {"trained_betas": None, "thresholding": False, "rescale_betas_zero_snr": False}
+
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "DDPMScheduler": {
+        **_BETAS,
+        **_NO_THRESHOLDING,
+        "variance_type": "fixed_small",
+        "clip_sample": True,
+        "prediction_type": "epsilon",
+        "clip_sample_range": 1.0,
+        "timestep_spacing": "leading",
+        "steps_offset": 0,
+    },
+    "DDIMScheduler": {
+        **_BETAS,
+        **_NO_THRESHOLDING,
+        "clip_sample": True,
+        "set_alpha_to_one": True,
+        "steps_offset": 0,
+        "prediction_type": "epsilon",
+        "clip_sample_range": 1.0,
+        "timestep_spacing": "leading",
+    },
+    "DPMSolverMultistepScheduler": {
+        **_BETAS,
+        **_NO_THRESHOLDING,
+        "solver_order": 2,
+        "prediction_type": "epsilon",
+        "algorithm_type": "dpmsolver++",
+        "solver_type": "midpoint",
+        "lower_order_final": True,
+        "euler_at_final": False,
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "use_lu_lambdas": False,
+        "use_flow_sigmas": False,
+        "flow_shift": 1.0,
+        "final_sigmas_type": "zero",
+        "lambda_min_clipped": -math.inf,
+        "variance_type": None,
+        "timestep_spacing": "linspace",
+        "steps_offset": 0,
+        "use_dynamic_shifting": False,
+        "time_shift_type": "exponential",
+    },
+    "FlowMatchEulerDiscreteScheduler": {
+        "num_train_timesteps": 1000,
+        "shift": 1.0,
+        "use_dynamic_shifting": False,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+        "invert_sigmas": False,
+        "shift_terminal": None,
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "time_shift_type": "exponential",
+        "stochastic_sampling": False,
+    },
+    "FlowMatchHeunDiscreteScheduler": {"num_train_timesteps": 1000, "shift": 1.0},
+}
+SUPPORTED_SCHEDULERS = tuple(_DEFAULTS)
+
+
+def _require(cfg: dict, key: str, expected, cls: str) -> None:
+    value = cfg[key]
+    if value != expected and not (expected is None and value is None):
+        raise ValueError(f"{cls} config {key}={value!r} is not supported (only {expected!r})")
+
+
+def _ddpm_schedule(cfg: dict, cls: str, *, learned_sigma: bool) -> DDPMSchedule:
+    for key, expected in _NO_THRESHOLDING.items():
+        _require(cfg, key, expected, cls)
+    return DDPMSchedule(
+        beta_schedule=cfg["beta_schedule"],
+        beta_start=float(cfg["beta_start"]),
+        beta_end=float(cfg["beta_end"]),
+        num_train_timesteps=int(cfg["num_train_timesteps"]),
+        prediction=cfg["prediction_type"],
+        learned_sigma=learned_sigma,
+    )
+
+
+def from_diffusers_scheduler_config(config: dict) -> tuple[DDPMSchedule | FlowSchedule, str, dict]:
+    """``(schedule, method, options)`` reproducing a diffusers scheduler config with ``sample``.
+
+    Supported ``_class_name``: DDPMScheduler → ``ddpm``, DDIMScheduler → ``ddim``, DPMSolverMultistepScheduler →
+    ``dpmpp_2m`` (VP or, with ``use_flow_sigmas``, flow), FlowMatchEulerDiscreteScheduler → ``euler``,
+    FlowMatchHeunDiscreteScheduler → ``heun``. ``learned_sigma`` is set where the config says so
+    (``variance_type`` learned_range); DDIM configs do not, so set it from the model
+    (``dataclasses.replace(schedule, learned_sigma=True)``) when the model predicts its variance.
+    """
+    cls = config.get("_class_name")
+    if cls not in _DEFAULTS:
+        raise ValueError(f"unsupported scheduler _class_name {cls!r}; expected one of {SUPPORTED_SCHEDULERS}")
+    cfg = {**_DEFAULTS[cls], **{k: v for k, v in config.items() if k in _DEFAULTS[cls]}}
+
+    if cls == "DDPMScheduler":
+        vt = cfg["variance_type"]
+        if vt not in ("fixed_small", "fixed_small_log", "fixed_large", "learned_range"):
+            raise ValueError(f"{cls} config variance_type={vt!r} is not supported")
+        schedule = _ddpm_schedule(cfg, cls, learned_sigma=vt == "learned_range")
+        keys = ("timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range", "variance_type")
+        return schedule, "ddpm", {k: cfg[k] for k in keys}
+
+    if cls == "DDIMScheduler":
+        schedule = _ddpm_schedule(cfg, cls, learned_sigma=False)
+        keys = ("timestep_spacing", "steps_offset", "set_alpha_to_one", "clip_sample", "clip_sample_range")
+        return schedule, "ddim", {k: cfg[k] for k in keys}
+
+    if cls == "DPMSolverMultistepScheduler":
+        for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas"):
+            _require(cfg, key, False, cls)
+        _require(cfg, "algorithm_type", "dpmsolver++", cls)
+        if cfg["solver_order"] not in (1, 2):
+            raise ValueError(f"{cls} config solver_order={cfg['solver_order']!r} is not supported (only 1 or 2)")
+        options = {k: cfg[k] for k in ("solver_order", "solver_type", "lower_order_final", "euler_at_final")}
+        options["final_sigmas_type"] = cfg["final_sigmas_type"]
+        if cfg["use_flow_sigmas"]:
+            _require(cfg, "thresholding", False, cls)
+            _require(cfg, "prediction_type", "flow_prediction", cls)
+            if cfg["use_dynamic_shifting"]:
+                _require(cfg, "time_shift_type", "exponential", cls)
+            schedule = FlowSchedule(
+                shift=float(cfg["flow_shift"]),
+                dynamic_shift=True if cfg["use_dynamic_shifting"] else None,
+                num_train_timesteps=int(cfg["num_train_timesteps"]),
+            )
+            return schedule, "dpmpp_2m", options
+        if cfg["variance_type"] not in (None, "learned", "learned_range"):
+            raise ValueError(f"{cls} config variance_type={cfg['variance_type']!r} is not supported")
+        schedule = _ddpm_schedule(cfg, cls, learned_sigma=cfg["variance_type"] is not None)
+        options.update({k: cfg[k] for k in ("timestep_spacing", "steps_offset", "lambda_min_clipped")})
+        return schedule, "dpmpp_2m", options
+
+    if cls == "FlowMatchEulerDiscreteScheduler":
+        for key in ("invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+            _require(cfg, key, False, cls)
+        _require(cfg, "stochastic_sampling", False, cls)
+        dynamic = None
+        if cfg["use_dynamic_shifting"]:
+            dynamic = (cfg["base_image_seq_len"], cfg["base_shift"], cfg["max_image_seq_len"], cfg["max_shift"])
+        schedule = FlowSchedule(
+            shift=float(cfg["shift"]),
+            dynamic_shift=dynamic,
+            num_train_timesteps=int(cfg["num_train_timesteps"]),
+            time_shift_type=cfg["time_shift_type"],
+        )
+        options = {"shift_terminal": cfg["shift_terminal"]} if cfg["shift_terminal"] else {}
+        return schedule, "euler", options
+
+    schedule = FlowSchedule(shift=float(cfg["shift"]), num_train_timesteps=int(cfg["num_train_timesteps"]))
+    return schedule, "heun", {}
