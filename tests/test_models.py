@@ -375,6 +375,9 @@ def test_pixart_error_paths():
         _trace_pixart(PIXART, x, t, caption, mask)
     with pytest.raises(ValueError, match=r"caption_mask shape \(2, 5\) does not match captions \(2, 6\)"):
         _trace_pixart(PIXART, x, t, caption, mask[:, :5], res, ar)
+    with pytest.raises(ValueError, match="micro-condition of batch 3 does not divide the batch 2"):
+        _trace_pixart(PIXART, x, t, caption, mask, np.concatenate([res, res[:1]]), ar)
+    _trace_pixart(PIXART, x, t, caption, mask, res[:1], ar[:1])  # one row is broadcast over the batch
     no_null = dataclasses.replace(PIXART, learned_null_caption=False, micro_conditions=False)
     with pytest.raises(ValueError, match="no learned null caption"):
         _trace_pixart(no_null, x, t, caption, mask, drop_caption=np.array([True, False]))

@@ -99,8 +99,12 @@ class KVCompress(nn.Module):
     """PixArt-Σ key/value token compression over ``ratio × ratio`` windows of the token grid.
 
     ``op``: ``conv`` — depthwise R×R conv with stride R initialised to 1/R² ("Conv Avg Init"), then an affine
-    LayerNorm (eps 1e-5), both shared by keys and values; ``avg`` — average pooling; ``discard`` — keep every R-th
-    token along each axis. Grids not divisible by R are rejected (no silent truncation).
+    LayerNorm (eps 1e-5), both shared by keys and values; ``avg`` — true R×R average pooling; ``discard`` — keep
+    every R-th token along each axis. Grids not divisible by R are rejected (no silent truncation).
+
+    Names vs the original PixArt-Σ ``sampling``: ``conv`` is ``conv``; ``discard`` is ``uniform`` and also the
+    original's ``ave``, which (despite its name) is nearest-neighbour downsampling, i.e. the same stride; our
+    ``avg`` (a real average) has no original counterpart.
     """
 
     ratio: int
@@ -164,6 +168,8 @@ class SelfAttention(nn.Module):
         b, n, d = x.shape  # B N D
         h = self.num_heads
         dh = d // h
+        if self.kv_compress is not None and self.grid is None:
+            raise ValueError("SelfAttention with kv_compress needs the token grid (h, w)")
         qkv = dense(
             (3, h, dh),
             ("embed", None, "heads", "kv"),

@@ -60,6 +60,8 @@ class SizeEmbedder(nn.Module):
         if s.ndim == 1:
             s = s[:, None]
         if s.shape[0] != batch:
+            if batch % s.shape[0]:
+                raise ValueError(f"micro-condition of batch {s.shape[0]} does not divide the batch {batch}")
             s = jnp.tile(s, (batch // s.shape[0], 1))
         b, k = s.shape
         emb = TimestepEmbedder(self.hidden_size, dtype=self.dtype, name="mlp")(s.reshape(-1))
