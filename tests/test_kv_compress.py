@@ -1,7 +1,7 @@
 """PixArt-Σ KV token compression against the torch reference (tests/torch_reference.py, MODELS.md §2.1).
 
 Module level (``KVCompress``, ``SelfAttention`` with qk-norm, one ``PixArtBlock``) with a direct weight copy; the
-full model with compression on a subset of layers (several scan stages) through ``dit_jax.convert.from_torch``;
+full model with compression on a subset of layers (several scan stages) through ``dit_jax.convert.from_state_dict``;
 ``enable_kv_compress`` (Conv Avg Init) on a model trained without compression.
 """
 
@@ -186,22 +186,18 @@ def _run_reference(model, x, t, caption, mask, **kw):
     return _t2n(out).transpose(0, 2, 3, 1)  # NHWC
 
 
-def _convert(model: torch.nn.Module, tmp_path, **overrides):
-    """Original-format state dict → (config, params) with ``dit_jax.convert.from_torch`` (a temp .safetensors)."""
-    from safetensors.numpy import save_file
+def _convert(model: torch.nn.Module, **overrides):
+    """Original-format state dict → (config, params) with ``dit_jax.convert.from_state_dict`` (in memory)."""
+    from dit_jax.convert import from_state_dict
 
-    from dit_jax.convert import from_torch
-
-    path = tmp_path / "pixart.safetensors"
-    save_file(ref.state_dict_numpy(model), str(path))
-    return from_torch(str(path), **overrides)
+    return from_state_dict(ref.state_dict_numpy(model), format="original", **overrides)
 
 
 _forward = jax.jit(lambda cfg, p, *a: models.build(cfg).apply({"params": p}, *a), static_argnums=0)
 
 
 @pytest.mark.parametrize("ratio", [2, 3])
-def test_pixart_with_compressed_layers_matches_reference(ratio, tmp_path):
+def test_pixart_with_compressed_layers_matches_reference(ratio):
     """qk-norm, conv compression on layers 1–2 of 4, a non-square grid and a caption mask; scanned and looped."""
     kv = {"sampling": "conv", "scale_factor": ratio, "kv_compress_layer": list(KV_LAYERS)}
     torch_model = _reference_model(7, kv, qk_norm=True)
@@ -209,7 +205,7 @@ def test_pixart_with_compressed_layers_matches_reference(ratio, tmp_path):
     x, t, caption, mask = _inputs(2 * th, 2 * tw)
     want = _run_reference(torch_model, x, t, caption, mask)
 
-    config, params = _convert(torch_model, tmp_path, num_heads=HEADS, pe_interpolation=0.5)
+    config, params = _convert(torch_model, num_heads=HEADS, pe_interpolation=0.5)
     assert config.kv_compress_layers == KV_LAYERS and config.kv_compress_ratio == ratio and config.qk_norm
     config = config.replace(attention_backend="xla")
     for scan in (False, True):
@@ -223,13 +219,13 @@ def test_pixart_with_compressed_layers_matches_reference(ratio, tmp_path):
 
 
 @pytest.mark.parametrize("op", ["avg", "discard"])
-def test_pixart_parameter_free_ops_match_reference(op, tmp_path):
+def test_pixart_parameter_free_ops_match_reference(op):
     """``avg``/``discard`` add no parameters: convert a plain model and switch compression on in the config."""
     kv = {"sampling": op, "scale_factor": 2, "kv_compress_layer": list(KV_LAYERS)}
     torch_model = _reference_model(8, kv)
     x, t, caption, mask = _inputs(8, 12)
     want = _run_reference(torch_model, x, t, caption, mask)
-    config, params = _convert(torch_model, tmp_path, num_heads=HEADS, pe_interpolation=0.5)
+    config, params = _convert(torch_model, num_heads=HEADS, pe_interpolation=0.5)
     config = config.replace(
         kv_compress_layers=KV_LAYERS, kv_compress_ratio=2, kv_compress_op=op, attention_backend="xla"
     )
@@ -252,7 +248,7 @@ def test_model_grid_not_divisible_is_a_clear_error():
 # ---- enable_kv_compress: weak-to-strong fine-tuning from a model trained without compression ------------------------
 
 
-def test_enable_kv_compress_conv_avg_init(tmp_path):
+def test_enable_kv_compress_conv_avg_init():
     # A checkpoint "trained without compression": the reference with compression whose sr/norm keep Conv Avg Init,
     # minus those keys. Its conversion has no compression; enable_kv_compress must land on the reference.
     kv = {"sampling": "conv", "scale_factor": 2, "kv_compress_layer": list(KV_LAYERS)}
@@ -267,7 +263,7 @@ def test_enable_kv_compress_conv_avg_init(tmp_path):
     x, t, caption, mask = _inputs(8, 12)
     want = _run_reference(torch_model, x, t, caption, mask)
 
-    config, params = _convert(plain, tmp_path, num_heads=HEADS, pe_interpolation=0.5)
+    config, params = _convert(plain, num_heads=HEADS, pe_interpolation=0.5)
     assert config.kv_compress_layers == ()
     config = config.replace(attention_backend="xla")
     outs = {}

@@ -171,10 +171,12 @@ def test_pixart_parameter_counts():
     print(f"PixArt-Σ {sigma:,}  PixArt-α-1024-MS {alpha:,}")
     assert round(sigma / 1e5) == 6109 and round(alpha / 1e5) == 6113
     assert alpha - sigma == 2 * ((256 + 1) * 384 + (384 + 1) * 384)  # csize + ar embedders
-    # KV compression on layers 14–27 adds a depthwise 2x2 conv and a LayerNorm per layer.
-    kv = models.preset("PixArt-Sigma-XL-2-1024-MS", kv_compress_layers=tuple(range(14, 28)))
-    extra = models.count_params(models.abstract_params(kv)) - sigma - 300 * 4096
-    assert extra == 14 * (1152 * 4 + 1152 + 2 * 1152)
+    # KV compression on layers 14–27 adds a depthwise R×R conv and a LayerNorm per layer; with R = 3 the 64×64
+    # token grid of the training size is not divisible by R, which must not stop building the parameters.
+    for r in (2, 3):
+        kv = models.preset("PixArt-Sigma-XL-2-1024-MS", kv_compress_layers=tuple(range(14, 28)), kv_compress_ratio=r)
+        extra = models.count_params(models.abstract_params(kv)) - sigma - 300 * 4096
+        assert extra == 14 * (1152 * r * r + 1152 + 2 * 1152)
 
 
 def test_unknown_preset():

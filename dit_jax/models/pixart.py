@@ -106,7 +106,12 @@ class PixArtConfig(ExecutionConfig):
         return [{"kv_compress": compress if i in self.kv_compress_layers else None} for i in range(self.depth)]
 
     def dummy_inputs(self, batch: int = 1) -> tuple:
+        """Inputs for ``init``/``eval_shape``. No parameter depends on the spatial size, so with KV compression the
+        latent is rounded up to a token grid divisible by the ratio (e.g. 1024 px = 64×64 tokens with R = 3)."""
         s = self.input_size
+        if self.kv_compress_layers:
+            m = self.patch_size * self.kv_compress_ratio
+            s = -(-s // m) * m
         inputs = (
             jnp.zeros((batch, s, s, self.in_channels), jnp.float32),
             jnp.zeros((batch,), jnp.float32),
