@@ -154,3 +154,31 @@ def test_import_and_safetensors_conversion_without_torch(tmp_path, dit_sd):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"ok 384 {len(dit_sd)}" in out.stdout
+
+
+def test_detect_family_and_format():
+    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
+
+    dit = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=4, num_layers=1, sample_size=8, num_embeds_ada_norm=4
+    )
+    dit_sd = {k: v.numpy() for k, v in dit.state_dict().items()}
+    pixart_cfg = dict(num_attention_heads=2, attention_head_dim=6, num_layers=1, sample_size=128, caption_channels=8)
+    pixart_cfg["cross_attention_dim"] = 12
+    pixart = PixArtTransformer2DModel(**pixart_cfg)
+    pixart_sd = {k: v.numpy() for k, v in pixart.state_dict().items()}
+    orig_dit = ref.state_dict_numpy(ref.OrigDiT(input_size=8, hidden_size=8, depth=1, num_heads=2))
+    orig_pixart = ref.state_dict_numpy(
+        ref.OrigPixArtMS(input_size=8, hidden_size=12, depth=1, num_heads=2, caption_channels=8, model_max_length=4)
+    )
+    assert convert.detect(dit_sd) == ("dit", "diffusers")
+    assert convert.detect(pixart_sd) == ("pixart", "diffusers")
+    assert convert.detect(orig_dit) == ("dit", "original")
+    assert convert.detect(orig_pixart) == ("pixart", "original")
+    # an α-1024-style diffusers config: interpolation_scale / use_additional_conditions None → 2 and True
+    hub_style = {"_class_name": "Transformer2DModel", "norm_type": "ada_norm_single", **pixart_cfg}
+    assert convert.detect(pixart_sd, hub_style) == ("pixart", "diffusers")
+    config, _ = convert.from_state_dict(pixart_sd, diffusers_config=hub_style)
+    assert config.micro_conditions and config.pe_interpolation == 2.0 and config.input_size == 128
+    with pytest.raises(convert.ConversionError, match="describes a diffusers dit but the weights look like"):
+        convert.from_state_dict(pixart_sd, diffusers_config={"_class_name": "DiTTransformer2DModel"})

@@ -210,7 +210,8 @@ def infer_config(
         f["num_heads"] = int(c.get("num_attention_heads", 16))
         f["hidden_size"] = f["num_heads"] * int(c.get("attention_head_dim", 72))
         f["in_channels"] = int(c.get("in_channels", 4))
-        out = c.get("out_channels") or f["in_channels"]
+        out = c.get("out_channels", 8)  # diffusers' default; None means in_channels
+        out = f["in_channels"] if out is None else out
         if out not in (f["in_channels"], 2 * f["in_channels"]):
             raise ConversionError(f"{source}: out_channels={out} is neither in_channels nor 2·in_channels")
         f["learn_sigma"] = out == 2 * f["in_channels"]
