@@ -246,3 +246,6 @@ def test_preset_supplies_fields_and_detection():
         convert.from_state_dict(sd, preset="PixArt-XL-2-256x256")
     with pytest.raises(convert.ConversionError, match="requested but the checkpoint is in the original format"):
         convert.from_state_dict(sd, format="diffusers")
+    bad = dict(sd, pos_embed=sd["pos_embed"] + 0.5)  # not the fixed sin-cos table: not silently dropped
+    with pytest.raises(convert.ConversionError, match="pe_interpolation: the stored pos_embed is not a sin-cos"):
+        convert.from_state_dict(bad)

@@ -80,7 +80,8 @@ def _merge_config(
         lines = [f"{k}: {why}; pass {k}=... (or preset=...)" for k, why in absent.items()]
         raise ConversionError(f"{source}: cannot infer " + "; ".join(lines))
     try:
-        return dataclasses.replace(base, **fields)
+        config = dataclasses.replace(base, **fields)
+        return cls.from_dict(config.to_dict())  # JSON types → field types (lists → tuples, ints → floats)
     except ValueError as e:
         raise ValueError(f"{source}: the inferred config is invalid: {e}") from e
 

@@ -165,7 +165,13 @@ def infer_config(
     infer.heads(d, inf)
     pos_key = next((k for k in ("pos_embed", "pos_embed.pos_embed") if k in state_dict), None)
     if pos_key is not None:
-        f["input_size"] = infer.grid_from_pos_embed(np.shape(state_dict[pos_key]), d, source) * p
+        side = infer.grid_from_pos_embed(np.shape(state_dict[pos_key]), d, source)
+        f["input_size"] = side * p
+        found = infer.match_pe_interpolation(state_dict[pos_key], d, infer.PE_INTERPOLATION_CANDIDATES)
+        if 1.0 in found or len(found) == 1:  # the original's table is interpolation 1; a 1×1 grid fits any
+            f["pe_interpolation"] = 1.0 if 1.0 in found else found[0]
+        else:
+            inf.missing["pe_interpolation"] = "the stored pos_embed is not a sin-cos table of its grid"
     else:
         inf.missing["input_size"] = "the checkpoint stores no pos_embed (the training latent size)"
     return inf

@@ -89,7 +89,10 @@ def _torch_load(path: Path) -> Any:
     except FileNotFoundError:
         raise
     except Exception as e:  # RuntimeError (zip), UnpicklingError, EOFError, …
-        raise ConversionError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {e}") from e
+        raise ConversionError(
+            f"{path}: not a readable torch checkpoint (truncated or corrupt? or holding Python objects that "
+            f"torch.load(weights_only=True) refuses): {e}"
+        ) from e
 
 
 def _is_tensor_dict(d: Mapping) -> bool:
