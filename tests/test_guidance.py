@@ -139,6 +139,12 @@ def test_scale_one_pytree_and_traced_scale():
     a = guided(jnp.ones((B, H, W, C)), 1.5)
     b = guided(jnp.ones((B, H, W, C)), 4.0)
     assert len(traces) == 1 and np.abs(np.asarray(a) - np.asarray(b)).max() > 0.1
+    # a scalar null class is broadcast over the batch
+    x2, t2 = jnp.ones((B, H, W, C)), jnp.full((B,), 10.0)
+    np.testing.assert_array_equal(
+        cfg(cond_model_jax, jnp.array([1, 2]), NULL, 3.0)(x2, t2),
+        cfg(cond_model_jax, jnp.array([1, 2]), jnp.full((B,), NULL), 3.0)(x2, t2),
+    )
 
 
 def test_cfg_sampling_sharded_equals_unsharded():

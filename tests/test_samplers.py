@@ -435,6 +435,18 @@ def test_ddpm_learned_sigma_adm_respacing_250(monkeypatch):
     err_d = float(np.abs(ours32 - ref_d).max())
     print(f"ddpm learned sigma, ADM respacing 250: max err vs ADM reference {err_adm:.2e}, vs diffusers {err_d:.2e}")
     assert err_adm <= TOL and err_d <= TOL
+    # respacing= is the same as passing its timesteps (with ADM's float64 arithmetic)
+    custom = D.sample(
+        jmodel,
+        jnp.asarray(x_init),
+        schedule=schedule,
+        method="ddpm",
+        num_steps=250,
+        key=key,
+        timesteps=ts.astype(int).tolist(),
+        schedule_dtype="float64",
+    )
+    np.testing.assert_array_equal(np.asarray(custom), ours)
     # the learned variance matters: fixed-small variance gives another sample
     fixed = np.asarray(
         D.sample(

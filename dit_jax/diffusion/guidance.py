@@ -20,8 +20,10 @@ def _double(cond: Any, null_cond: Any, batch: int) -> Any:
         c, u = jnp.asarray(c), jnp.asarray(u)
         if c.shape[:1] != (batch,):
             raise ValueError(f"cond leaves need a leading batch axis of {batch}, got shape {c.shape}")
-        if u.shape[:1] != (batch,):
-            u = jnp.broadcast_to(u, (batch,) + u.shape[1:]) if u.shape[:1] == (1,) else u
+        if u.ndim == 0:  # a scalar null, e.g. the null class index
+            u = jnp.broadcast_to(u, c.shape)
+        elif u.shape[:1] == (1,) and batch != 1:
+            u = jnp.broadcast_to(u, (batch,) + u.shape[1:])
         if u.shape != c.shape:
             raise ValueError(f"null_cond leaf of shape {u.shape} does not match cond leaf of shape {c.shape}")
         return jnp.concatenate([c, u.astype(c.dtype)], axis=0)
@@ -40,7 +42,8 @@ def cfg(
     """Classifier-free guidance: ``(x, t) ↦ model_fn`` on [cond | null_cond], guided on the first channels.
 
     ``cond``/``null_cond`` are matching pytrees with a leading batch axis (a null leaf may have batch 1, e.g. one
-    null caption): class labels and ``jnp.full_like(labels, num_classes)``, or (caption, mask) pairs.
+    null caption, or be a scalar, e.g. the null class ``num_classes``): class labels and the null class, or
+    (caption, mask) pairs.
     ``guide_channels=None`` guides the first C = ``x.shape[-1]`` output channels (all latent channels; a learned
     variance half stays conditional); ``k`` guides only the first k. A Python ``scale`` of 1 skips the doubling
     (as the pipelines do); an array scale always doubles, so changing it does not recompile.

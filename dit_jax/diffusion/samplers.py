@@ -1,19 +1,35 @@
 """Samplers that reproduce the diffusers schedulers (and the original DiT / PixArt samplers) step for step.
 
 ``sample(model_fn, latents, schedule=..., method=..., num_steps=...)`` builds a per-step coefficient table on the
-host in float64 (static: it depends only on the schedule, method, step count and options), then runs the whole
-trajectory in one ``lax.fori_loop`` whose body calls the model once. It is a pure function: jit it, shard the
-latents over the batch, and the loop compiles once.
+host (static: it depends only on the schedule, method, step count and options), then runs the whole trajectory in
+one ``lax.fori_loop`` whose body calls the model once. It is a pure function: jit it, shard the latents over the
+batch, and the loop compiles once.
 
-Methods:
-  DDPMSchedule  ``ddpm``      ancestral (``DDPMScheduler``; ADM ``p_sample_loop`` with ``respacing=``), learned-range
-                              variance when ``schedule.learned_sigma``
-                ``ddim``      ``DDIMScheduler`` (``eta``; ADM ``ddim_sample_loop`` with ``respacing=``)
-                ``dpmpp_2m``  ``DPMSolverMultistepScheduler`` (DPM-Solver++ multistep, order 2); PixArt's original
-                              DPM-Solver (continuous times) with ``variant="dpm_solver"``
-  FlowSchedule  ``euler``     ``FlowMatchEulerDiscreteScheduler``
-                ``heun``      ``FlowMatchHeunDiscreteScheduler`` (2·n − 1 model calls)
-                ``dpmpp_2m``  ``DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")``
+Methods and options (defaults = the diffusers scheduler's, except ``clip_sample=False``):
+  DDPMSchedule ``ddpm``      ``DDPMScheduler``: timestep_spacing="leading", steps_offset=0, clip_sample,
+                             clip_sample_range=1, variance_type (fixed_small; learned_range when
+                             ``schedule.learned_sigma``; fixed_small_log, fixed_large), timesteps=[...] (custom),
+                             respacing="250" (ADM ``p_sample_loop`` of DiT: ADM timesteps, float64 coefficients)
+               ``ddim``      ``DDIMScheduler``: timestep_spacing="leading", steps_offset=0, set_alpha_to_one=True,
+                             clip_sample, clip_sample_range, eta=0, use_clipped_model_output=False,
+                             respacing="ddim50" (ADM ``ddim_sample_loop``)
+               ``dpmpp_2m``  ``DPMSolverMultistepScheduler`` (DPM-Solver++): solver_order=2, solver_type="midpoint",
+                             lower_order_final=True, euler_at_final=False, final_sigmas_type="zero",
+                             timestep_spacing="linspace", steps_offset=0, lambda_min_clipped=-inf;
+                             variant="dpm_solver": PixArt's original DPM-Solver++ (continuous ``time_uniform``
+                             times from t_start=1 to t_end=1/N, model times (t − 1/N)·1000, no final denoising;
+                             lower_order_final=True is PixArt-Σ's rule, False PixArt-α's for ≥ 10 steps),
+                             with skip_type ("time_uniform", "time_quadratic"), t_start, t_end, solver_order,
+                             solver_type, lower_order_final
+               schedule_dtype (ddpm/ddim/dpmpp_2m): "float32" = diffusers' float32 ᾱ and step arithmetic (the
+                             default), "float64" = exact (ADM; the default with ``respacing``)
+  FlowSchedule ``euler``     ``FlowMatchEulerDiscreteScheduler``: sigmas=[...] (base sigmas before the shift, e.g.
+                             Flux's ``linspace(1, 1/n, n)``), image_seq_len or mu (with ``dynamic_shift``),
+                             shift_terminal
+               ``heun``      ``FlowMatchHeunDiscreteScheduler`` (2·n − 1 model calls): sigmas, image_seq_len, mu
+               ``dpmpp_2m``  ``DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")``:
+                             solver_order, solver_type, lower_order_final, euler_at_final, image_seq_len or mu
+Every method takes ``progress=callable(i, n)``.
 """
 
 import dataclasses
@@ -468,7 +484,8 @@ def _flow_dpm_plan(schedule: FlowSchedule, num_steps, o: dict) -> Plan:
         raise ValueError(f"final_sigmas_type {o['final_sigmas_type']!r} is not supported with a FlowSchedule")
     shift = _flow_shift_fn(schedule, o)
     s = 1.0 - np.linspace(1.0, 1.0 / t_total, n + 1)
-    s = np.flip(shift(s))[:-1].copy()
+    with np.errstate(divide="ignore"):  # σ = 0 at the (dropped) last point: the time shift maps it to 0
+        s = np.flip(shift(s))[:-1].copy()
     model_t = (s * t_total).astype(np.int64)  # diffusers keeps these as int64 (truncated)
     sig = np.append(s, 0.0).astype(np.float32).astype(np.float64)
     alpha, sigma = 1.0 - sig, sig
@@ -541,8 +558,9 @@ def sample(
     variance half. ``key`` is needed by the stochastic samplers (``ddpm``, ``ddim`` with ``eta > 0``): the noise
     of step i is ``normal(fold_in(key, i))``. ``progress(i, n)`` (optional) is called on the host after each model
     call through ``jax.debug.callback``. ``options`` are the diffusers scheduler config fields of the method
-    (see ``make_plan``), plus ``respacing=`` (ADM) for ``ddpm``/``ddim`` and ``variant="dpm_solver"`` (PixArt's
-    original DPM-Solver) for ``dpmpp_2m``.
+    (listed in this module's docstring), plus ``respacing=`` (ADM) for ``ddpm``/``ddim``, ``variant="dpm_solver"``
+    (PixArt's original DPM-Solver) for ``dpmpp_2m`` and ``schedule_dtype``. The loop carries float32; the result
+    has the latents' dtype.
     """
     plan = make_plan(schedule, method, num_steps, **options)
     flags = dict(plan.flags)
