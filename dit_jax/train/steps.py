@@ -105,7 +105,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], cfg: StepConfig) 
         loss_value, aux, grads = jax.tree.map(lambda x: x / k, total)
 
     finite = jnp.isfinite(loss_value) & jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = cfg.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(state.step, cfg.ema_decay, cfg.ema_warmup)

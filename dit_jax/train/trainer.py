@@ -336,6 +336,8 @@ class _Loop:
         self.bar = None
 
     def save(self, state: TrainState, data_iter: Any, step: int) -> None:
+        if step == self.checkpointer.latest_step():
+            return  # already saved at this step (e.g. a preemption right after a periodic save)
         self.checkpointer.save(
             state, data_iter=data_iter, model_config=self.model_config, config=self.config_json, step=step
         )
@@ -372,8 +374,7 @@ class _Loop:
                     return state
             if pending is not None:
                 self._after(pending, state, data_iter)
-            if step > self.start or self.checkpointer.latest_step() != step:
-                self.save(state, data_iter, step)
+            self.save(state, data_iter, step)
             if sampler is not None:
                 sampler.write(state.ema_params, step, self.workdir)
             return state

@@ -1,0 +1,150 @@
+"""The train step on the 8 test devices: sharded == single device, accumulation == big batch, the NaN guard."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dit_jax.models import preset
+from dit_jax.parallel.mesh import batch_sharding, create_mesh, global_batch
+from dit_jax.parallel.rules import logical_rules
+from dit_jax.train.objectives import make_loss_fn, make_schedule
+from dit_jax.train.optimizers import create_optimizer
+from dit_jax.train.state import create_train_state, state_shardings
+from dit_jax.train.steps import StepConfig, make_train_step
+
+BATCH = 8
+
+
+@pytest.fixture(autouse=True)
+def _fast_compile():
+    """Tiny models: XLA's expensive CPU passes would dominate the test time."""
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
+
+
+def tiny_dit(**kw):
+    base = dict(input_size=8, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10, learn_sigma=False)
+    return preset("DiT-S/2", **{**base, **kw})
+
+
+def data(seed=0, n=BATCH):
+    rng = np.random.default_rng(seed)
+    return {
+        "x": rng.uniform(-1, 1, size=(n, 8, 8, 1)).astype(np.float32),
+        "y": rng.integers(0, 10, size=(n,)).astype(np.int32),
+    }
+
+
+def run_steps(mesh_shape, devices, batches, *, model=None, optimizer="adamw", objective="flow", accum=1):
+    """Train len(batches) steps from the same init; returns (host state, list of host metrics)."""
+    model = model or tiny_dit()
+    mesh = create_mesh(mesh_shape, devices=devices)
+    tx, lr = create_optimizer(dict(name=optimizer, lr=1e-2, weight_decay=0.01, grad_clip=1.0), 10)
+    schedule = make_schedule(objective, {}, model)
+    cfg = StepConfig(
+        model_config=model,
+        loss_fn=make_loss_fn(objective, {}, schedule, model.patch_size),
+        tx=tx,
+        lr_schedule=lr,
+        objective=objective,
+        ema_decay=0.9,
+        accum_steps=accum,
+        cond_dropout_prob=0.3,
+    )
+    with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules()):
+        _, shardings = state_shardings(model, tx, mesh)
+        state = create_train_state(model, tx, shardings, seed=0)
+        batch_sh = {k: batch_sharding(mesh, v.ndim) for k, v in batches[0].items()}
+        step = jax.jit(
+            make_train_step(cfg),
+            in_shardings=(shardings, batch_sh),
+            out_shardings=(shardings, NamedSharding(mesh, P())),
+            donate_argnums=0,
+        )
+        metrics, states = [], []
+        for b in batches:
+            state, m = step(state, global_batch(b, mesh))
+            metrics.append(jax.device_get(m))
+            states.append(jax.device_get(state))
+        return states[-1], metrics, states
+
+
+def assert_trees_close(a, b, atol=1e-5):
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(
+            np.asarray(x), np.asarray(y), atol=atol, rtol=1e-5, err_msg=jax.tree_util.keystr(path)
+        )
+
+
+@pytest.mark.parametrize(
+    "optimizer,objective,model_kw",
+    [("adamw", "flow", {}), ("came", "ddpm", dict(learn_sigma=True, scan_blocks=True))],
+)
+def test_sharded_step_equals_single_device(optimizer, objective, model_kw):
+    model = tiny_dit(**model_kw)
+    batches = [data(0), data(1)]
+    one, m1, _ = run_steps(
+        dict(data=1), jax.devices()[:1], batches, model=model, optimizer=optimizer, objective=objective
+    )
+    mesh = dict(data=2, fsdp=2, tensor=2)
+    many, m8, _ = run_steps(mesh, jax.devices(), batches, model=model, optimizer=optimizer, objective=objective)
+    for a, b in zip(m1, m8):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5, atol=1e-5)
+    assert m1[0]["loss"] != m1[1]["loss"]
+    assert_trees_close(one.params, many.params)
+    assert_trees_close(one.ema_params, many.ema_params)
+    assert_trees_close(one.opt_state, many.opt_state)
+
+
+def test_grad_accumulation_equals_big_batch():
+    batches = [data(0, 16), data(1, 16)]
+    mesh = dict(data=4)
+    big, mb, _ = run_steps(mesh, jax.devices()[:4], batches, accum=1)
+    acc, ma, _ = run_steps(mesh, jax.devices()[:4], batches, accum=4)
+    for a, b in zip(mb, ma):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+        np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
+    assert_trees_close(big.params, acc.params)
+
+
+def test_nan_guard_skips_and_counts():
+    good = data(0)
+    bad = dict(good, x=np.full_like(good["x"], np.nan))
+    state, metrics, states = run_steps(dict(data=2), jax.devices()[:2], [good, bad, bad, good])
+    assert [int(m["skipped"]) for m in metrics] == [0, 1, 1, 0]
+    assert [int(m["nan_skips"]) for m in metrics] == [0, 1, 2, 0]
+    assert int(state.nan_total) == 2 and int(state.nan_skips) == 0 and int(state.step) == 4
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+    # a skipped step leaves params, optimizer state and EMA exactly as they were; the good step after it updates
+    for skipped in states[1:3]:
+        assert_trees_close(skipped.params, states[0].params, atol=0)
+        assert_trees_close(skipped.opt_state, states[0].opt_state, atol=0)
+        assert_trees_close(skipped.ema_params, states[0].ema_params, atol=0)
+    assert not np.allclose(
+        states[3].params["final_layer"]["linear"]["kernel"], states[0].params["final_layer"]["linear"]["kernel"]
+    )
+
+
+def test_state_is_created_sharded():
+    """Parameters and optimizer moments (CAME's factored rows/columns too) land in their shards."""
+    import flax.linen as nn
+
+    model = tiny_dit(scan_blocks=True)
+    mesh = create_mesh(dict(data=2, fsdp=2, tensor=2))
+    tx, _ = create_optimizer(dict(name="came", lr=1e-3), 10)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules()):
+        _, shardings = state_shardings(model, tx, mesh)
+        state = create_train_state(model, tx, shardings, seed=0)
+    fc1 = state.params["stage_0"]["mlp"]["fc1"]["kernel"]  # (layers, embed, mlp)
+    assert fc1.sharding.spec == P(None, "fsdp", "tensor")
+    assert fc1.addressable_shards[0].data.shape == (2, 16, 64)
+    came_state = state.opt_state[0]
+    assert came_state.mu["stage_0"]["mlp"]["fc1"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
+    assert came_state.v_row["stage_0"]["mlp"]["fc1"]["kernel"].sharding.spec == P(None, "fsdp")
+    assert came_state.v_col["stage_0"]["mlp"]["fc1"]["kernel"].sharding.spec == P(None, "tensor")
+    assert state.ema_params["stage_0"]["mlp"]["fc1"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
