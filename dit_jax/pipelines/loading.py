@@ -1,0 +1,309 @@
+"""``load(path)``: a class-conditional pipeline from a diffusers pipeline folder, a model directory, a PyTorch
+checkpoint or a training workdir, with its VAE and default sampler.
+
+Defaults per source (what the matching PyTorch tool does):
+  diffusers pipeline folder  ``model_index.json`` + ``transformer/``, ``vae/``, ``scheduler/``: the scheduler config
+                             picks the sampler (``DDIMScheduler`` → ddim, …); 50 steps and guidance 4.0
+                             (``DiTPipeline.__call__``'s defaults)
+  model directory / torch    ``vae=`` is required for a latent model; the sampler is the DDIM scheduler that the
+                             diffusers DiT converter writes (linear betas, ε, no clipping): 50 steps, guidance 4.0
+  training workdir           the latest checkpoint's EMA params; schedule, sampler, steps and guidance from the
+                             run's config (``config.diffusion``, ``config.sample``); pixel space unless the run
+                             trained on latents (then ``config.sample.vae`` or ``vae=``)
+``scheduler=`` (a diffusers scheduler config: dict, ``scheduler_config.json``, or a folder holding one) replaces
+the default sampler of any source.
+"""
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dit_jax import diffusion
+from dit_jax.encoders.vae import PRESETS as VAE_PRESETS
+from dit_jax.encoders.vae import VAEConfig
+from dit_jax.models import DiTConfig, ModelConfig, set_scan
+from dit_jax.pipelines.class_conditional import ClassConditionalPipeline
+
+# diffusers' DiT converter (scripts/convert_dit_to_diffusers.py) writes this scheduler (MODELS.md §1.5).
+DIT_SCHEDULER_CONFIG = {
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+}
+DIT_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 4.0}  # DiTPipeline.__call__
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(d).__name__}")
+    return d
+
+
+def _is_model_dir(path: Path) -> bool:
+    """A dit_jax model directory (``config.json`` with ``format_version``), not a diffusers folder."""
+    cfg = path / "config.json"
+    return path.is_dir() and cfg.is_file() and "format_version" in _read_json(cfg)
+
+
+def _is_workdir(path: Path) -> bool:
+    return path.is_dir() and (path / "checkpoints").is_dir()
+
+
+def _is_pipeline_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "model_index.json").is_file()
+
+
+# ---- model -----------------------------------------------------------------------------------------------------
+
+
+def _check_shapes(config: ModelConfig, params: Any, source: str) -> None:
+    """The overridden config must still describe the params (e.g. only execution switches changed)."""
+    import flax.linen as nn
+
+    from dit_jax.convert.rules import flatten
+    from dit_jax.models import abstract_params
+
+    want = {k: tuple(v.shape) for k, v in flatten(nn.meta.unbox(abstract_params(config))).items()}
+    got = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
+    bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    if bad:
+        details = "; ".join(f"{k}: expected {want.get(k, 'nothing')}, found {got.get(k, 'nothing')}" for k in bad[:8])
+        raise ValueError(f"{source}: the model overrides do not fit the params ({details})")
+
+
+def _override(config: ModelConfig, params: Any, overrides: dict[str, Any], source: str) -> tuple[ModelConfig, Any]:
+    """Apply config-field overrides (``scan_blocks`` switches the parameter layout)."""
+    if not overrides:
+        return config, params
+    overrides = dict(overrides)
+    known = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown {type(config).__name__} override(s) {unknown}; known fields: {sorted(known)}")
+    scan = overrides.pop("scan_blocks", None)
+    config = config.replace(**overrides)
+    _check_shapes(config, params, source)
+    if scan is not None:
+        config, params = set_scan(config, params, bool(scan))
+    return config, params
+
+
+def _from_torch(path: Path, overrides: dict[str, Any]) -> tuple[ModelConfig, Any]:
+    from dit_jax.convert import from_torch
+
+    return from_torch(path, **overrides)
+
+
+# ---- VAE -------------------------------------------------------------------------------------------------------
+
+
+def load_vae(vae: Any) -> tuple[VAEConfig, Any]:
+    """``(config, params)`` of a VAE given as a diffusers folder (or a pipeline folder with ``vae/``), a VAE model
+    directory, a ``.safetensors``/``.pt``/``.ckpt`` file, or an already loaded ``(config, params)`` pair."""
+    if isinstance(vae, tuple) and len(vae) == 2 and isinstance(vae[0], VAEConfig):
+        return vae
+    path = Path(vae)
+    if not path.exists():
+        if str(vae) in VAE_PRESETS:
+            raise ValueError(
+                f"vae={vae!r} is a VAE preset: it names an architecture, not weights. Download the weights (e.g. the "
+                f"diffusers folder of stabilityai/{vae}) and pass its path"
+            )
+        raise FileNotFoundError(
+            f"vae={str(vae)!r} does not exist: expected a diffusers AutoencoderKL folder, a VAE model directory or a "
+            "VAE checkpoint file"
+        )
+    if _is_model_dir(path):
+        from dit_jax.checkpoint import load_model
+
+        config, params = load_model(path)
+        if not isinstance(config, VAEConfig):
+            raise ValueError(f"vae={str(vae)!r} is a model directory of a {type(config).__name__}, not a VAE")
+        return config, params
+    from dit_jax.convert.vae import vae_from_torch
+
+    return vae_from_torch(path)
+
+
+# ---- scheduler -------------------------------------------------------------------------------------------------
+
+
+def read_scheduler_config(scheduler: Any) -> dict[str, Any]:
+    """A diffusers scheduler config from a dict, a ``scheduler_config.json`` or a folder holding one (directly or
+    in ``scheduler/``)."""
+    if isinstance(scheduler, dict):
+        return dict(scheduler)
+    path = Path(scheduler)
+    if path.is_dir():
+        for candidate in (path / "scheduler_config.json", path / "scheduler" / "scheduler_config.json"):
+            if candidate.is_file():
+                return _read_json(candidate)
+        raise FileNotFoundError(
+            f"scheduler={str(path)!r}: no scheduler_config.json (nor scheduler/scheduler_config.json)"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"scheduler={str(path)!r} does not exist")
+    return _read_json(path)
+
+
+def _scheduler(config: dict[str, Any], source: str) -> tuple[Any, str, dict[str, Any]]:
+    try:
+        return diffusion.from_diffusers_scheduler_config(config)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from e
+
+
+# ---- sources ---------------------------------------------------------------------------------------------------
+
+
+def _pipeline_folder(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    index = _read_json(path / "model_index.json")
+    for part in ("transformer", "vae", "scheduler"):
+        if part not in index or not (path / part).is_dir():
+            raise ValueError(
+                f"{path}: model_index.json ({index.get('_class_name')}) needs a {part!r} component in {path / part}; "
+                "class-conditional pipelines are DiTPipeline folders (transformer, vae, scheduler)"
+            )
+    config, params = _from_torch(path / "transformer", overrides)
+    scheduler_config = read_scheduler_config(path / "scheduler")
+    return dict(
+        config=config,
+        params=params,
+        vae=path / "vae",
+        scheduler_config=scheduler_config,
+        **DIT_DEFAULTS,
+    )
+
+
+def _workdir(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    from dit_jax.train.checkpoints import host_params, load_config, load_ema_params
+    from dit_jax.train.objectives import make_schedule
+    from dit_jax.train.sampling import sample_method
+
+    step, model_config, run = load_config(str(path))
+    _, params = load_ema_params(str(path), step)
+    config, params = _override(model_config, host_params(params), overrides, f"{path} (step {step})")
+    objective = run.get("objective", "flow")
+    sample = run.get("sample", {}) or {}
+    schedule = make_schedule(objective, run.get("diffusion", {}) or {}, config)
+    latent = (run.get("data", {}) or {}).get("name") == "latents"
+    return dict(
+        config=config,
+        params=params,
+        vae=(sample.get("vae") or None) if latent else None,
+        needs_vae=latent,
+        schedule=(schedule, sample_method(objective, sample.get("method") or None), {}),
+        num_inference_steps=int(sample.get("num_steps", 50)),
+        guidance_scale=float(sample.get("guidance_scale", 1.0)),
+        source_name=f"{path} (checkpoint {step}, EMA)",
+    )
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    vae: Any = None,
+    scheduler: Any = None,
+    dtype: str = "float32",
+    **model_overrides: Any,
+) -> ClassConditionalPipeline:
+    """A ``ClassConditionalPipeline`` from ``path``: a diffusers pipeline folder (``model_index.json``), a model
+    directory written by ``dit_jax.convert``/``save_model``, a PyTorch DiT checkpoint (``.pt``, ``.safetensors``, a
+    diffusers transformer folder; read with ``dit_jax.convert.from_torch``) or a training workdir (latest EMA).
+
+    ``vae``: a diffusers VAE folder, a VAE model directory, a VAE checkpoint or ``(config, params)``; required for
+    latent models from a model directory or checkpoint, optional elsewhere (it replaces the pipeline's own).
+    ``scheduler``: a diffusers scheduler config (dict, JSON file or folder) replacing the default sampler.
+    ``dtype``: ``"float32"`` or ``"bfloat16"`` compute for the transformer and the VAE (params stay float32).
+    ``model_overrides``: model config fields (e.g. ``attention_backend="xla"``, ``scan_blocks=True``; for torch
+    checkpoints anything ``from_torch`` takes, e.g. ``num_heads=16``).
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is invalid: expected one of {sorted(_DTYPES)}")
+    dtype = _DTYPES[dtype]
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist: expected a diffusers pipeline folder, a model directory, a PyTorch checkpoint or "
+            "a training workdir"
+        )
+    scheduler_config = None
+    if _is_pipeline_folder(path):
+        spec = _pipeline_folder(path, model_overrides)
+    elif _is_workdir(path):
+        spec = _workdir(path, model_overrides)
+    else:
+        if _is_model_dir(path):
+            from dit_jax.checkpoint import load_model
+
+            config, params = load_model(path)
+            config, params = _override(config, params, model_overrides, str(path))
+        elif path.is_dir() and not any((path / p).exists() for p in ("config.json", "transformer")):
+            raise ValueError(
+                f"{path} is not a diffusers pipeline folder (model_index.json), a model directory (config.json + "
+                "params/), a diffusers transformer folder (config.json + weights) or a training workdir (checkpoints/)"
+            )
+        else:
+            config, params = _from_torch(path, model_overrides)
+        spec = dict(config=config, params=params, vae=None, needs_vae=None, scheduler_config=DIT_SCHEDULER_CONFIG)
+        spec.update(DIT_DEFAULTS)
+
+    config = spec["config"]
+    source = spec.get("source_name", str(path))
+    if not isinstance(config, DiTConfig):
+        raise ValueError(
+            f"{source} holds a {type(config).__name__}; dit_jax.pipelines.load builds class-conditional (DiT) "
+            "pipelines only (text-to-image pipelines are not supported yet)"
+        )
+
+    # VAE: the argument wins over the source's own
+    vae_source = vae if vae is not None else spec.get("vae")
+    needs_vae = spec.get("needs_vae")
+    if needs_vae is None:  # model directory / torch checkpoint: latent unless 1 or 3 channels (pixel space)
+        needs_vae = config.in_channels not in (1, 3) or vae is not None
+    if needs_vae and vae_source is None:
+        raise ValueError(
+            f"{source}: the model works on {config.in_channels}-channel latents; pass vae= (a diffusers VAE folder, a "
+            "VAE model directory or a VAE checkpoint)"
+        )
+    if vae_source is not None and spec.get("needs_vae") is False:
+        raise ValueError(f"{source} is a pixel-space model (its run did not train on latents); vae= does not apply")
+    vae_config = vae_params = None
+    if vae_source is not None:
+        vae_config, vae_params = load_vae(vae_source)
+        vae_config = vae_config.replace(dtype=dtype)
+
+    # sampler
+    if scheduler is not None:
+        scheduler_config = read_scheduler_config(scheduler)
+        schedule, method, options = _scheduler(scheduler_config, f"scheduler={scheduler!r}")
+    elif "schedule" in spec:
+        schedule, method, options = spec["schedule"]
+    else:
+        scheduler_config = spec["scheduler_config"]
+        schedule, method, options = _scheduler(scheduler_config, f"{source} scheduler config")
+
+    return ClassConditionalPipeline(
+        model_config=config.replace(dtype=dtype),
+        params=spec["params"],
+        schedule=schedule,
+        method=method,
+        options=options,
+        vae_config=vae_config,
+        vae_params=vae_params,
+        scheduler_config=scheduler_config,
+        num_inference_steps=spec["num_inference_steps"],
+        guidance_scale=spec["guidance_scale"],
+        source=source,
+    )

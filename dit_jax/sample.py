@@ -1,0 +1,168 @@
+"""Command line: sample class-conditional images with a DiT and write a PNG grid or one PNG per image.
+
+    python -m dit_jax.sample --pipeline DIR --classes 207,360,387 --steps 250 --method ddpm --guidance 4.0 \\
+        --seed 0 --out grid.png
+    python -m dit_jax.sample --model MODEL_DIR --vae VAE_DIR --classes 207,360 --out-dir samples/
+    python -m dit_jax.sample --workdir RUN_DIR --classes 0,1,2,3 --out grid.png
+
+The source is a diffusers pipeline folder (``--pipeline``), a model directory or PyTorch checkpoint with a VAE
+(``--model``, ``--vae``), or a training run (``--workdir``, latest EMA params). Unset sampler flags take the
+source's defaults (``dit_jax.pipelines.load``). ``--respacing adm`` selects the original DiT/ADM timesteps for
+``ddpm``/``ddim`` (250 DDPM steps as in the paper). Initial noise is drawn once for all images from ``--seed``
+(``jax.random``), so ``--batch-size`` does not change the images of deterministic samplers; batch j of a
+stochastic sampler draws its noise from seed + j. A failed run prints one error line and writes nothing.
+"""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+_DTYPES = ("fp32", "bf16", "float32", "bfloat16")
+
+
+def parse_classes(text: str) -> list[int]:
+    """``"207,360,387"`` → ``[207, 360, 387]`` (one clear error for anything else)."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        classes = [int(t) for t in items]
+    except ValueError:
+        raise ValueError(f"--classes {text!r}: expected comma-separated integer class ids, e.g. 207,360,387") from None
+    if not classes:
+        raise ValueError(f"--classes {text!r}: no class ids given")
+    return classes
+
+
+def sampler_options(args: argparse.Namespace, method: str, steps: int) -> dict[str, Any]:
+    """Sampler options from ``--respacing`` and ``--option KEY=VALUE``."""
+    from dit_jax.convert.__main__ import parse_set
+
+    try:
+        options = parse_set(args.option)
+    except ValueError as e:
+        raise ValueError(str(e).replace("--set", "--option")) from None
+    if args.respacing:
+        spec = args.respacing
+        if spec == "adm":
+            if method not in ("ddpm", "ddim"):
+                raise ValueError(f"--respacing adm applies to --method ddpm or ddim, not {method!r}")
+            spec = str(steps) if method == "ddpm" else f"ddim{steps}"
+        options["respacing"] = spec
+    return options
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dit_jax.sample",
+        description="Sample class-conditional images with a DiT (diffusers pipeline, model directory or training run).",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pipeline", help="diffusers pipeline folder (model_index.json, transformer/, vae/, scheduler/)")
+    src.add_argument("--model", help="model directory (python -m dit_jax.convert) or PyTorch DiT checkpoint")
+    src.add_argument("--workdir", help="training run directory (latest checkpoint's EMA params)")
+    p.add_argument("--vae", help="VAE: diffusers folder, VAE model directory or checkpoint (needed with --model)")
+    p.add_argument("--scheduler", help="diffusers scheduler config (scheduler_config.json or a folder) to sample with")
+    p.add_argument("--classes", required=True, help="comma-separated class ids, one image each, e.g. 207,360,387")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the source's, 50 for diffusers DiT)")
+    p.add_argument("--method", help="sampler: ddpm, ddim, dpmpp_2m (DDPM models); euler, heun, dpmpp_2m (flow)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (on when > 1; default 4.0)")
+    p.add_argument("--guidance-channels", type=int, help="guide only the first K latent channels (original DiT: 3)")
+    p.add_argument("--respacing", help="ADM timestep respacing: 'adm' (original DiT/ADM steps) or a spec ('250')")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="sampler option (e.g. eta=1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (jax.random; not torch's)")
+    p.add_argument("--batch-size", type=int, help="images per sampler call (default: all at once)")
+    p.add_argument("--dtype", default="fp32", choices=_DTYPES, help="compute dtype of the transformer and the VAE")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", help="write one PNG grid to this file")
+    out.add_argument("--out-dir", help="write one PNG per image into this folder (NNNN_CLASS.png)")
+    p.add_argument("--nrow", type=int, default=8, help="images per row of the grid (default 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    if args.out is not None and Path(args.out).suffix.lower() != ".png":
+        raise ValueError(f"--out {args.out}: expected a .png file name")
+    if args.out_dir is not None and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise ValueError(f"--out-dir {args.out_dir} exists and is not a folder")
+    if args.nrow < 1:
+        raise ValueError(f"--nrow {args.nrow}: expected a positive integer")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: expected a positive integer")
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    """Load, sample and write; returns the written PNG paths."""
+    import numpy as np
+
+    from dit_jax.pipelines import load, make_grid, save_png, to_uint8
+
+    classes = parse_classes(args.classes)
+    _check_outputs(args)
+    source = args.pipeline or args.model or args.workdir
+    pipe = load(source, vae=args.vae, scheduler=args.scheduler, dtype=args.dtype)
+    pipe.check_labels(classes)  # out-of-range ids fail before any compile
+    steps = pipe.num_inference_steps if args.steps is None else args.steps
+    _, method, _ = pipe.sampler_settings(args.method)
+    options = sampler_options(args, method, steps)
+    calls = pipe.plan(steps, method, **options).num_model_calls
+
+    n = len(classes)
+    size = args.batch_size or n
+    batches = [(i, min(i + size, n)) for i in range(0, n, size)]
+    latents = pipe.prepare_latents(n, args.seed)
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(batches) * calls, desc="sampling", unit="step", dynamic_ncols=True)
+    images = []
+    try:
+        for j, (lo, hi) in enumerate(batches):
+            done = j * calls
+
+            def progress(i: int, total: int, done: int = done) -> None:
+                if bar is not None and done + i > bar.n:
+                    bar.update(done + i - bar.n)
+
+            images.append(
+                pipe(
+                    classes[lo:hi],
+                    num_inference_steps=steps,
+                    guidance_scale=args.guidance,
+                    method=method,
+                    latents=latents[lo:hi],
+                    seed=args.seed + j,
+                    guidance_channels=args.guidance_channels,
+                    progress=progress if bar is not None else None,
+                    **options,
+                )
+            )
+    finally:
+        if bar is not None:
+            bar.close()
+    pixels = to_uint8(np.concatenate(images))
+    if args.out is not None:
+        return [save_png(args.out, make_grid(pixels, nrow=args.nrow))]
+    width = max(4, int(math.log10(n)) + 1)
+    return [
+        save_png(Path(args.out_dir) / f"{i:0{width}d}_{c}.png", im) for i, (c, im) in enumerate(zip(classes, pixels))
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sampler; returns the exit status (0 ok, 1 error, 2 usage error)."""
+    args = _parser().parse_args(argv)
+    try:
+        paths = run(args)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:  # ConversionError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    where = paths[0] if len(paths) == 1 else f"{len(paths)} files in {Path(args.out_dir)}"
+    print(f"wrote {where}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
