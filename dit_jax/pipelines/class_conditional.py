@@ -222,8 +222,6 @@ class ClassConditionalPipeline:
         b = x.shape[0]
         return np.asarray(self._decode(self._pad(x)))[:b]
 
-    # ---- internals -------------------------------------------------------------------------------------------
-
     def check_labels(self, class_labels: Any) -> np.ndarray:
         """Class ids as int32, or one error naming the ids outside 0 … num_classes − 1."""
         raw = np.atleast_1d(np.asarray(class_labels))
@@ -238,6 +236,8 @@ class ClassConditionalPipeline:
                 f"({self.num_classes} is the null class used by guidance)"
             )
         return raw.astype(np.int32)
+
+    # ---- internals -------------------------------------------------------------------------------------------
 
     def _check_latents(self, latents: Any, batch: int) -> jax.Array:
         x = jnp.asarray(latents, jnp.float32)
