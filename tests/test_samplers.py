@@ -89,7 +89,7 @@ def to_nhwc(a: torch.Tensor) -> np.ndarray:
 
 def jax_noise(key, i, shape=(B, H, W, C)) -> np.ndarray:
     """The noise ``sample`` draws at step i."""
-    return np.asarray(jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32))
+    return np.asarray(D.step_noise(key, i, shape))
 
 
 def run_diffusers(scheduler, torch_model, x0, *, set_kwargs=None, step_kwargs=None, noise_fn=None, monkeypatch=None):
@@ -674,3 +674,14 @@ def test_errors_name_the_bad_value():
     with pytest.raises(ValueError, match="beta_schedule 'cosine'"):
         D.DDPMSchedule(beta_schedule="cosine")
     assert math.isfinite(float(D.sample(model, x, schedule=ddpm, method="ddim", num_steps=4).sum()))
+
+
+def test_ddpm_sample_does_not_depend_on_the_batch_it_is_drawn_in():
+    """Per-example step noise: the first 3 samples of a batch of 5 equal a batch of 3 (device padding is safe)."""
+    schedule = D.DDPMSchedule()
+    model_fn = lambda x, t: jnp.tanh(x) * (t[:, None, None, None] / 1000.0)  # noqa: E731
+    latents = jax.random.normal(jax.random.key(1), (5, 4, 4, 2))
+    key = jax.random.key(7)
+    five = D.sample(model_fn, latents, schedule=schedule, method="ddpm", num_steps=6, key=key)
+    three = D.sample(model_fn, latents[:3], schedule=schedule, method="ddpm", num_steps=6, key=key)
+    np.testing.assert_array_equal(np.asarray(five[:3]), np.asarray(three))

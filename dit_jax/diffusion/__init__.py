@@ -15,7 +15,7 @@ from dit_jax.diffusion.ddpm import (
 )
 from dit_jax.diffusion.flow import density_transform, flow_loss, flow_loss_weight, sample_flow_sigmas
 from dit_jax.diffusion.guidance import cfg
-from dit_jax.diffusion.samplers import Plan, make_plan, model_timesteps, sample
+from dit_jax.diffusion.samplers import Plan, make_plan, model_timesteps, sample, step_noise
 from dit_jax.diffusion.scheduler_config import from_diffusers_scheduler_config
 from dit_jax.diffusion.schedules import (
     FLUX_DYNAMIC_SHIFT,
@@ -49,6 +49,7 @@ __all__ = [
     "q_posterior_mean_variance",
     "q_sample",
     "sample",
+    "step_noise",
     "sample_flow_sigmas",
     "space_timesteps",
     "spaced_betas",

@@ -539,6 +539,17 @@ def _to_x0_eps(prediction: str, x, out, sa, s1m, need_eps: bool):
     return x0, eps
 
 
+def step_noise(key: jax.Array, step, shape: tuple[int, ...]) -> jax.Array:
+    """The noise a stochastic sampler adds at ``step``: example j gets ``normal(fold_in(fold_in(key, step), j))``.
+
+    Per-example keys make each sample independent of the batch it is drawn in (padding to the device count,
+    ``--batch-size``), so the same seed and label give the same image everywhere.
+    """
+    step_key = jax.random.fold_in(key, step)
+    draw = lambda j: jax.random.normal(jax.random.fold_in(step_key, j), shape[1:], jnp.float32)  # noqa: E731
+    return jax.vmap(draw)(jnp.arange(shape[0]))
+
+
 def sample(
     model_fn: ModelFn,
     latents: jax.Array,
@@ -556,7 +567,8 @@ def sample(
     the scheduler's integer timesteps; flow: σ·1000; flow ``dpmpp_2m``: int(σ·1000) as diffusers) and returns the
     model output; with ``schedule.learned_sigma`` it has 2·C channels (last axis) and only ``ddpm`` uses the
     variance half. ``key`` is needed by the stochastic samplers (``ddpm``, ``ddim`` with ``eta > 0``): the noise
-    of step i is ``normal(fold_in(key, i))``. ``progress(i, n)`` (optional) is called on the host after each model
+    of step i is ``step_noise(key, i, shape)``, drawn per example, so a sample does not depend on the batch size.
+    ``progress(i, n)`` (optional) is called on the host after each model
     call through ``jax.debug.callback``. ``options`` are the diffusers scheduler config fields of the method
     (listed in this module's docstring), plus ``respacing=`` (ADM) for ``ddpm``/``ddim``, ``variant="dpm_solver"``
     (PixArt's original DPM-Solver) for ``dpmpp_2m`` and ``schedule_dtype``. The loop carries float32; the result
@@ -594,7 +606,7 @@ def sample(
         return tables[name][i]
 
     def noise(i, x):
-        return jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
+        return step_noise(key, i, x.shape)
 
     if plan.kind == "ddpm":
 
