@@ -12,7 +12,7 @@ from dit_jax.train.config import base_config
 def get_config():
     c = base_config()
     c.model = dict(
-        name="DiT-S/2",
+        name="DiT-S/4",
         input_size=16,
         in_channels=1,
         num_classes=10,

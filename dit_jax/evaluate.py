@@ -69,6 +69,7 @@ def generate_digits(
         method=sample_method(config["objective"], method or s.get("method")),
         num_steps=int(num_steps or s.get("num_steps", 50)),
         guidance_scale=float(s.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale),
+        **dict(s.get("options", {})),
     )
     schedule = make_schedule(config["objective"], config.get("diffusion", {}), model_config)
     size = model_config.input_size

@@ -62,8 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
             num_steps=50,
             guidance_scale=1.0,
             per_class=1,  # DiT: images per class in a grid row
-            num_classes=10,  # DiT: how many classes (0 … n−1) the grid shows
+            num_classes=10,  # DiT: how many classes (0 … n−1) the grid shows, unless labels are given
+            labels=(),  # DiT: the classes of the grid rows, e.g. (207, 360, 387, 974)
             seed=0,
+            vae="",  # latent runs: a VAE model directory to decode grids with (else .npy latents)
+            options=ml_collections.ConfigDict(),  # extra dit_jax.diffusion.sample options (e.g. respacing)
         )
     )
     c.export_torch_format = ""  # e.g. "original": torch export by python -m dit_jax.train.export by default
@@ -111,3 +114,21 @@ def model_config_from(model: Mapping[str, Any]) -> ModelConfig:
         return preset(model["name"], **fields)
     except TypeError as e:
         raise ValueError(f"config.model has an unknown field: {e}") from e
+
+
+def load_config_file(path: str, relative_to: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config()`` of a config file; a bare name is looked up beside ``relative_to`` (for configs that
+    build on another experiment's config)."""
+    import importlib.util
+    import os
+
+    if relative_to is not None and not os.path.isabs(path):
+        path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
+    if not path.endswith(".py"):
+        path += ".py"
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"config file {path} not found")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()

@@ -39,6 +39,7 @@ def generate(
     method: str,
     num_steps: int,
     guidance_scale: float,
+    **options: Any,
 ) -> jax.Array:
     """x₀ from ``latents`` (noise) given ``cond`` (DiT: ``{"y"}``; PixArt: ``{"caption", "caption_mask"}``)."""
     from dit_jax import diffusion
@@ -73,7 +74,9 @@ def generate(
         if null.get("caption_mask") is not None:
             null["caption_mask"] = jnp.ones_like(null["caption_mask"])
     model_fn = diffusion.cfg(cond_model, cond, null, float(guidance_scale))
-    return diffusion.sample(model_fn, latents, schedule=schedule, method=method, num_steps=num_steps, key=key)
+    return diffusion.sample(
+        model_fn, latents, schedule=schedule, method=method, num_steps=num_steps, key=key, **options
+    )
 
 
 def to_images(x: np.ndarray) -> np.ndarray:
@@ -120,9 +123,10 @@ class GridSampler:
         x = global_batch["x"]
         shape = x.shape[1:]
         if isinstance(model_config, DiTConfig):
-            classes = min(int(s.num_classes), model_config.num_classes)
-            self.rows = classes
-            y = np.repeat(np.arange(classes, dtype=np.int32), int(s.per_class))
+            classes = [int(c) for c in s.get("labels", ())]
+            classes = classes or list(range(min(int(s.num_classes), model_config.num_classes)))
+            self.rows = len(classes)
+            y = np.repeat(np.asarray(classes, np.int32), int(s.per_class))
             cond = {"y": jnp.asarray(y)}
             n = len(y)
         else:
@@ -147,6 +151,7 @@ class GridSampler:
                 method=method,
                 num_steps=int(s.num_steps),
                 guidance_scale=float(s.guidance_scale),
+                **dict(s.get("options", {})),
             )
 
         self._fn = jax.jit(run, in_shardings=(param_shardings, replicated, replicated), out_shardings=replicated)
