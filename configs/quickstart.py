@@ -1,9 +1,18 @@
 """Quickstart: a class-conditional DiT on scikit-learn's handwritten digits (16×16, 1 channel), flow matching.
 
+The 1,797 8×8 digits ship inside scikit-learn; the data source upsamples them to 16×16 in [−1, 1]. The model is a
+4-block DiT of width 128 with 4×4 patches (16 tokens, 1.3M parameters), trained with rectified flow (logit-normal
+timesteps), AdamW lr 1e-3 with 100 warm-up steps and cosine decay, batch 64, EMA 0.999 (with warm-up), label
+dropout 0.1 for classifier-free guidance. Sample grids (EMA params, Euler 32 steps, guidance 2.0, 8 per class)
+are written at steps 600 and 1200 to WORKDIR/samples/.
+
 Command:   python -m dit_jax.train --config configs/quickstart.py --workdir runs/quickstart
            python -m dit_jax.evaluate --workdir runs/quickstart
 Hardware:  2 CPU cores.
-Time/result: see the README (measured figures are written there).
+Measured (this repository's 2-core CPU machine, shared with other jobs at load average 5–8): training 2 min 25 s
+wall end to end (start-up and compile 20 s, ~8 steps/s, two sample grids), 105 s of CPU time; the evaluation
+(100 samples per class, classified by an SVM fitted on the real digits) takes 23 s and gives 99.5% overall, worst
+class 97% (seed 0; 99.2% / 96% with --config.seed=1). Without guidance (--guidance_scale 1) it drops to 85%.
 """
 
 from dit_jax.train.config import base_config
@@ -23,19 +32,19 @@ def get_config():
     )
     c.objective = "flow"
     c.diffusion = dict(weighting="logit_normal")
-    c.data = dict(name="digits", image_size=16)
+    c.data = dict(name="digits", image_size=16, num_threads=1, prefetch_buffer_size=64)
     c.optimizer.lr = 1e-3
     c.optimizer.warmup_steps = 100
     c.optimizer.decay = "cosine"
     c.optimizer.grad_clip = 1.0
     c.batch_size = 64
-    c.total_steps = 2000
+    c.total_steps = 1200
     c.ema_decay = 0.999
     c.ema_warmup = True
     c.cfg_dropout_prob = 0.1
     c.log_every = 50
-    c.checkpoint_every = 500
-    c.sample_every = 1000
+    c.checkpoint_every = 400
+    c.sample_every = 600
     c.sample.num_steps = 32
     c.sample.guidance_scale = 2.0
     c.sample.per_class = 8

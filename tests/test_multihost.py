@@ -90,8 +90,10 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
 
     launch(config, multi, logs, processes=2, devices=2, extra=["--config.total_steps=3"])
     assert checkpoints.checkpoint_steps(str(multi)) == [2, 3]
-    launch(config, multi, logs, processes=2, devices=2)  # resumes from 3
-    assert "resumed from" in "".join(p.read_text() for p in logs.iterdir())
+    # resume on a two-slice mesh: the data axis across processes (DCN), fsdp within each (ICI)
+    launch(config, multi, logs, processes=2, devices=2, extra=["--config.mesh.data=1", "--config.dcn_mesh.data=2"])
+    text = "".join(p.read_text() for p in logs.iterdir())
+    assert "resumed from" in text and "DCN factors {'data': 2}" in text
     launch(config, single, logs, processes=1, devices=4)
 
     m, s = read_metrics(str(multi)), read_metrics(str(single))

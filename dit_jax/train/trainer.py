@@ -264,6 +264,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         check_batch_layout(mesh)
         step_cfg = dataclasses.replace(step_cfg, example_order=example_order(mesh, config.batch_size))
         logging.info("mesh: %s", describe_mesh(mesh))
+        dcn = {k: int(v) for k, v in config.dcn_mesh.items() if int(v) > 1}
+        if dcn:
+            logging.info("multi-slice mesh: DCN factors %s across slices/processes", dcn)
         abstract, shardings = state_shardings(model_config, tx, mesh)
         dataset = data_lib.create_dataset(config.data, batch_size=per_process, seed=config.seed, split="train")
         data_iter = iter(dataset)

@@ -1,0 +1,49 @@
+"""Meshes from config: −1 fills, one clear error for sizes that cannot cover the devices, Auto axes, batch layout."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+
+from dit_jax.parallel.mesh import create_mesh, example_order, global_batch, resolve_mesh_shape
+from dit_jax.parallel.rules import logical_rules
+
+
+def test_minus_one_takes_the_remaining_devices():
+    assert resolve_mesh_shape(dict(data=-1, fsdp=2, tensor=2), 8) == dict(data=2, fsdp=2, tensor=2)
+    assert resolve_mesh_shape(dict(data=-1), 8) == dict(data=8, fsdp=1, tensor=1)
+    assert resolve_mesh_shape(dict(data=1, fsdp=-1, tensor=1), 8) == dict(data=1, fsdp=8, tensor=1)
+
+
+@pytest.mark.parametrize(
+    "mesh,match",
+    [
+        (dict(data=4, fsdp=1, tensor=1), "has 4 devices but 8 are available"),
+        (dict(data=-1, fsdp=-1), "at most one axis may be -1"),
+        (dict(data=-1, fsdp=3), "does not divide 8"),
+        (dict(data=0), "sizes must be positive or -1"),
+        (dict(data=2, model=4), "unknown axes"),
+    ],
+)
+def test_bad_mesh_sizes_get_one_clear_error(mesh, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_mesh_shape(mesh, 8)
+
+
+def test_mesh_over_all_devices_with_auto_axes():
+    mesh = create_mesh(dict(data=2, fsdp=2, tensor=2))
+    assert dict(mesh.shape) == dict(data=2, fsdp=2, tensor=2)
+    assert mesh.axis_types == (AxisType.Auto,) * 3
+    assert set(mesh.devices.flat) == set(jax.devices())
+
+
+def test_global_batch_is_sharded_over_data_and_fsdp():
+    mesh = create_mesh(dict(data=2, fsdp=2, tensor=2))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules()):
+        batch = global_batch({"x": np.arange(8 * 3, dtype=np.float32).reshape(8, 3)}, mesh)
+        assert example_order(mesh, 8) is None  # one process: positions are stream order
+    x = batch["x"]
+    assert x.shape == (8, 3)
+    assert {s.data.shape for s in x.addressable_shards} == {(2, 3)}
+    np.testing.assert_array_equal(np.asarray(x), np.arange(24).reshape(8, 3))
