@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -19,7 +20,7 @@ import jax
 def device_description() -> str:
     d = jax.devices()[0]
     if d.platform == "cpu":
-        return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+        return f"cpu ({os.cpu_count()} cores, {_cpu_model() or platform.processor() or platform.machine()})"
     return f"{d.platform} {d.device_kind}"
 
 
@@ -37,6 +38,7 @@ PEAK_FLOPS = {  # dense bf16 FLOP/s per device, for MFU
     "NVIDIA H100 80GB HBM3": 989e12,
     "NVIDIA H100": 989e12,
     "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,
     "TPU v5e": 197e12,
@@ -141,7 +143,40 @@ def jax_dtype(dtype: str) -> str:
     return "bfloat16" if dtype == "bf16" else "float32"
 
 
+def _cpuinfo(field: str) -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), None)
+    except OSError:
+        return None
+
+
+def _cpu_model() -> str | None:
+    return _cpuinfo("model name")
+
+
+def cpu_vendor() -> str | None:
+    return _cpuinfo("vendor_id")
+
+
+def torch_cpu_blas() -> str | None:
+    """How torch's CPU matmuls run, when torch is loaded and runs on the CPU: MKL on a non-Intel CPU takes a slow
+    generic path unless benchmarks/with_mkl_intel_path.sh forced its Intel path (see that script)."""
+    torch = sys.modules.get("torch")
+    if torch is None or torch.cuda.is_available() or "mkl" not in torch.__config__.show().lower():
+        return None
+    vendor = cpu_vendor()
+    if vendor == "GenuineIntel":
+        return "MKL"
+    if "mkl_intel_path" in os.environ.get("LD_PRELOAD", ""):
+        return f"MKL, Intel code path forced on {vendor} (benchmarks/with_mkl_intel_path.sh)"
+    return f"MKL, stock (generic code path on {vendor})"
+
+
 def emit(record: dict) -> None:
     """Print one JSON line (the format BENCHMARKS.md is built from)."""
     record = {"device": device_description(), "date": time.strftime("%Y-%m-%d"), **record}
+    blas = torch_cpu_blas()
+    if blas and any(k.startswith("torch") for k in record):
+        record["torch_cpu_blas"] = blas
     print(json.dumps(record), flush=True)
