@@ -63,7 +63,8 @@ def create_mesh(
         if len(devices) % num_slices:
             raise ValueError(f"config.dcn_mesh={dcn} has {num_slices} slices, which does not divide {len(devices)}")
         ici_shape = resolve_mesh_shape(mesh_config, len(devices) // num_slices)
-        granule_is_process = not hasattr(devices[0], "slice_index")
+        # TPU slices carry slice_index; elsewhere (GPU hosts, CPU tests) each process is one granule
+        granule_is_process = len({getattr(d, "slice_index", 0) for d in devices}) < num_slices
         array = mesh_utils.create_hybrid_device_mesh(
             [ici_shape[a] for a in MESH_AXES],
             [dcn_shape[a] for a in MESH_AXES],
