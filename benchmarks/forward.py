@@ -36,7 +36,7 @@ from benchmarks.common import (
 from dit_jax import models
 from dit_jax.models.flops import forward_flops
 
-PX = {"256": 32, "512": 64, "1024": 128, "2K": 256, "4K": 512}  # image size → latent size
+PX = {"256": 32, "512": 64, "1024": 128, "1280": 160, "1536": 192, "2K": 256, "4K": 512}  # image size → latent size
 
 
 def jax_forward(config, batch: int, latent: int, caption: int = 300, params=None):
