@@ -153,7 +153,12 @@ def test_export_writes_a_loadable_model_directory(tmp_path):
     cfg.model.scan_blocks = True
     train_and_evaluate(cfg, run)
     out = tmp_path / "model"
-    assert main(["--workdir", run, "--out", str(out)]) == 0
+    torch_file = tmp_path / "dit.safetensors"
+    assert main(["--workdir", run, "--out", str(out), "--to_torch", str(torch_file), "--format", "original"]) == 0
+    from safetensors.numpy import load_file
+
+    state_dict = load_file(str(torch_file))
+    assert state_dict["x_embedder.proj.weight"].shape == (32, 1, 2, 2)  # torch OIHW
     config, params = load_model(out)
     assert config.scan_blocks is False and config.hidden_size == 32
     ema = checkpoints.load_ema_params(run)[1]
@@ -162,3 +167,42 @@ def test_export_writes_a_loadable_model_directory(tmp_path):
     )
     with open(os.path.join(run, "checkpoints", "2", "config", "metadata")) as f:
         assert json.load(f)["model"]["name"] == "DiT-S/2"
+
+
+def test_init_from_a_stage_checkpoint_adds_kv_compression_with_conv_avg_init(tmp_path):
+    """PixArt stage chaining: the next stage loads the previous run's EMA weights (scanned layout), turning on KV
+    compression with Conv Avg Init when its model asks for it."""
+    import flax.linen as nn
+
+    from dit_jax.models import enable_kv_compress, preset, set_scan
+    from dit_jax.parallel.mesh import create_mesh
+    from dit_jax.parallel.rules import logical_rules
+    from dit_jax.train.optimizers import create_optimizer
+    from dit_jax.train.state import create_train_state, state_shardings
+
+    small = dict(input_size=8, in_channels=1, hidden_size=32, depth=2, num_heads=2, caption_channels=16)
+    small.update(caption_length=4, pe_interpolation=1.0)
+    stage1 = preset("PixArt-Sigma-XL-2-256x256", **small, scan_blocks=True)
+    stage2 = preset("PixArt-Sigma-XL-2-256x256", **small, kv_compress_layers=(1,))
+    mesh = create_mesh(dict(data=2, fsdp=2, tensor=2))
+    tx, _ = create_optimizer(dict(name="came", lr=2e-5), 10)
+    src = str(tmp_path / "stage1")
+    with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules()):
+        _, sh1 = state_shardings(stage1, tx, mesh)
+        state = create_train_state(stage1, tx, sh1, seed=0)
+        ckpt = checkpoints.Checkpointer(src)
+        ckpt.save(state, data_iter=None, model_config=stage1, config={"model": {"name": "x"}})
+        ckpt.close()
+        cfg = tiny_config()
+        cfg.init_from.workdir = src
+        abstract, sh2 = state_shardings(stage2, tx, mesh)
+        params = trainer._initial_params(cfg, stage2, abstract, sh2)
+    _, expected = enable_kv_compress(*set_scan(stage1, checkpoints.host_params(state.ema_params), False), (1,))
+    got = checkpoints.host_params(params)
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(got["blocks_1"]["attn"]["compress"]["sr"]["kernel"], 0.25)
+    assert (
+        params["blocks_0"]["mlp"]["fc1"]["kernel"].sharding.spec == sh2.params["blocks_0"]["mlp"]["fc1"]["kernel"].spec
+    )

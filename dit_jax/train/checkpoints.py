@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from dit_jax.models import ModelConfig, abstract_params, config_from_dict
-from dit_jax.train.state import TrainState, with_shardings
+from dit_jax.train.state import TrainState, unbox_abstract, with_shardings
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -169,10 +169,7 @@ def load_ema_params(
     array lands on the first local device. ``item="params"`` gives the raw (non-EMA) weights instead.
     """
     step, model_config, _ = load_config(workdir, step)
-    abstract = abstract_params(model_config)
-    import flax.linen as nn
-
-    abstract = nn.meta.unbox(abstract)
+    abstract = unbox_abstract(abstract_params(model_config))
     if shardings is None:
         shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if isinstance(shardings, jax.sharding.Sharding):

@@ -37,7 +37,7 @@ def _boxed_abstract_params(model_config: ModelConfig, batch: int) -> Any:
     return jax.eval_shape(lambda k: model.init(k, *inputs)["params"], jax.random.key(0))
 
 
-def _plain(boxed: Any) -> Any:
+def unbox_abstract(boxed: Any) -> Any:
     """Strip logical-axis boxes without applying their sharding constraints (abstract values only)."""
     return jax.tree.map(
         lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
@@ -52,7 +52,7 @@ def param_shardings(model_config: ModelConfig, mesh: Mesh) -> tuple[Any, Any]:
     boxed = _boxed_abstract_params(model_config, batch)
     specs = nn.get_partition_spec(boxed)
     shardings = nn.logical_to_mesh_sharding(specs, mesh)
-    abstract = _plain(boxed)
+    abstract = unbox_abstract(boxed)
     shardings = jax.tree.map(lambda s, a: fit_sharding(s, a.shape), shardings, abstract)
     return abstract, shardings
 
