@@ -173,6 +173,36 @@ def _initial_params(
     return jax.tree.map(place, params, shardings.params)
 
 
+def _rule(rule: Any) -> tuple[str, str | tuple[str, ...] | None]:
+    """A logical-axis rule from a config (JSON/CLI give lists): ``(name, mesh axes or None)``."""
+    if len(rule) != 2:
+        raise ValueError(f"config.logical_axis_rules entry {rule!r} is invalid: expected (logical name, mesh axes)")
+    name, axes = rule
+    return str(name), tuple(axes) if isinstance(axes, list | tuple) else axes
+
+
+class _StepCache:
+    """The train step compiled ahead of time per batch shape (aspect-ratio buckets give a few shapes)."""
+
+    def __init__(self, step_fn: Any, state: TrainState):
+        self.step_fn = step_fn
+        self.abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        self.compiled: dict[tuple, Any] = {}
+
+    @staticmethod
+    def key(batch: dict[str, jax.Array]) -> tuple:
+        return tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
+
+    def get(self, batch: dict[str, jax.Array]) -> Any:
+        key = self.key(batch)
+        if key not in self.compiled:
+            t0 = time.perf_counter()
+            self.compiled[key] = self.step_fn.lower(self.abstract_state, batch).compile()
+            shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items())
+            logging.info("train step compiled for %s in %.1f s", shapes, time.perf_counter() - t0)
+        return self.compiled[key]
+
+
 def _step_flops(model_config: ModelConfig, batch: dict[str, jax.Array]) -> float:
     """Analytic model FLOPs of one train step (3 × forward over the global batch)."""
     x = batch["x"]
@@ -232,7 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir = os.path.abspath(workdir)
     model_config = config_lib.model_config_from(config.model)
     mesh = create_mesh(config.mesh, config.dcn_mesh)
-    rules = logical_rules([tuple(r) for r in config.logical_axis_rules])
+    rules = logical_rules([_rule(r) for r in config.logical_axis_rules])
     tx, lr_schedule = create_optimizer(config.optimizer, config.total_steps)
     schedule = make_schedule(config.objective, config.diffusion, model_config)
     step_cfg = StepConfig(
@@ -296,11 +326,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             out_shardings=(shardings, replicated),
             donate_argnums=0,
         )
-        t0 = time.perf_counter()
-        compiled = step_fn.lower(state, batch).compile()
-        logging.info("train step compiled in %.1f s", time.perf_counter() - t0)
+        steps = _StepCache(step_fn, state)
         flops = _step_flops(model_config, batch)
-        _log_compiled(compiled, flops, mesh)
+        _log_compiled(steps.get(batch), flops, mesh)
         peak = peak_flops_per_device()
 
         sampler = None
@@ -312,7 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         loop = _Loop(config, workdir, writer, checkpointer, model_config, config_json, start, flops, peak, mesh)
         try:
             with _Preemption() as preemption:
-                state = loop.run(compiled, state, batch, data_iter, mesh, preemption, sampler)
+                state = loop.run(steps, state, batch, data_iter, mesh, preemption, sampler)
         finally:
             checkpointer.wait()
             checkpointer.close()
@@ -345,7 +373,7 @@ class _Loop:
             state, data_iter=data_iter, model_config=self.model_config, config=self.config_json, step=step
         )
 
-    def run(self, compiled, state, batch, data_iter, mesh, preemption, sampler) -> TrainState:
+    def run(self, steps, state, batch, data_iter, mesh, preemption, sampler) -> TrainState:
         config = self.config
         total = config.total_steps
         if jax.process_index() == 0:
@@ -358,7 +386,7 @@ class _Loop:
             while step < total:
                 if batch is None:
                     batch = global_batch(next(data_iter), mesh)
-                state, metrics = compiled(state, batch)
+                state, metrics = steps.get(batch)(state, batch)
                 batch = None
                 step += 1
                 if pending is not None:
