@@ -217,3 +217,14 @@ def test_pixart_grid_sampler_uses_captions_of_the_first_batch(tmp_path):
         sampler.write(state.ema_params, 7, str(tmp_path))
     assert samples.shape == (4, 8, 8, 1) and np.all(np.isfinite(samples))
     assert (tmp_path / "samples" / "step_0000007.png").exists()
+
+
+def test_bf16_compute_keeps_fp32_master_params():
+    batches = [data(0), data(1)]
+    f32, m32, _ = run_steps(dict(data=1), jax.devices()[:1], batches)
+    bf16, m16, _ = run_steps(dict(data=1), jax.devices()[:1], batches, model=tiny_dit(dtype="bfloat16"))
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(bf16.params))
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(bf16.opt_state) if np.ndim(x))
+    # (zero-initialised output layers make the first loss dtype-independent; the gradients are not)
+    assert m16[0]["grad_norm"] != m32[0]["grad_norm"] and m16[1]["loss"] != m32[1]["loss"]
+    np.testing.assert_allclose(m16[1]["loss"], m32[1]["loss"], rtol=5e-2)
