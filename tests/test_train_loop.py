@@ -197,6 +197,14 @@ def test_init_from_a_stage_checkpoint_adds_kv_compression_with_conv_avg_init(tmp
         cfg.init_from.workdir = src
         abstract, sh2 = state_shardings(stage2, tx, mesh)
         params = trainer._initial_params(cfg, stage2, abstract, sh2)
+        # the next resolution (same parameter layout): restored straight into the new run's shards
+        bigger = preset("PixArt-Sigma-XL-2-256x256", **{**small, "input_size": 16, "pe_interpolation": 2.0})
+        bigger = bigger.replace(scan_blocks=True)
+        abstract3, sh3 = state_shardings(bigger, tx, mesh)
+        same = trainer._initial_params(cfg, bigger, abstract3, sh3)
+    for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(state.ema_params)):
+        assert a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     _, expected = enable_kv_compress(*set_scan(stage1, checkpoints.host_params(state.ema_params), False), (1,))
     got = checkpoints.host_params(params)
     assert jax.tree.structure(got) == jax.tree.structure(expected)

@@ -125,11 +125,26 @@ def _initial_params(
     if not (src.get("workdir") or src.get("model_dir")):
         return None
     from dit_jax.models import enable_kv_compress, set_scan
-    from dit_jax.train.checkpoints import host_params, load_ema_params
+    from dit_jax.train.checkpoints import host_params, load_config, load_ema_params
 
     if src.get("workdir"):
         step = None if src.get("step", -1) < 0 else int(src.step)
         item = "ema_params" if src.get("use_ema", True) else "params"
+        _, src_config, _ = load_config(src.workdir, step)
+        same_layout = (
+            type(src_config) is type(model_config)
+            and src_config.scan_blocks == model_config.scan_blocks
+            and src_config.layer_kinds() == model_config.layer_kinds()
+        )
+        if same_layout:  # restore straight into this run's shards, never whole on one device
+            try:
+                _, params = load_ema_params(src.workdir, step, shardings=shardings.params, item=item)
+            except ValueError as e:
+                raise ValueError(
+                    f"config.init_from {src.workdir}: cannot load into {config.model.to_dict()}: {e}"
+                ) from e
+            logging.info("init_from: parameters from %s", src.workdir)
+            return params
         src_config, params = load_ema_params(src.workdir, step, item=item)
         where = src.workdir
     else:
