@@ -7,7 +7,6 @@ latent-diffusion/SD/SGM code, BFL's ``ae.safetensors`` and single-file SD/SDXL/S
 One table per format serves import and export (``dit_jax.convert.rules``), so round trips are bit-exact.
 """
 
-import json
 import os
 import re
 import warnings
@@ -19,6 +18,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from dit_jax.convert import io
 from dit_jax.convert.rules import ConversionError, Rule, bias, conv, export, flatten, import_, linear, rule
 from dit_jax.encoders.vae import PRESETS, AutoencoderKL, VAEConfig
 
@@ -265,65 +265,22 @@ def config_to_diffusers(config: VAEConfig) -> dict[str, Any]:
 
 
 def _to_numpy(v: Any) -> np.ndarray:
+    """A torch tensor or array → numpy, floating point as float32."""
     if hasattr(v, "detach"):  # torch tensor
         v = v.detach().cpu()
         v = v.float() if v.is_floating_point() else v
         return v.numpy()
-    a = np.asarray(v)
-    return a.astype(np.float32) if a.dtype.kind == "f" and a.dtype != np.float32 else a
+    return io.to_float32(v)
 
 
-def _read_file(path: Path) -> dict[str, np.ndarray]:
-    """One weights file → numpy float32 (``.safetensors`` without torch; ``.pt/.pth/.ckpt/.bin`` via torch)."""
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        try:
-            return {k: _to_numpy(v) for k, v in load_file(str(path)).items()}
-        except Exception as e:  # bf16 files (numpy has no bfloat16) or corrupt files
-            import torch  # noqa: F401
-            from safetensors.torch import load_file as load_torch
-
-            try:
-                return {k: _to_numpy(v) for k, v in load_torch(str(path)).items()}
-            except Exception:
-                raise ConversionError(f"{path}: cannot read safetensors file: {e}") from e
-    if path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
-        import torch
-
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-            obj = obj["state_dict"]
-        if not isinstance(obj, Mapping):
-            raise ConversionError(f"{path}: expected a state dict, found {type(obj).__name__}")
-        return {k: _to_numpy(v) for k, v in obj.items() if hasattr(v, "shape")}
-    raise ConversionError(f"{path}: unsupported weights file (expected .safetensors, .pt, .pth, .ckpt or .bin)")
-
-
-def _read_folder(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _read_folder(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], str]:
     """A diffusers ``AutoencoderKL`` folder (config.json + weights) or a pipeline folder with ``vae/``."""
     if not (folder / "config.json").exists() and (folder / "vae" / "config.json").exists():
         folder = folder / "vae"
-    cfg_path = folder / "config.json"
-    if not cfg_path.exists():
+    if not (folder / "config.json").exists():
         raise ConversionError(f"{folder}: no config.json (nor vae/config.json); not a diffusers VAE folder")
-    cfg = json.loads(cfg_path.read_text())
-    for name in (
-        "diffusion_pytorch_model.safetensors",
-        "diffusion_pytorch_model.fp16.safetensors",
-        "diffusion_pytorch_model.bin",
-        "diffusion_pytorch_model.fp16.bin",
-    ):
-        if (folder / name).exists():
-            return _read_file(folder / name), cfg
-    index = sorted(folder.glob("diffusion_pytorch_model*.safetensors.index.json"))
-    if index:
-        shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
-        sd: dict[str, np.ndarray] = {}
-        for shard in shards:
-            sd.update(_read_file(folder / shard))
-        return sd, cfg
-    raise ConversionError(f"{folder}: no diffusion_pytorch_model weights beside config.json")
+    sd, cfg, name = io.read_checkpoint(folder)
+    return sd, cfg, name
 
 
 def _expected_shapes(config: VAEConfig) -> dict[str, tuple[int, ...]]:
@@ -353,13 +310,10 @@ def vae_from_torch(
         full = {k: _to_numpy(v) for k, v in source.items()}
     else:
         path = Path(source)
-        name = str(path)
         if path.is_dir():
-            full, diffusers_cfg = _read_folder(path)
-        elif path.exists():
-            full = _read_file(path)
+            full, diffusers_cfg, name = _read_folder(path)
         else:
-            raise FileNotFoundError(f"no such VAE checkpoint: {path}")
+            full, diffusers_cfg, name = io.read_checkpoint(path)
     sd = strip_prefix(full)
     fmt = detect_format(sd)
     if config is None:

@@ -1,4 +1,4 @@
-"""AutoencoderKL (the SD/SDXL 4-channel and SD3/Flux 16-channel latent VAE) in Flax, with tiled encode/decode.
+"""AutoencoderKL (the SD/SDXL 4-channel and SD3/Flux 16-channel latent VAE) in Flax; tiling is in ``tiling.py``.
 
 Matches diffusers ``AutoencoderKL`` (MODELS.md §6): GroupNorm eps 1e-6 with statistics in fp32, SiLU, downsampling
 by a right/bottom zero pad + 3×3 stride-2 conv, nearest ×2 upsampling + 3×3 conv, a resnet–attention–resnet mid
@@ -10,13 +10,11 @@ them to diffusers and LDM keys.
 
 import dataclasses
 import functools
-import math
 from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dit_jax.models.config import ExecutionConfig, check
 from dit_jax.nn.attention import dot_product_attention
@@ -140,7 +138,7 @@ def _conv_init():
 
 
 def conv(features: int, kernel: int, *, dtype, stride: int = 1, padding="SAME", name: str | None = None) -> nn.Conv:
-    """A k×k conv with float32 parameters, logical names (None, None, channels, channels) and ``dtype`` compute."""
+    """A k×k conv with float32 parameters, logical names (None, None, None, channels) and ``dtype`` compute."""
     return nn.Conv(
         features,
         (kernel, kernel),
@@ -148,14 +146,21 @@ def conv(features: int, kernel: int, *, dtype, stride: int = 1, padding="SAME", 
         padding=padding,
         dtype=dtype,
         param_dtype=jnp.float32,
-        kernel_init=partitioned(_conv_init(), (None, None, "channels", "channels")),
+        kernel_init=partitioned(_conv_init(), (None, None, None, "channels")),
         bias_init=partitioned(zeros, ("channels",)),
         name=name,
     )
 
 
 class GroupNorm(nn.Module):
-    """torch GroupNorm over NHWC (explicit eps, affine); statistics in fp32, result in the input dtype."""
+    """torch GroupNorm over NHWC (explicit eps, affine); statistics in fp32, result in the input dtype.
+
+    For tiled encode/decode (``dit_jax.encoders.tiling``), statistics can be shared across tiles: given variables
+    ``norm_stats/{mean,var}`` (B, G) it normalises with those instead of the tile's own, and with ``norm_sums``
+    mutable it records the count, mean and sum of squared deviations (``n``, ``mean``, ``m2``) of its input over the
+    tile's core (``tiling/core``: int32 [y0, y1, x0, x1, th, tw] in tile-input pixels), from which the
+    whole-image statistics are accumulated tile by tile.
+    """
 
     num_groups: int
     eps: float
@@ -169,10 +174,31 @@ class GroupNorm(nn.Module):
         scale = self.param("scale", partitioned(ones, ("channels",)), (c,), jnp.float32)
         bias = self.param("bias", partitioned(zeros, ("channels",)), (c,), jnp.float32)
         x32 = x.astype(jnp.float32).reshape(b, h, w, g, c // g)
-        mean = x32.mean((1, 2, 4), keepdims=True)
-        var = jnp.square(x32 - mean).mean((1, 2, 4), keepdims=True)
+        if self.has_variable("tiling", "core") and self.is_mutable_collection("norm_sums"):
+            self._record(x32)
+        if self.has_variable("norm_stats", "mean"):
+            mean = self.get_variable("norm_stats", "mean")[:, None, None, :, None]
+            var = self.get_variable("norm_stats", "var")[:, None, None, :, None]
+        else:
+            mean = x32.mean((1, 2, 4), keepdims=True)
+            var = jnp.square(x32 - mean).mean((1, 2, 4), keepdims=True)
         y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
         return (y * scale + bias).astype(x.dtype)
+
+    def _record(self, x32: jax.Array) -> None:
+        """Count, mean and Σ(x − mean)² over the tile's core (layer pixel iy covers tile-input rows [iy·th/h, …))."""
+        _, h, w, _, cg = x32.shape
+        y0, y1, x0, x1, th, tw = (self.get_variable("tiling", "core")[i] for i in range(6))
+        iy, ix = jnp.arange(h) * th, jnp.arange(w) * tw
+        my = ((iy >= y0 * h) & (iy < y1 * h)).astype(jnp.float32)
+        mx = ((ix >= x0 * w) & (ix < x1 * w)).astype(jnp.float32)
+        m = (my[:, None] * mx[None, :])[None, :, :, None, None]
+        n = m.sum() * cg
+        mean = (x32 * m).sum((1, 2, 4)) / jnp.maximum(n, 1.0)
+        m2 = (jnp.square(x32 - mean[:, None, None, :, None]) * m).sum((1, 2, 4))
+        self.put_variable("norm_sums", "n", n)
+        self.put_variable("norm_sums", "mean", mean)
+        self.put_variable("norm_sums", "m2", m2)
 
 
 class ResnetBlock(nn.Module):
@@ -195,7 +221,11 @@ class ResnetBlock(nn.Module):
 
 
 class MidAttention(nn.Module):
-    """Single-head self-attention over all H·W positions (head width = channels), GroupNorm first, residual."""
+    """Single-head self-attention over all H·W positions (head width = channels), GroupNorm first, residual.
+
+    Queries are processed in chunks of whole rows when the fp32 logits would exceed ``_LOGITS_BUDGET`` bytes
+    (exact: the softmax is over keys), so large latents (2K/4K images) attend globally in bounded memory.
+    """
 
     num_groups: int
     eps: float
@@ -205,12 +235,29 @@ class MidAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, hh, ww, c = x.shape
-        h = GroupNorm(self.num_groups, self.eps, name="group_norm")(x).reshape(b, hh * ww, 1, c)  # B N 1 C
-        proj = functools.partial(dense, c, ("channels", "channels"), dtype=self.dtype)
-        q, k, v = (proj(name=n)(h) for n in ("to_q", "to_k", "to_v"))
-        out = dot_product_attention(q, k, v, backend=self.backend)  # fp32 softmax, scale c**-0.5
-        out = proj(name="to_out")(out).reshape(b, hh, ww, c)
+        h = GroupNorm(self.num_groups, self.eps, name="group_norm")(x)
+        proj = functools.partial(dense, c, (None, "channels"), dtype=self.dtype)
+        q, k, v = (proj(name=n)(h) for n in ("to_q", "to_k", "to_v"))  # B H W C
+        kv = (k.reshape(b, hh * ww, 1, c), v.reshape(b, hh * ww, 1, c))
+        attend = lambda qr: dot_product_attention(qr.reshape(b, -1, 1, c), *kv, backend=self.backend)  # scale c^-½
+        rows = _rows_per_chunk(b, hh, ww)
+        if rows == hh:
+            out = attend(q)
+        else:
+            chunks = q.reshape(b, hh // rows, rows, ww, c).swapaxes(0, 1)  # n B rows W C
+            out = jax.lax.map(attend, chunks).swapaxes(0, 1)  # B n rows·W 1 C
+        out = proj(name="to_out")(out.reshape(b, hh, ww, c))
         return constrain(x.astype(self.dtype) + out, _ACT)
+
+
+_LOGITS_BUDGET = 1 << 30  # bytes of fp32 attention logits per chunk
+
+
+def _rows_per_chunk(b: int, h: int, w: int) -> int:
+    """The most query rows (a divisor of h) whose fp32 logits against all h·w keys fit ``_LOGITS_BUDGET``."""
+    per_row = 4 * b * w * h * w
+    fits = [r for r in range(1, h + 1) if h % r == 0 and r * per_row <= _LOGITS_BUDGET]
+    return max(fits) if fits else 1
 
 
 class MidBlock(nn.Module):
@@ -284,70 +331,98 @@ class UpBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Image (B, H, W, in) → moments (B, H/f, W/f, 2·latent) before ``quant_conv``."""
+    """Image (B, H, W, in) → moments (B, H/f, W/f, 2·latent) before ``quant_conv``.
+
+    ``features`` (conv_in + down blocks, the full-resolution part) and ``head`` (mid block + output, at latent
+    resolution) are separate so that tiled encoding can tile the first and run the second on the whole latent.
+    """
 
     config: VAEConfig
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def setup(self):
         cfg = self.config
         dtype = compute_dtype(cfg.dtype)
         norm = dict(num_groups=cfg.norm_num_groups, eps=cfg.norm_eps)
         widths = cfg.block_out_channels
-        x = conv(widths[0], 3, dtype=dtype, name="conv_in")(constrain(x.astype(dtype), _ACT))
-        for i, ch in enumerate(widths):
-            last = i == len(widths) - 1
-            x = DownBlock(
-                ch, cfg.layers_per_block, not last, **norm, dtype=dtype, remat=cfg.remat, name=f"down_blocks_{i}"
-            )(x)
-        x = MidBlock(
+        self.conv_in = conv(widths[0], 3, dtype=dtype)
+        self.down_blocks = [
+            DownBlock(ch, cfg.layers_per_block, i < len(widths) - 1, **norm, dtype=dtype, remat=cfg.remat)
+            for i, ch in enumerate(widths)
+        ]
+        self.mid_block = MidBlock(
             widths[-1],
             **norm,
             add_attention=cfg.mid_block_add_attention,
             dtype=dtype,
             backend=cfg.attention_backend,
             remat=cfg.remat,
-            name="mid_block",
-        )(x)
-        x = nn.silu(GroupNorm(**norm, name="conv_norm_out")(x))
-        return conv(2 * cfg.latent_channels, 3, dtype=dtype, name="conv_out")(x)
+        )
+        self.conv_norm_out = GroupNorm(**norm)
+        self.conv_out = conv(2 * cfg.latent_channels, 3, dtype=dtype)
+
+    def features(self, x: jax.Array) -> jax.Array:
+        x = self.conv_in(constrain(x.astype(compute_dtype(self.config.dtype)), _ACT))
+        for block in self.down_blocks:
+            x = block(x)
+        return x
+
+    def head(self, x: jax.Array) -> jax.Array:
+        x = self.mid_block(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.features(x))
 
 
 class Decoder(nn.Module):
-    """Latent (B, h, w, latent) after ``post_quant_conv`` → image (B, h·f, w·f, out)."""
+    """Latent (B, h, w, latent) after ``post_quant_conv`` → image (B, h·f, w·f, out).
+
+    ``low`` (conv_in + mid block, at latent resolution) and ``high`` (up blocks + output) are separate so that
+    tiled decoding runs the first on the whole latent and tiles the second.
+    """
 
     config: VAEConfig
 
-    @nn.compact
-    def __call__(self, z: jax.Array) -> jax.Array:
+    def setup(self):
         cfg = self.config
         dtype = compute_dtype(cfg.dtype)
         norm = dict(num_groups=cfg.norm_num_groups, eps=cfg.norm_eps)
         widths = tuple(reversed(cfg.block_out_channels))
-        x = conv(widths[0], 3, dtype=dtype, name="conv_in")(constrain(z.astype(dtype), _ACT))
-        x = MidBlock(
+        self.conv_in = conv(widths[0], 3, dtype=dtype)
+        self.mid_block = MidBlock(
             widths[0],
             **norm,
             add_attention=cfg.mid_block_add_attention,
             dtype=dtype,
             backend=cfg.attention_backend,
             remat=cfg.remat,
-            name="mid_block",
-        )(x)
-        for i, ch in enumerate(widths):
-            last = i == len(widths) - 1
-            x = UpBlock(
-                ch, cfg.layers_per_block + 1, not last, **norm, dtype=dtype, remat=cfg.remat, name=f"up_blocks_{i}"
-            )(x)
-        x = nn.silu(GroupNorm(**norm, name="conv_norm_out")(x))
-        return conv(cfg.out_channels, 3, dtype=dtype, name="conv_out")(x)
+        )
+        self.up_blocks = [
+            UpBlock(ch, cfg.layers_per_block + 1, i < len(widths) - 1, **norm, dtype=dtype, remat=cfg.remat)
+            for i, ch in enumerate(widths)
+        ]
+        self.conv_norm_out = GroupNorm(**norm)
+        self.conv_out = conv(cfg.out_channels, 3, dtype=dtype)
+
+    def low(self, z: jax.Array) -> jax.Array:
+        x = self.conv_in(constrain(z.astype(compute_dtype(self.config.dtype)), _ACT))
+        return self.mid_block(x)
+
+    def high(self, x: jax.Array) -> jax.Array:
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        return self.high(self.low(z))
 
 
 class AutoencoderKL(nn.Module):
     """``apply({"params": p}, x, method="encode") -> (mean, logvar)``; ``method="decode"``: latent → image.
 
     x: images (B, H, W, in_channels) in [−1, 1], H and W multiples of ``config.downsample_factor``. Outputs are
-    float32 whatever the compute dtype. ``__call__`` reconstructs: ``decode(encode(x)[0])``.
+    float32 whatever the compute dtype. ``__call__`` reconstructs: ``decode(encode(x)[0])``. For large images see
+    ``dit_jax.encoders.tiling.encode_tiled``/``decode_tiled``.
     """
 
     config: VAEConfig
@@ -363,23 +438,39 @@ class AutoencoderKL(nn.Module):
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Images → posterior ``(mean, logvar)``, each (B, H/f, W/f, latent_channels) float32."""
         _check_input(x, self.config.in_channels, self.config.downsample_factor, "image")
-        moments = self.encoder(x)
+        return self.encode_head(self.encoder.features(x))
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        """Unscaled latents (B, h, w, latent_channels) → images (B, h·f, w·f, out_channels) float32."""
+        return self.decode_high(self.decode_low(z))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.decode(self.encode(x)[0])
+
+    # the two halves of encode/decode, for tiling
+    def encode_features(self, x: jax.Array) -> jax.Array:
+        """Images → encoder features at latent resolution (before the mid block)."""
+        return self.encoder.features(x)
+
+    def encode_head(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Encoder features → ``(mean, logvar)`` (mid block, output conv, quant conv, logvar clamp)."""
+        moments = self.encoder.head(h)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         moments = moments.astype(jnp.float32)
         n = self.config.latent_channels
-        mean, logvar = moments[..., :n], moments[..., n:]
-        return mean, jnp.clip(logvar, *LOGVAR_RANGE)
+        return moments[..., :n], jnp.clip(moments[..., n:], *LOGVAR_RANGE)
 
-    def decode(self, z: jax.Array) -> jax.Array:
-        """Unscaled latents (B, h, w, latent_channels) → images (B, h·f, w·f, out_channels) float32."""
+    def decode_low(self, z: jax.Array) -> jax.Array:
+        """Latents → decoder features after the mid block (latent resolution)."""
         _check_input(z, self.config.latent_channels, 1, "latent")
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z.astype(compute_dtype(self.config.dtype)))
-        return self.decoder(z).astype(jnp.float32)
+        return self.decoder.low(z)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.decode(self.encode(x)[0])
+    def decode_high(self, h: jax.Array) -> jax.Array:
+        """Decoder features after the mid block → images float32 (up blocks and output conv)."""
+        return self.decoder.high(h).astype(jnp.float32)
 
 
 def _check_input(x: jax.Array, channels: int, multiple: int, what: str) -> None:
@@ -387,114 +478,3 @@ def _check_input(x: jax.Array, channels: int, multiple: int, what: str) -> None:
         raise ValueError(f"expected {what}s of shape (B, H, W, {channels}) (NHWC), got {x.shape}")
     if x.shape[1] % multiple or x.shape[2] % multiple:
         raise ValueError(f"{what} size {x.shape[1]}x{x.shape[2]} is not a multiple of the VAE's factor {multiple}")
-
-
-# ---- tiling -----------------------------------------------------------------------------------------------------
-
-
-def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
-    """Start offsets of overlapping tiles covering [0, length); the last tile is moved back to end at ``length``."""
-    if length <= tile:
-        return [0]
-    n = math.ceil((length - tile) / stride) + 1
-    return [min(k * stride, length - tile) for k in range(n)]
-
-
-def _ramp(tile: int, overlap: int) -> np.ndarray:
-    """Per-pixel blend weight of a tile: rises linearly over ``overlap`` pixels at both ends, 1 inside, never 0."""
-    i = np.arange(tile, dtype=np.float64) + 0.5
-    return np.clip(np.minimum(i, tile - i) / max(overlap, 1), 0.0, 1.0).astype(np.float32)
-
-
-def _blend_tiles(fn, x: jax.Array, tile: tuple[int, int], stride: tuple[int, int], up: int, down: int, overlap: int):
-    """Apply ``fn`` to overlapping tiles of x (NHWC) in a sequential ``lax.scan`` and blend the results.
-
-    ``fn`` maps a (B, th, tw, C) tile to outputs of spatial size (th·up/down, tw·up/down); every tile has the same
-    shape, so ``fn`` compiles once, and memory is the input, the output accumulator and one tile's activations.
-    The blend weights are separable linear ramps over ``overlap`` output pixels, so their normaliser is the outer
-    product of two 1-D sums, computed here in numpy.
-    """
-    b, height, width, c = x.shape
-    th, tw = tile
-    hs, ws = _tile_starts(height, th, stride[0]), _tile_starts(width, tw, stride[1])
-    oh, ow = th * up // down, tw * up // down
-    ramp_h, ramp_w = _ramp(oh, overlap), _ramp(ow, overlap)
-    norm_h, norm_w = np.zeros(height * up // down, np.float32), np.zeros(width * up // down, np.float32)
-    for s in hs:
-        norm_h[s * up // down : s * up // down + oh] += ramp_h
-    for s in ws:
-        norm_w[s * up // down : s * up // down + ow] += ramp_w
-    weight = jnp.asarray(ramp_h)[:, None, None] * jnp.asarray(ramp_w)[None, :, None]  # oh ow 1
-    starts = jnp.asarray([(sh * up // down, sw * up // down, sh, sw) for sh in hs for sw in ws], jnp.int32)
-
-    out_shapes = jax.eval_shape(fn, jax.ShapeDtypeStruct((b, th, tw, c), x.dtype))
-    acc0 = jax.tree.map(lambda o: jnp.zeros((b, norm_h.size, norm_w.size, o.shape[-1]), jnp.float32), out_shapes)
-
-    def body(acc, start):
-        y = fn(jax.lax.dynamic_slice(x, (0, start[2], start[3], 0), (b, th, tw, c)))
-
-        def add(a, t):
-            at = (0, start[0], start[1], 0)
-            cur = jax.lax.dynamic_slice(a, at, t.shape)
-            return jax.lax.dynamic_update_slice(a, cur + t.astype(jnp.float32) * weight, at)
-
-        return jax.tree.map(add, acc, y), None
-
-    acc, _ = jax.lax.scan(body, acc0, starts)
-    norm = jnp.asarray(norm_h)[:, None, None] * jnp.asarray(norm_w)[None, :, None]
-    return jax.tree.map(lambda a: a / norm, acc)
-
-
-def _tiling(config: VAEConfig, tile_size: int | None, overlap: float) -> tuple[int, int, int]:
-    """(tile in image pixels, stride in image pixels, overlap in image pixels), all multiples of the factor."""
-    f = config.downsample_factor
-    tile = config.sample_size if tile_size is None else tile_size
-    if tile < f or tile % f:
-        raise ValueError(f"tile_size={tile} must be a positive multiple of the VAE's downsample factor {f}")
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap={overlap} must be in [0, 1)")
-    stride = max(f, int(tile * (1.0 - overlap)) // f * f)
-    return tile, stride, tile - stride
-
-
-def encode_tiled(
-    vae: AutoencoderKL, params, x: jax.Array, *, tile_size: int | None = None, overlap: float = 0.25
-) -> tuple[jax.Array, jax.Array]:
-    """``encode`` over overlapping ``tile_size``² image tiles (default ``config.sample_size``) blended linearly.
-
-    Tiles overlap by ``overlap`` of their size (diffusers' ``tile_overlap_factor``); the latent seams are blended
-    with linear ramps over the overlap (normalised weights, so tiles that overlap more, like the last one moved
-    back to the image edge, still give a convex blend). An image no larger than one tile is encoded untiled.
-    Error: each tile has its own GroupNorm statistics and attention, so the result is not the untiled one. On a
-    random-weight SD-layout VAE (4 blocks, 2 layers, 32 groups, widths 32-64-64-64) with a smooth 256² image and
-    64-px tiles (tests/test_vae.py) the max abs difference of the mean is ~0.06× its std; with real weights and
-    the default 512-px tiles diffusers reports tiling seams to be invisible.
-    """
-    tile, stride, over = _tiling(vae.config, tile_size, overlap)
-    f = vae.config.downsample_factor
-    _check_input(x, vae.config.in_channels, f, "image")
-    if x.shape[1] <= tile and x.shape[2] <= tile:
-        return vae.apply({"params": params}, x, method="encode")
-    th, tw = min(tile, x.shape[1]), min(tile, x.shape[2])
-    fn = lambda t: vae.apply({"params": params}, t, method="encode")
-    return _blend_tiles(fn, x, (th, tw), (stride, stride), 1, f, over // f)
-
-
-def decode_tiled(
-    vae: AutoencoderKL, params, z: jax.Array, *, tile_size: int | None = None, overlap: float = 0.25
-) -> jax.Array:
-    """``decode`` over overlapping latent tiles of ``tile_size/f`` (image tiles of ``tile_size``) blended linearly.
-
-    Same tiling and blending as ``encode_tiled`` with the seams blended in image space; memory is bounded by the
-    output image plus one tile's activations. Error on the realistic-layout random-weight VAE of the tests
-    (64-px tiles, 256² output): max abs difference ~0.05× the image's std.
-    """
-    tile, stride, over = _tiling(vae.config, tile_size, overlap)
-    f = vae.config.downsample_factor
-    _check_input(z, vae.config.latent_channels, 1, "latent")
-    t, s = tile // f, stride // f
-    if z.shape[1] <= t and z.shape[2] <= t:
-        return vae.apply({"params": params}, z, method="decode")
-    th, tw = min(t, z.shape[1]), min(t, z.shape[2])
-    fn = lambda tl: vae.apply({"params": params}, tl, method="decode")
-    return _blend_tiles(fn, z, (th, tw), (s, s), f, 1, over)
