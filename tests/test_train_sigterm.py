@@ -100,3 +100,33 @@ def test_sigterm_saves_a_checkpoint_that_resumes_on_another_mesh(tmp_path):
     assert checkpoints.checkpoint_steps(str(workdir))[-1] == k + 2
     _, params = checkpoints.load_ema_params(str(workdir))
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
+
+
+def test_ctrl_c_saves_a_checkpoint_before_stopping(tmp_path):
+    """The first SIGINT saves at the end of the current step and stops cleanly; the run resumes from it."""
+    config = tmp_path / "tiny.py"
+    config.write_text(CONFIG)
+    workdir = tmp_path / "run"
+    with open(tmp_path / "train.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dit_jax.train", "--config", str(config), "--workdir", str(workdir)],
+            env=cpu_env(1),
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.time() + 240
+            while len(read_metrics(str(workdir))) < 2:
+                assert proc.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+                assert time.time() < deadline, "the run did not start logging in time"
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=120) == 0, (tmp_path / "train.log").read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    log_text = (tmp_path / "train.log").read_text()
+    steps = checkpoints.checkpoint_steps(str(workdir))
+    assert steps and steps[-1] == read_metrics(str(workdir))[-1]["step"], log_text[-2000:]
+    assert "interrupt (Ctrl-C): saved checkpoint" in log_text

@@ -4,9 +4,10 @@ Per run: a mesh over all devices of all processes, the train state created in it
 latest checkpoint in ``WORKDIR/checkpoints``, onto this mesh), a grain iterator feeding per-process batches that
 become global arrays, the train step compiled ahead of time with explicit shardings and a donated state, then the
 loop: metrics every ``log_every`` steps, async checkpoints every ``checkpoint_every`` steps, sample grids every
-``sample_every`` steps. SIGTERM (preemption) and a persistent NaN/Inf save a checkpoint before the loop stops.
+``sample_every`` steps. SIGTERM (preemption), Ctrl-C and a persistent NaN/Inf save a checkpoint before the loop stops.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -60,23 +61,30 @@ class NonFiniteError(RuntimeError):
 
 
 class _Preemption:
-    """SIGTERM → stop at the next step boundary (single process); multi-host uses JAX's preemption sync point."""
+    """SIGTERM or Ctrl-C → save and stop at the next step boundary (single process; a second Ctrl-C aborts at
+    once); multi-host runs use JAX's preemption sync point (SIGTERM)."""
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.reason = "preemption (SIGTERM)"
+        self._previous: dict[int, Any] = {}
         self.multihost = jax.process_count() > 1
 
     def __enter__(self):
         if not self.multihost:
-            try:
-                self._previous = signal.signal(signal.SIGTERM, self._handler)
-            except ValueError:  # not the main thread: no handler, no preemption saves
-                self._previous = None
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                # outside the main thread no handler can be set: no preemption saves there
+                with contextlib.suppress(ValueError):
+                    self._previous[sig] = signal.signal(sig, self._handler)
         return self
 
     def _handler(self, signum, frame):
-        del signum, frame
+        del frame
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
+            self.reason = "interrupt (Ctrl-C)"
+            logging.warning("Ctrl-C: saving a checkpoint at the end of this step (press Ctrl-C again to abort)")
         self.requested = True
 
     def reached(self, step: int) -> bool:
@@ -90,8 +98,8 @@ class _Preemption:
         return self.requested
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -416,7 +424,7 @@ class _Loop:
                     pending = None
                     self.save(state, data_iter, step)
                     self.checkpointer.wait()
-                    logging.warning("preemption (SIGTERM): saved checkpoint %d; the next start resumes from it", step)
+                    logging.warning("%s: saved checkpoint %d; the next start resumes from it", preemption.reason, step)
                     return state
             if pending is not None:
                 self._after(pending, state, data_iter)
