@@ -47,3 +47,19 @@ def test_global_batch_is_sharded_over_data_and_fsdp():
     assert x.shape == (8, 3)
     assert {s.data.shape for s in x.addressable_shards} == {(2, 3)}
     np.testing.assert_array_equal(np.asarray(x), np.arange(24).reshape(8, 3))
+
+
+def test_cluster_launches_are_detected(monkeypatch):
+    """srun / mpirun process counts start jax.distributed without flags; a plain Slurm batch step does not."""
+    from dit_jax.parallel import mesh as mesh_lib
+
+    for var in ("SLURM_NTASKS", "SLURM_STEP_ID", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert mesh_lib._cluster_processes() == 1
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert mesh_lib._cluster_processes() == 1  # the batch script itself, not an srun step
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    assert mesh_lib._cluster_processes() == 4
+    monkeypatch.delenv("SLURM_NTASKS")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    assert mesh_lib._cluster_processes() == 2

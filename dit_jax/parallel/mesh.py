@@ -90,18 +90,27 @@ def describe_mesh(mesh: Mesh) -> str:
 def initialize_distributed(
     coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
 ) -> None:
-    """Start ``jax.distributed`` when asked (explicit flags) or when running on a multi-host TPU slice."""
+    """Start ``jax.distributed`` when asked (explicit flags), or by auto-detection on a multi-host TPU slice, a
+    multi-task Slurm job (one task per host, ``launch/slurm_gpu.sbatch``) or an Open MPI launch."""
     if jax.distributed.is_initialized():
         return
     if coordinator_address:
         if num_processes is None or process_id is None:
             raise ValueError("--coordinator_address needs --num_processes and --process_id")
         jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
-    elif _on_multihost_tpu():
-        jax.distributed.initialize()  # cluster auto-detection (GCE TPU metadata)
+    elif _on_multihost_tpu() or _cluster_processes() > 1:
+        jax.distributed.initialize()  # cluster auto-detection (TPU metadata, Slurm or Open MPI environment)
     else:
         return
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def _cluster_processes() -> int:
+    """Number of processes a Slurm (``srun``) or Open MPI (``mpirun``) launch started, else 1."""
+    for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        if os.environ.get(var, "").isdigit() and (var != "SLURM_NTASKS" or "SLURM_STEP_ID" in os.environ):
+            return int(os.environ[var])
+    return 1
 
 
 def _on_multihost_tpu() -> bool:
