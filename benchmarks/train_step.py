@@ -212,6 +212,18 @@ def torch_trainer(model_config, params, batch_np: dict, dtype: str, compile_mode
     return make_step(loss_fn), False, note
 
 
+def release_torch() -> None:
+    """Give torch's cached device memory back (JAX's allocator cannot use what torch's cache holds)."""
+    import gc
+
+    import torch
+
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def main():
     on_acc = on_accelerator()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -225,6 +237,13 @@ def main():
     ap.add_argument("--iters", type=int, default=20 if on_acc else 5)
     ap.add_argument("--warmup", type=int, default=3 if on_acc else 2)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument(
+        "--order",
+        default="sequential" if on_acc else "interleaved",
+        choices=["interleaved", "sequential"],
+        help="interleaved: both states resident, steps timed round-robin (CPU: shares load changes); sequential: "
+        "torch first, its memory released, then dit_jax (GPU: each side gets the whole memory)",
+    )
     ap.add_argument("--wait-quiet", type=float, default=None, help="before each case, wait for load average < X")
     args = ap.parse_args()
 
@@ -240,14 +259,28 @@ def main():
             over["depth"] = args.depth
         cfg = models.preset(name, **over)
         load = wait_quiet(args.wait_quiet)
-        j_step, params, compile_s = jax_trainer(cfg, batch_np)
-        fns = {"jax": (j_step, jax_sync)}
+        timing = dict(warmup=args.warmup, iters=args.iters)
         t_note = None
-        if not args.no_torch:
-            t_step, compiled, t_note = torch_trainer(cfg, params, batch_np, args.dtype, args.torch_compile)
-            fns["torch"] = (t_step, torch_sync)
-        del params
-        t = time_interleaved(fns, warmup=args.warmup, iters=args.iters)
+        if args.order == "sequential":
+            t = {}
+            if not args.no_torch:  # the trainer's initial weights (zero adaLN/final layers), then freed
+                t_step, compiled, t_note = torch_trainer(
+                    cfg, models.init_params(cfg), batch_np, args.dtype, args.torch_compile
+                )
+                t.update(time_interleaved({"torch": (t_step, torch_sync)}, **timing))
+                del t_step
+                release_torch()
+            j_step, params, compile_s = jax_trainer(cfg, batch_np)
+            del params
+            t.update(time_interleaved({"jax": (j_step, jax_sync)}, **timing))
+        else:
+            j_step, params, compile_s = jax_trainer(cfg, batch_np)
+            fns = {"jax": (j_step, jax_sync)}
+            if not args.no_torch:
+                t_step, compiled, t_note = torch_trainer(cfg, params, batch_np, args.dtype, args.torch_compile)
+                fns["torch"] = (t_step, torch_sync)
+            del params
+            t = time_interleaved(fns, **timing)
         flops = 3 * forward_flops(cfg, LATENT, LATENT) * args.batch
         j_ms = t["jax"]["median_ms"]
         rec = {
@@ -274,11 +307,11 @@ def main():
             )
             if peak and args.dtype == "bf16":
                 rec["torch_mfu"] = round(flops / (k_ms / 1e3) / peak, 3)
-        rec.update(iters=args.iters, load_before=load, load=t["jax"]["load"])
+        rec.update(order=args.order, iters=args.iters, load_before=load, load=t["jax"]["load"])
         if t_note:
             rec["note"] = t_note
         emit(rec)
-        del fns, t
+        del t, j_step
 
 
 if __name__ == "__main__":
