@@ -6,7 +6,9 @@ dropout 0.1 for classifier-free guidance, training on precomputed SD-VAE latents
 with random horizontal flips. Compute is bf16 with fp32 master params (the paper used TF32), layers scanned.
 
 Data (once, before training):
-  python -m dit_jax.data.precompute ...   # ImageNet train → data/imagenet256_latents (see dit_jax.data)
+  python -m dit_jax.data.precompute --source tfds:imagenet2012 --out data/imagenet256_latents \
+      --vae PATH/sd-vae-ft-ema --image-size 256 --flip both
+  (ImageNet prepared for tfds by the user; PATH/sd-vae-ft-ema a local diffusers VAE folder.)
 Command:
   python -m dit_jax.train --config configs/dit_xl2_imagenet256.py --workdir runs/dit_xl2_256
 Hardware: written for a TPU v4 slice or a multi-GPU host; any device count whose data × fsdp divides 256.
