@@ -1,0 +1,209 @@
+"""T5 encoder conversion: the transformers key table, config mapping, folder reading, export.
+
+Keys of transformers ``T5EncoderModel`` / ``T5ForConditionalGeneration`` (and ``MT5…``) encoders:
+``shared.weight`` (or only ``encoder.embed_tokens.weight``, its tied copy), ``encoder.block.{i}.layer.0.SelfAttention.
+{q,k,v,o}.weight``, ``encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight`` (block 0 only; every
+block uses it), ``encoder.block.{i}.layer.0.layer_norm.weight``, ``encoder.block.{i}.layer.1.DenseReluDense.{wi_0,
+wi_1,wo}.weight`` (``wi`` when not gated), ``encoder.block.{i}.layer.1.layer_norm.weight``,
+``encoder.final_layer_norm.weight``. Decoder keys and ``lm_head.weight`` are ignored. One table serves import and
+export (``dit_jax.convert.rules``), so round trips are bit-exact.
+
+Reading the XXL encoder (19 GB as float32) needs about twice that in host memory (the file's arrays and the
+transposed kernels); a bf16 checkpoint is read as float32.
+"""
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from dit_jax.convert import io
+from dit_jax.convert.rules import ConversionError, Rule, export, flatten, import_, linear, rule
+from dit_jax.encoders.t5 import T5Config, T5Encoder
+
+MODEL_TYPES = ("t5", "mt5")
+_EMBED_COPY = "encoder.embed_tokens.weight"
+_WEIGHT_NAMES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                 "pytorch_model.bin")  # fmt: skip
+# transformers T5Config defaults, for fields a config.json leaves out
+_HF_DEFAULTS = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
+                    relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                    feed_forward_proj="relu", layer_norm_epsilon=1e-6)  # fmt: skip
+
+
+def t5_rules(config: T5Config) -> list[Rule]:
+    """The conversion table (transformers key ↔ Flax path) of a T5 encoder."""
+    h, dk = config.num_heads, config.d_kv
+    rules = [
+        rule("shared.weight", "shared"),
+        rule("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "relative_attention_bias"),
+        rule("encoder.final_layer_norm.weight", "final_norm/scale"),
+    ]
+    ff = ("wi_0", "wi_1", "wo") if config.is_gated else ("wi", "wo")
+    for i in range(config.num_layers):
+        t, f = f"encoder.block.{i}.layer", f"blocks_{i}"
+        rules.append(rule(f"{t}.0.layer_norm.weight", f"{f}/attention_norm/scale"))
+        for name in ("q", "k", "v"):
+            rules.append(rule(f"{t}.0.SelfAttention.{name}.weight", f"{f}/attention/{name}/kernel", linear((h, dk))))
+        rules.append(rule(f"{t}.0.SelfAttention.o.weight", f"{f}/attention/o/kernel", linear(in_shape=(h, dk))))
+        rules.append(rule(f"{t}.1.layer_norm.weight", f"{f}/ff_norm/scale"))
+        rules += [rule(f"{t}.1.DenseReluDense.{n}.weight", f"{f}/ff/{n}/kernel", linear()) for n in ff]
+    return rules
+
+
+# ---- config ----------------------------------------------------------------------------------------------------
+
+
+def config_from_transformers(d: Mapping[str, Any], **overrides: Any) -> T5Config:
+    """A ``T5Config`` from a transformers T5 ``config.json`` dict (missing fields take transformers' defaults)."""
+    model_type = d.get("model_type", "t5")
+    if model_type not in MODEL_TYPES:
+        raise ConversionError(f"config.json model_type={model_type!r} is not supported: expected one of {MODEL_TYPES}")
+    fields = {k: d.get(k, default) for k, default in _HF_DEFAULTS.items()}
+    fields["layer_norm_epsilon"] = float(fields["layer_norm_epsilon"])
+    return T5Config(**{**fields, **overrides})
+
+
+def config_to_transformers(config: T5Config) -> dict[str, Any]:
+    """The transformers ``T5EncoderModel`` ``config.json`` dict of ``config``."""
+    d = {k: getattr(config, k) for k in _HF_DEFAULTS}
+    return {"architectures": ["T5EncoderModel"], "model_type": "t5", **d}
+
+
+def _shape(sd: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    if key not in sd:
+        raise ConversionError(f"cannot infer the T5 config: key {key!r} is missing")
+    return tuple(np.shape(sd[key]))
+
+
+def infer_config(state_dict: Mapping[str, Any], **overrides: Any) -> T5Config:
+    """A ``T5Config`` from key names and shapes. ``relative_attention_max_distance`` (128), ``layer_norm_epsilon``
+    (1e-6) and, for gated nets, the activation (GELU-tanh) are not in the weights: pass them as ``overrides``."""
+    blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.block\.(\d+)\.", k))}
+    if not blocks:
+        raise ConversionError("cannot infer the T5 config: no encoder.block.{i} keys")
+    vocab, d_model = _shape(state_dict, "shared.weight")
+    buckets, heads = _shape(state_dict, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+    inner = _shape(state_dict, "encoder.block.0.layer.0.SelfAttention.q.weight")[0]
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in state_dict
+    wi = "wi_0" if gated else "wi"
+    fields = dict(
+        vocab_size=vocab,
+        d_model=d_model,
+        num_heads=heads,
+        d_kv=inner // heads,
+        d_ff=_shape(state_dict, f"encoder.block.0.layer.1.DenseReluDense.{wi}.weight")[0],
+        num_layers=1 + max(blocks),
+        relative_attention_num_buckets=buckets,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+        layer_norm_epsilon=1e-6,
+    )
+    return T5Config(**{**fields, **overrides})
+
+
+# ---- reading ---------------------------------------------------------------------------------------------------
+
+
+def _weights_file(folder: Path) -> Path:
+    for name in _WEIGHT_NAMES:
+        if (folder / name).exists():
+            return folder / name
+    found = sorted(folder.glob("*.safetensors.index.json")) or sorted(folder.glob("*.bin.index.json"))
+    found = found or sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if len(found) == 1:
+        return found[0]
+    what = f"several candidates {[p.name for p in found]}" if found else "none"
+    raise ConversionError(
+        f"{folder}: expected one transformers weights file (model.safetensors, pytorch_model.bin or a sharded "
+        f"*.index.json); found {what}"
+    )
+
+
+def read_t5(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, str]:
+    """``(state_dict, transformers config or None, source name)`` of a T5 folder, a pipeline folder with
+    ``text_encoder/``, or one weights file / shard index (its sibling ``config.json`` is used when present)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"T5 checkpoint {path} does not exist")
+    if path.is_dir():
+        folder = path / "text_encoder" if (path / "text_encoder" / "config.json").exists() else path
+        if not (folder / "config.json").exists():
+            raise ConversionError(
+                f"{path}: not a transformers T5 folder (config.json + model.safetensors) nor a pipeline folder with "
+                f"text_encoder/; found {sorted(p.name for p in path.iterdir())[:20]}"
+            )
+        weights = _weights_file(folder)
+        config_file: Path | None = folder / "config.json"
+    else:
+        weights = path
+        config_file = path.parent / "config.json" if (path.parent / "config.json").exists() else None
+    config = None
+    if config_file is not None:
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConversionError(f"{config_file}: invalid JSON: {e}") from e
+        if "model_type" not in config and "d_model" not in config:
+            config = None  # not a transformers T5 config (e.g. a diffusers one beside a bare file)
+    return io.read_file(weights, "model"), config, str(weights)
+
+
+def _expected_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
+    model = T5Encoder(config)
+    abstract = jax.eval_shape(lambda k: model.init(k, *config.dummy_inputs(1))["params"], jax.random.key(0))
+    return {k: tuple(v.shape) for k, v in flatten(nn.meta.unbox(abstract)).items()}
+
+
+def _ignored(key: str) -> bool:
+    return key.startswith("decoder.") or key in ("lm_head.weight", _EMBED_COPY)
+
+
+def t5_from_torch(
+    source: str | os.PathLike | Mapping[str, Any], *, config: T5Config | None = None, **overrides: Any
+) -> tuple[T5Config, dict[str, Any]]:
+    """Import a T5 encoder → ``(T5Config, float32 params)``.
+
+    ``source``: a transformers folder (``config.json`` + ``model.safetensors``, sharded or ``.bin``), a diffusers
+    pipeline folder (its ``text_encoder/``), one weights file, or a state dict. The config comes from ``config``,
+    else ``config.json``, else the weight shapes; ``overrides`` replace fields (e.g. ``dtype="bfloat16"``).
+    """
+    if isinstance(source, Mapping):
+        sd, hf_config, name = {k: io.to_float32(_numpy(v)) for k, v in source.items()}, None, "state dict"
+    else:
+        sd, hf_config, name = read_t5(source)
+    sd = dict(sd)
+    if "shared.weight" not in sd and _EMBED_COPY in sd:
+        sd["shared.weight"] = sd[_EMBED_COPY]
+    elif _EMBED_COPY in sd and not np.array_equal(sd[_EMBED_COPY], sd["shared.weight"]):
+        raise ConversionError(f"{name}: {_EMBED_COPY} differs from shared.weight (they are tied in T5)")
+    if config is None:
+        config = config_from_transformers(hf_config, **overrides) if hf_config else infer_config(sd, **overrides)
+    elif overrides:
+        config = config.replace(**overrides)
+    params = import_(t5_rules(config), sd, expected=_expected_shapes(config), ignore=_ignored,
+                     source=f"{name} (transformers T5 keys)")  # fmt: skip
+    return config, params
+
+
+def _numpy(v: Any) -> np.ndarray:
+    """A torch tensor or array → numpy, floating point as float32."""
+    if hasattr(v, "detach"):
+        v = v.detach().cpu()
+        return (v.float() if v.is_floating_point() else v).numpy()
+    return np.asarray(v)
+
+
+def t5_to_torch(config: T5Config, params: Mapping[str, Any], *, tied_copy: bool = True) -> dict[str, np.ndarray]:
+    """Export params to a transformers ``T5EncoderModel`` state dict (numpy); ``tied_copy`` adds
+    ``encoder.embed_tokens.weight`` (= ``shared.weight``), as ``T5EncoderModel.state_dict()`` has it."""
+    sd = export(t5_rules(config), params)
+    if tied_copy:
+        sd[_EMBED_COPY] = sd["shared.weight"]
+    return sd

@@ -1,0 +1,430 @@
+"""The T5 encoder (T5 v1.0 and v1.1, e.g. T5-v1.1-XXL, PixArt's caption encoder) in Flax, and a caption helper.
+
+Matches transformers ``T5EncoderModel``: token embedding (no scaling), pre-norm blocks of self-attention and a
+feed-forward net with T5's RMS LayerNorm (no mean subtraction, no bias, fp32 variance, explicit eps), attention logits
+``q·kᵀ`` without the 1/√d scale (T5 folds it into the init) plus a relative position bias that the first block owns
+and every block shares (bidirectional log buckets), padding keys masked out, a ReLU (v1.0) or gated tanh-GELU (v1.1,
+``gelu_new``) feed-forward, and a final RMS norm. ``apply({"params": p}, input_ids, attention_mask)`` returns the
+last hidden state (B, L, d_model) in float32 whatever the compute dtype; the residual stream stays float32.
+
+Memory (T5-v1.1-XXL, 4.76 B parameters): 19.0 GB as float32, 9.5 GB as bfloat16. Every matrix carries logical axis
+names (``embed`` → ``fsdp``, ``heads``/``mlp`` → ``tensor``), so under a mesh the encoder runs ZeRO-3 style with each
+device holding 1/n of the weights. ``TextEncoder`` does that over the local devices and (by default) stores the
+matmul kernels in the compute dtype, which changes nothing since they are cast before every matmul anyway: bf16
+kernels + the fp32 embedding table ≈ 9.8 GB, ~1.2 GB per device on 8 devices. Activations are small (the largest,
+B·L·d_ff per block, is 16 × 300 × 10240).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dit_jax.models.config import ExecutionConfig, check
+from dit_jax.nn.layers import compute_dtype, dense, ones, partitioned
+from dit_jax.nn.stack import REMAT_POLICIES
+from dit_jax.parallel.rules import constrain
+
+FEED_FORWARD = ("relu", "gelu", "gated-gelu", "gated-relu", "gated-silu")
+_ACT = ("act_batch", "act_length", "act_embed")  # B L D activations
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class T5Config(ExecutionConfig):
+    """Every architecture and numerics switch of a T5 encoder (transformers ``T5Config`` names). Defaults: T5-v1.1-XXL.
+
+    ``feed_forward_proj``: ``relu`` (T5 v1.0: ``wo(relu(wi x))``), ``gated-gelu`` (v1.1 / Flan / mT5:
+    ``wo(gelu_tanh(wi_0 x) · wi_1 x)``), ``gelu`` (exact erf GELU), ``gated-relu``, ``gated-silu``.
+    """
+
+    family: ClassVar[str] = "t5"
+
+    vocab_size: int = 32128
+    d_model: int = 4096
+    d_kv: int = 64
+    d_ff: int = 10240
+    num_layers: int = 24
+    num_heads: int = 64
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    feed_forward_proj: str = "gated-gelu"
+    layer_norm_epsilon: float = 1e-6
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"):
+            check(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
+        buckets, distance, ff = (self.relative_attention_num_buckets, self.relative_attention_max_distance,
+                                 self.feed_forward_proj)  # fmt: skip
+        check(buckets >= 4, "relative_attention_num_buckets", buckets, "at least 4")
+        check(distance > buckets // 4, "relative_attention_max_distance", distance, f"more than {buckets // 4}")
+        check(ff in FEED_FORWARD, "feed_forward_proj", ff, f"one of {FEED_FORWARD}")
+        check(self.layer_norm_epsilon > 0, "layer_norm_epsilon", self.layer_norm_epsilon, "positive")
+        check(not self.scan_blocks, "scan_blocks", self.scan_blocks, "False (T5 blocks are not scanned)")
+
+    @property
+    def is_gated(self) -> bool:
+        """Whether the feed-forward is gated (``wi_0``/``wi_1``) rather than one ``wi``."""
+        return self.feed_forward_proj.startswith("gated-")
+
+    def dummy_inputs(self, batch: int = 1) -> tuple[jax.Array, ...]:
+        return jnp.zeros((batch, 4), jnp.int32), jnp.ones((batch, 4), jnp.int32)
+
+
+_V11 = dict(d_kv=64, feed_forward_proj="gated-gelu", vocab_size=32128)
+PRESETS: dict[str, T5Config] = {
+    "t5-v1_1-xxl": T5Config(**_V11, d_model=4096, d_ff=10240, num_layers=24, num_heads=64),  # PixArt, SD3, Flux
+    "t5-v1_1-xl": T5Config(**_V11, d_model=2048, d_ff=5120, num_layers=24, num_heads=32),
+    "t5-v1_1-large": T5Config(**_V11, d_model=1024, d_ff=2816, num_layers=24, num_heads=16),
+    "t5-v1_1-base": T5Config(**_V11, d_model=768, d_ff=2048, num_layers=12, num_heads=12),
+    "t5-v1_1-small": T5Config(**_V11, d_model=512, d_ff=1024, num_layers=8, num_heads=6),
+}
+
+
+def t5_preset(name: str, **overrides: Any) -> T5Config:
+    """The named T5 encoder preset (``t5-v1_1-xxl`` … ``t5-v1_1-small``), with ``overrides``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown T5 preset {name!r}; known presets: {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides) if overrides else PRESETS[name]
+
+
+# ---- relative position buckets ---------------------------------------------------------------------------------
+
+
+def relative_position_buckets(query_length: int, key_length: int, num_buckets: int, max_distance: int) -> np.ndarray:
+    """Bidirectional T5 buckets (T, S) int32 of ``key_position − query_position`` (static, computed in numpy).
+
+    Half of the buckets hold positive offsets. Within each half, |offset| < n/2 (n = buckets per half) get one
+    bucket each, larger ones share log-spaced buckets up to ``max_distance``, beyond which all share the last. The
+    log is taken in float32, as transformers/Mesh TF do, so that bucket edges (e.g. offsets 16, 32, 64) agree.
+    """
+    rel = np.arange(key_length)[None, :] - np.arange(query_length)[:, None]
+    half = num_buckets // 2
+    out = (rel > 0).astype(np.int64) * half
+    rel = np.abs(rel)
+    exact = half // 2
+    small = rel < exact
+    with np.errstate(divide="ignore"):
+        log = np.log(rel.astype(np.float32) / np.float32(exact)) / np.float32(math.log(max_distance / exact))
+        large = np.where(small, 0, exact + log * np.float32(half - exact)).astype(np.int64)
+    large = np.minimum(large, half - 1)
+    return (out + np.where(small, rel, large)).astype(np.int32)
+
+
+# ---- layers ----------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """T5 LayerNorm: ``scale · x / √(mean(x²) + eps)``, no mean subtraction, no bias; fp32 statistics and scale."""
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", partitioned(ones, ("embed",)), (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+        return (y * scale).astype(self.dtype)
+
+
+def _normal(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention without the 1/√d scale; ``bias`` (1, H, T, S) fp32 added to the logits."""
+
+    num_heads: int
+    d_kv: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array, mask: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        h, dk = self.num_heads, self.d_kv
+
+        def proj(name: str, std: float) -> jax.Array:
+            layer = dense((h, dk), ("embed", "heads", "kv"), dtype=self.dtype, use_bias=False,
+                          kernel_init=_normal(std), name=name)  # fmt: skip
+            return layer(x)  # B L H K
+
+        q = proj("q", (d * dk) ** -0.5)  # T5's init carries the attention scale
+        k, v = proj("k", d**-0.5), proj("v", d**-0.5)
+        logits = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32) + bias
+        logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)  # padding keys out
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhts,bshk->bthk", weights, v)  # B T H K
+        out = constrain(out, ("act_batch", "act_length", "act_heads", "act_kv"))
+        o = dense(d, ("heads", "kv", "embed"), dtype=self.dtype, axis=(-2, -1), use_bias=False,
+                  kernel_init=_normal((h * dk) ** -0.5), name="o")  # fmt: skip
+        return o(out)
+
+
+_ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # transformers "gelu": exact erf
+    "silu": jax.nn.silu,
+}
+
+
+class FeedForward(nn.Module):
+    """``wo(act(wi x))`` or, gated, ``wo(act(wi_0 x) · wi_1 x)``; the activation and gate product in fp32."""
+
+    d_ff: int
+    kind: str
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        wi = lambda name: dense(self.d_ff, ("embed", "mlp"), dtype=self.dtype, use_bias=False,
+                                kernel_init=_normal(d**-0.5), name=name)(x).astype(jnp.float32)  # fmt: skip
+        if self.kind == "gated-gelu":
+            h = jax.nn.gelu(wi("wi_0"), approximate=True) * wi("wi_1")  # gelu_new = tanh approximation
+        elif self.kind.startswith("gated-"):
+            h = _ACTIVATIONS[self.kind[len("gated-") :]](wi("wi_0")) * wi("wi_1")
+        else:
+            h = _ACTIVATIONS[self.kind](wi("wi"))
+        h = constrain(h.astype(self.dtype), ("act_batch", "act_length", "act_mlp"))
+        return dense(d, ("mlp", "embed"), dtype=self.dtype, use_bias=False,
+                     kernel_init=_normal(self.d_ff**-0.5), name="wo")(h)  # fmt: skip
+
+
+class Block(nn.Module):
+    """``x += attn(norm x)``; ``x += ff(norm x)``; the residual stream ``x`` is float32."""
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array, mask: jax.Array) -> jax.Array:
+        cfg = self.config
+        dtype = compute_dtype(cfg.dtype)
+        h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="attention_norm")(x)
+        x = x + SelfAttention(cfg.num_heads, cfg.d_kv, dtype, name="attention")(h, bias, mask).astype(jnp.float32)
+        h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="ff_norm")(x)
+        x = x + FeedForward(cfg.d_ff, cfg.feed_forward_proj, dtype, name="ff")(h).astype(jnp.float32)
+        return constrain(x, _ACT)
+
+
+class T5Encoder(nn.Module):
+    """``apply({"params": p}, input_ids (B, L) int, attention_mask (B, L) 1 = token | None) -> (B, L, d_model)`` fp32.
+
+    Parameters: ``shared/embedding`` (vocab, d_model), ``relative_attention_bias`` (buckets, heads) (block 0's in
+    transformers), ``blocks_{i}/{attention_norm,attention/{q,k,v,o},ff_norm,ff/{wi_0,wi_1|wi,wo}}``,
+    ``final_norm/scale``.
+    """
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        cfg = self.config
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids: expected (batch, length) token ids, got shape {input_ids.shape}")
+        b, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, length), jnp.int32)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {attention_mask.shape} does not match input_ids {input_ids.shape}")
+        table = self.param("shared", partitioned(_normal(1.0), ("vocab", "embed")),
+                           (cfg.vocab_size, cfg.d_model), jnp.float32)  # fmt: skip
+        x = constrain(jnp.take(table, input_ids, axis=0), _ACT)  # B L D float32
+
+        rel = self.param("relative_attention_bias", partitioned(_normal(cfg.d_model**-0.5), (None, "heads")),
+                         (cfg.relative_attention_num_buckets, cfg.num_heads), jnp.float32)  # fmt: skip
+        buckets = relative_position_buckets(
+            length, length, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
+        )
+        bias = jnp.take(rel, jnp.asarray(buckets), axis=0).transpose(2, 0, 1)[None]  # 1 H T S, shared by all blocks
+
+        mask = attention_mask.astype(bool)
+        block = Block if cfg.remat == "none" else nn.remat(Block, policy=REMAT_POLICIES[cfg.remat])
+        for i in range(cfg.num_layers):
+            x = block(cfg, name=f"blocks_{i}")(x, bias, mask)
+        return RMSNorm(cfg.layer_norm_epsilon, jnp.float32, name="final_norm")(x)
+
+
+# ---- captions → features -----------------------------------------------------------------------------------------
+
+_TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).exists() for f in _TOKENIZER_FILES)
+
+
+def _locate(path: Path, tokenizer: str | os.PathLike | None) -> tuple[Path, Path]:
+    """(model folder, tokenizer folder) of a T5 folder, a pipeline folder (text_encoder/ + tokenizer/), or a
+    dit_jax model directory with the tokenizer beside it (``tokenizer/``) or given."""
+    if not path.exists():
+        raise FileNotFoundError(f"text encoder {path} does not exist")
+    model = path / "text_encoder" if (path / "text_encoder").is_dir() else path
+    if tokenizer is not None:
+        tok = Path(tokenizer)
+        if not tok.exists():
+            raise FileNotFoundError(f"tokenizer {tok} does not exist")
+        return model, tok
+    for candidate in (path / "tokenizer", model, model.parent / "tokenizer", path):
+        if candidate.is_dir() and _has_tokenizer(candidate):
+            return model, candidate
+    raise FileNotFoundError(
+        f"{path}: no tokenizer found: expected one of {list(_TOKENIZER_FILES)} in {path}, {path / 'tokenizer'} "
+        f"or {model}; pass tokenizer=PATH"
+    )
+
+
+def _local_mesh():
+    from jax.sharding import AxisType
+
+    devices = np.array(jax.local_devices()).reshape(1, -1, 1)
+    return jax.sharding.Mesh(devices, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+
+
+def _param_shardings(config: T5Config, params: Any, mesh, rules) -> Any:
+    """Per-parameter ``NamedSharding`` from the logical names; an axis whose size the mesh does not divide stays
+    replicated (e.g. a vocabulary of 32100)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    abstract = jax.eval_shape(lambda k: T5Encoder(config).init(k, *config.dummy_inputs(1))["params"], jax.random.key(0))
+    specs = nn.get_partition_spec(abstract)
+    mesh_specs = jax.tree.map(lambda s: nn.logical_to_mesh_axes(tuple(s), rules), specs,
+                              is_leaf=lambda s: isinstance(s, PartitionSpec))  # fmt: skip
+
+    def fit(spec: PartitionSpec, x: Any) -> NamedSharding:
+        axes = []
+        for dim, ax in zip(np.shape(x), tuple(spec) + (None,) * (np.ndim(x) - len(spec))):
+            names = (ax,) if isinstance(ax, str) else tuple(ax or ())
+            size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+            axes.append(ax if dim % size == 0 else None)
+        return NamedSharding(mesh, PartitionSpec(*axes))
+
+    return jax.tree.map(fit, mesh_specs, params, is_leaf=lambda s: isinstance(s, PartitionSpec))
+
+
+class TextEncoder:
+    """Captions → ``(embeddings float32 (b, max_length, d_model), mask int32 (b, max_length))``: PixArt's T5 features.
+
+    PixArt semantics: captions are tokenized with the folder's tokenizer, truncated and padded to ``max_length``
+    (120 for PixArt-α, 300 for Σ), with the tokenizer's special tokens (T5: ``</s>`` at the end) and its attention
+    mask; padded positions keep the encoder's output. The encoder is jitted once for ``(batch_size, max_length)``
+    (calls are cut into and padded to that batch), with the batch and the weights sharded over the local devices.
+    This is exactly the ``text_encoder`` hook of ``dit_jax.data.precompute``.
+    """
+
+    def __init__(
+        self,
+        config: T5Config,
+        params: Any,
+        tokenizer: Any,
+        *,
+        max_length: int = 300,
+        batch_size: int = 16,
+        param_dtype: str | None = None,
+        name: str = "",
+    ):
+        from dit_jax.parallel.rules import DEFAULT_RULES
+
+        if max_length < 1:
+            raise ValueError(f"max_length: expected a positive integer, got {max_length!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        self.config, self.tokenizer, self.max_length, self.name = config, tokenizer, max_length, name
+        self.mesh = _local_mesh()
+        n = self.mesh.size
+        self.batch_size = math.ceil(batch_size / n) * n
+        store = compute_dtype(param_dtype or config.dtype)
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, x: np.asarray(x).astype(store) if path[-1].key == "kernel" else np.asarray(x), params
+        )  # matmul kernels are cast to the compute dtype before use anyway: storing them so changes nothing
+        self.rules = DEFAULT_RULES
+        shardings = _param_shardings(config, params, self.mesh, self.rules)
+        self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+        self.params = jax.device_put(params, shardings)
+        model = T5Encoder(config)
+        self._encode = jax.jit(
+            lambda p, ids, mask: model.apply({"params": p}, ids, mask),
+            in_shardings=(shardings, self.batch_sharding, self.batch_sharding),
+            out_shardings=self.batch_sharding,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        max_length: int = 300,
+        dtype: str = "bfloat16",
+        batch_size: int = 16,
+        param_dtype: str | None = None,
+        tokenizer: str | os.PathLike | None = None,
+    ) -> TextEncoder:
+        """Load a transformers T5 folder, a diffusers pipeline folder (``text_encoder/`` + ``tokenizer/``) or a
+        dit_jax model directory; the tokenizer comes from ``tokenizer`` or the folder (``AutoTokenizer``)."""
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        model_dir, tok_dir = _locate(path, tokenizer)
+        if (model_dir / "params").is_dir():
+            from dit_jax.checkpoint import load_model
+
+            config, params = load_model(model_dir)
+            if not isinstance(config, T5Config):
+                raise ValueError(f"{model_dir} holds a {config.family!r} model, not a T5 encoder")
+        else:
+            from dit_jax.convert.t5 import t5_from_torch
+
+            config, params = t5_from_torch(model_dir)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(tok_dir))
+        except Exception as e:  # missing sentencepiece, corrupt tokenizer.json, …
+            raise ValueError(f"{tok_dir}: cannot load the tokenizer: {e}") from e
+        name = f"{path.absolute()} (max_length={max_length}, dtype={dtype})"
+        return cls(config.replace(dtype=dtype), params, tok, max_length=max_length, batch_size=batch_size,
+                   param_dtype=param_dtype, name=name)  # fmt: skip
+
+    def tokenize(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(input_ids, attention_mask)`` int32 (b, max_length): truncated, padded to max_length."""
+        if isinstance(captions, str):
+            raise TypeError("captions: expected a list of strings, got one string")
+        out = self.tokenizer(list(captions), max_length=self.max_length, padding="max_length", truncation=True,
+                             add_special_tokens=True, return_tensors="np")  # fmt: skip
+        return out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)
+
+    def encode_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Token ids and mask (b, L) → features (b, L, d_model) float32, in fixed-size sharded batches."""
+        from dit_jax.parallel.rules import logical_rules
+
+        ids, mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)
+        outs = []
+        for start in range(0, len(ids), self.batch_size):
+            chunk_ids, chunk_mask = ids[start : start + self.batch_size], mask[start : start + self.batch_size]
+            pad = self.batch_size - len(chunk_ids)
+            if pad:  # padded rows: one token, so no row is fully masked
+                chunk_ids = np.concatenate([chunk_ids, np.zeros((pad, ids.shape[1]), np.int32)])
+                chunk_mask = np.concatenate([chunk_mask, np.ones((pad, ids.shape[1]), np.int32)])
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(logical_rules(self.rules)):
+                out = self._encode(self.params, jax.device_put(chunk_ids, self.batch_sharding),
+                                   jax.device_put(chunk_mask, self.batch_sharding))  # fmt: skip
+            outs.append(np.asarray(out)[: self.batch_size - pad])
+        if not outs:
+            return np.zeros((0, ids.shape[1] if ids.ndim == 2 else self.max_length, self.config.d_model), np.float32)
+        return np.concatenate(outs)
+
+    def __call__(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Captions → ``(embeddings float32 (b, max_length, d_model), mask int32 (b, max_length))``."""
+        if not len(captions):
+            return np.zeros((0, self.max_length, self.config.d_model), np.float32), np.zeros(
+                (0, self.max_length), np.int32
+            )
+        ids, mask = self.tokenize(captions)
+        return self.encode_ids(ids, mask), mask
