@@ -11,7 +11,10 @@ at norm 0.01, EMA 0.9999, caption dropout 0.1 (the learned null caption), 300 T5
 params, scanned blocks with full remat. Besides the learning rate these follow the PixArt-sigma training configs;
 check them against the repository you compare with.
 
-Data (once): python -m dit_jax.data.precompute ...  # images + captions → SDXL-VAE latents + T5-XXL features
+Data (once; images + .txt captions → SDXL-VAE latents + T5-v1.1-XXL features of 300 tokens, bf16 T5 compute):
+  python -m dit_jax.data.precompute --source data/images --out data/pixart_256_latents --image-size 256 \
+      --vae models/pixart_sigma_sdxlvae_T5_diffusers --text-encoder models/pixart_sigma_sdxlvae_T5_diffusers \
+      --max-length 300 --dtype float16   # a diffusers pipeline folder: vae/, text_encoder/, tokenizer/
 Command:
   python -m dit_jax.train --config configs/pixart_sigma_256.py --workdir runs/pixart_sigma_256 \
       [--config.init_from.model_dir=models/PixArt-Sigma-XL-2-256x256]   # fine-tune a converted checkpoint

@@ -221,3 +221,39 @@ def test_precompute_from_a_tfds_source_with_limit(tmp_path):
     assert len(manifest["files"]) == 2 and [r["source_index"] for r in recs] == [0, 1, 2, 3]
     assert [r["label"] for r in recs] == labels
     assert all(r["latent_mean"].dtype == np.float16 and r["latent_mean"].shape == (1, 1, 4) for r in recs)
+
+
+def test_precompute_cli_with_a_t5_text_encoder(tmp_path, tiny_vae):
+    from test_t5 import save_tiny_t5
+
+    from dit_jax.encoders.t5 import TextEncoder
+
+    vae_dir, _, _ = tiny_vae
+    save_tiny_t5(tmp_path / "pipe")
+    src = tmp_path / "captions"
+    src.mkdir()
+    captions = ["a cat on the red sofa", "", "photo of an astronaut riding a horse on the blue sofa sitting"]
+    for j, text in enumerate(captions):
+        _save_png(src / f"{j}.png", 16, 16, seed=j)
+        (src / f"{j}.txt").write_text(text)
+    out = tmp_path / "latents"
+    argv = ["--source", str(src), "--out", str(out), "--vae", str(vae_dir), "--image-size", "16", "--batch-size", "2",
+            "--num-threads", "2", "--text-encoder", str(tmp_path / "pipe"), "--max-length", "12",
+            "--text-dtype", "float32"]  # fmt: skip
+    summary = main(argv)
+    assert summary.manifest["config"]["text_encoder"].endswith("(max_length=12, dtype=float32)")
+    _, recs = _records(out)
+    want_emb, want_mask = TextEncoder.from_pretrained(tmp_path / "pipe", max_length=12, dtype="float32")(captions)
+    assert [r["caption"] for r in recs] == captions
+    for i, rec in enumerate(recs):
+        assert rec["caption_embedding"].shape == (12, 32) and rec["caption_mask"].shape == (12,)
+        np.testing.assert_array_equal(rec["caption_mask"], want_mask[i])
+        np.testing.assert_allclose(rec["caption_embedding"], want_emb[i], rtol=0, atol=1e-5)
+    assert recs[1]["caption_mask"].sum() == 1 and recs[2]["caption_mask"].sum() == 12  # "" → </s>; truncated
+
+    base = {"name": "latents", "path": str(out), "shuffle": False, "num_epochs": 1, "random_flip": False, **FAST}
+    (batch,) = list(create_dataset(base, batch_size=3, seed=0, shard_index=0, shard_count=1))
+    np.testing.assert_allclose(batch["caption"], want_emb, atol=1e-5)
+    np.testing.assert_array_equal(batch["caption_mask"], want_mask)
+    with pytest.raises(ValueError, match="--text-encoder: the source has no captions"):
+        main([*argv[:1], "tfds:imagenet2012", *argv[2:]])

@@ -1,7 +1,8 @@
 """Precompute VAE latents (and optionally caption embeddings) into ArrayRecord shards for the 'latents' source.
 
     python -m dit_jax.data.precompute --source /data/images | tfds:imagenet2012 --out /data/latents256 \\
-        --vae /models/sd-vae-ft-ema --image-size 256 [--batch-size 64] [--flip both] [--buckets]
+        --vae /models/sd-vae-ft-ema --image-size 256 [--batch-size 64] [--flip both] [--buckets] \\
+        [--text-encoder /models/pixart_sigma_sdxlvae_T5_diffusers --max-length 300]
 
 Images get the same ADM centre crop as training (or, with `--buckets`, the closest aspect-ratio bucket of base
 `--image-size`), are encoded with the Flax VAE with each batch sharded over all local devices, and the posterior
@@ -11,6 +12,9 @@ ADM/DiT. Work is split into shards of `--shard-size` source examples; each shard
 renamed when complete and then marked by `<shard>.json`, so a rerun with the same arguments skips finished shards
 and redoes only missing or partial ones. With several processes (jax.distributed), process i does shards
 i, i + n, ...; `manifest.json` is written last. Unreadable images are counted and skipped.
+With `--text-encoder` (a T5 folder with its tokenizer, or a diffusers pipeline folder with text_encoder/ and
+tokenizer/; a 'folder' source of image + .txt pairs), each caption's T5 features and mask, padded to `--max-length`
+tokens, are stored beside the latents (`dit_jax.encoders.t5.TextEncoder`).
 """
 
 from __future__ import annotations
@@ -391,6 +395,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-logvar", action="store_true", help="store only the posterior mean (half the disk)")
     p.add_argument("--limit", type=int, default=None, help="encode only the first N examples")
     p.add_argument("--num-threads", type=int, default=8, help="image reading threads")
+    p.add_argument("--text-encoder", default=None, help="T5 folder (+ tokenizer) or pipeline folder: caption features")
+    p.add_argument("--max-length", type=int, default=300, help="caption tokens (PixArt-α 120, PixArt-Σ 300)")
+    p.add_argument("--text-dtype", choices=("bfloat16", "float32"), default="bfloat16", help="T5 compute dtype")
     return p.parse_args(argv)
 
 
@@ -402,6 +409,15 @@ def main(argv: Sequence[str] | None = None) -> PrecomputeSummary:
         source = {"name": "tfds", "tfds_name": args.source[5:], "data_dir": args.data_dir}
     else:
         source = {"name": "folder", "path": os.path.abspath(args.source), "layout": args.layout}
+    text_encoder = None
+    if args.text_encoder is not None:
+        from dit_jax.encoders.t5 import TextEncoder
+
+        if source["name"] != "folder" or args.layout == "classes":
+            raise ValueError("--text-encoder: the source has no captions (a folder of image + .txt pairs has)")
+
+        text_encoder = TextEncoder.from_pretrained(args.text_encoder, max_length=args.max_length,
+                                                   dtype=args.text_dtype, batch_size=args.batch_size)  # fmt: skip
     return precompute_latents(
         source,
         args.out,
@@ -415,6 +431,8 @@ def main(argv: Sequence[str] | None = None) -> PrecomputeSummary:
         store_logvar=not args.no_logvar,
         buckets=args.buckets,
         limit=args.limit,
+        text_encoder=text_encoder,
+        text_encoder_name=text_encoder.name if text_encoder is not None else "",
         num_threads=args.num_threads,
     )
 

@@ -7,17 +7,18 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from dit_jax.encoders import vae
+from dit_jax.encoders import t5, vae
 from dit_jax.models import dit, pixart
 from dit_jax.models.config import ExecutionConfig
 from dit_jax.nn.stack import scan_layout, unscan_layout
 
-ModelConfig = dit.DiTConfig | pixart.PixArtConfig | vae.VAEConfig
+ModelConfig = dit.DiTConfig | pixart.PixArtConfig | vae.VAEConfig | t5.T5Config
 
 FAMILIES: dict[str, tuple[type, type]] = {
     "dit": (dit.DiTConfig, dit.DiT),
     "pixart": (pixart.PixArtConfig, pixart.PixArt),
     "vae": (vae.VAEConfig, vae.AutoencoderKL),
+    "t5": (t5.T5Config, t5.T5Encoder),
 }
 PRESETS: dict[str, ExecutionConfig] = {**dit.PRESETS, **pixart.PRESETS}
 
