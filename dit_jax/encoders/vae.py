@@ -15,6 +15,7 @@ from typing import ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dit_jax.models.config import ExecutionConfig, check
 from dit_jax.nn.attention import dot_product_attention
@@ -79,9 +80,9 @@ class VAEConfig(ExecutionConfig):
         """Image pixels per latent pixel along each axis (8 for the real VAEs)."""
         return 2 ** (len(self.block_out_channels) - 1)
 
-    def dummy_inputs(self, batch: int = 1) -> tuple[jax.Array, ...]:
+    def dummy_inputs(self, batch: int = 1) -> tuple[np.ndarray, ...]:
         s = 2 * self.downsample_factor
-        return (jnp.zeros((batch, s, s, self.in_channels), jnp.float32),)
+        return (np.zeros((batch, s, s, self.in_channels), np.float32),)
 
 
 _REAL = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)

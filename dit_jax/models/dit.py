@@ -11,6 +11,7 @@ from typing import ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dit_jax.models.config import ExecutionConfig, check
 from dit_jax.nn.attention import SelfAttention
@@ -72,12 +73,12 @@ class DiTConfig(ExecutionConfig):
     def layer_kinds(self) -> list[dict]:
         return [{} for _ in range(self.depth)]
 
-    def dummy_inputs(self, batch: int = 1) -> tuple[jax.Array, ...]:
+    def dummy_inputs(self, batch: int = 1) -> tuple[np.ndarray, ...]:
         s = self.input_size
         return (
-            jnp.zeros((batch, s, s, self.in_channels), jnp.float32),
-            jnp.zeros((batch,), jnp.float32),
-            jnp.zeros((batch,), jnp.int32),
+            np.zeros((batch, s, s, self.in_channels), np.float32),
+            np.zeros((batch,), np.float32),
+            np.zeros((batch,), np.int32),
         )
 
 

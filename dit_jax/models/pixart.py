@@ -113,13 +113,13 @@ class PixArtConfig(ExecutionConfig):
             m = self.patch_size * self.kv_compress_ratio
             s = -(-s // m) * m
         inputs = (
-            jnp.zeros((batch, s, s, self.in_channels), jnp.float32),
-            jnp.zeros((batch,), jnp.float32),
-            jnp.zeros((batch, self.caption_length, self.caption_width), jnp.float32),
-            jnp.ones((batch, self.caption_length), jnp.int32),
+            np.zeros((batch, s, s, self.in_channels), np.float32),
+            np.zeros((batch,), np.float32),
+            np.zeros((batch, self.caption_length, self.caption_width), np.float32),
+            np.ones((batch, self.caption_length), np.int32),
         )
         if self.micro_conditions:
-            inputs += (jnp.full((batch, 2), 8.0 * s), jnp.ones((batch, 1)))
+            inputs += (np.full((batch, 2), 8.0 * s, np.float32), np.ones((batch, 1), np.float32))
         return inputs
 
 

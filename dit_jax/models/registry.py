@@ -65,7 +65,7 @@ def init_params(config: ModelConfig, key: jax.Array | int = 0) -> dict[str, Any]
 
 def abstract_params(config: ModelConfig) -> dict[str, Any]:
     """Parameter shapes/dtypes with their logical-axis metadata (``nn.LogicallyPartitioned`` boxes), no compute."""
-    return jax.eval_shape(lambda k: _init(config, k), jax.random.key(0))
+    return jax.eval_shape(lambda: _init(config, jax.random.key(0)))
 
 
 def logical_param_specs(config: ModelConfig):

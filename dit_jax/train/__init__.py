@@ -12,11 +12,13 @@ from dit_jax.train.metrics import read_metrics
 from dit_jax.train.optimizers import create_optimizer, learning_rate_schedule
 from dit_jax.train.state import TrainState, create_train_state, state_shardings
 from dit_jax.train.steps import StepConfig, make_train_step, train_step
-from dit_jax.train.trainer import NonFiniteError, train_and_evaluate
+from dit_jax.train.trainer import ConfigError, NonFiniteError, Setup, prepare, train_and_evaluate
 
 __all__ = [
     "Checkpointer",
+    "ConfigError",
     "NonFiniteError",
+    "Setup",
     "StepConfig",
     "TrainState",
     "base_config",
@@ -30,6 +32,7 @@ __all__ = [
     "load_ema_params",
     "make_train_step",
     "model_config_from",
+    "prepare",
     "read_metrics",
     "scale_by_came",
     "state_shardings",

@@ -28,12 +28,15 @@ def main(argv):
     from dit_jax.parallel.mesh import initialize_distributed
 
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    from dit_jax.train.trainer import NonFiniteError, quiet_library_logs, train_and_evaluate
+    from dit_jax.train.trainer import ConfigError, NonFiniteError, quiet_library_logs, train_and_evaluate
 
     logging.set_verbosity(logging.INFO)
     quiet_library_logs()
     try:
         train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except NonFiniteError as e:
         logging.error("%s", e)
         sys.exit(3)

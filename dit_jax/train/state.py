@@ -34,7 +34,7 @@ class TrainState(struct.PyTreeNode):
 def _boxed_abstract_params(model_config: ModelConfig, batch: int) -> Any:
     model = build(model_config)
     inputs = model_config.dummy_inputs(batch)
-    return jax.eval_shape(lambda k: model.init(k, *inputs)["params"], jax.random.key(0))
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs)["params"])
 
 
 def unbox_abstract(boxed: Any) -> Any:

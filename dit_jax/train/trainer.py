@@ -276,38 +276,74 @@ def _check_batch(batch: dict[str, np.ndarray], model_config: ModelConfig, per_pr
         )
 
 
+class ConfigError(ValueError):
+    """A bad config value found before training starts (the command line prints it as one line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a config resolves to before any state exists: model, mesh, optimizer, objective, step config."""
+
+    config: ml_collections.ConfigDict
+    model_config: ModelConfig
+    mesh: Any
+    rules: tuple
+    tx: Any
+    schedule: Any
+    step_cfg: StepConfig
+    per_process: int
+
+
+def prepare(config: ml_collections.ConfigDict, devices: list | None = None) -> Setup:
+    """Validate ``config`` and resolve it (mesh over all devices, or ``devices``; optimizer; loss).
+
+    A bad value raises ``ConfigError``. ``devices`` lets ``dit_jax.plan`` lay the mesh over compile-only devices of
+    a TPU topology.
+    """
+    try:
+        config = _with_defaults(config)
+        config_lib.validate(config)
+        model_config = config_lib.model_config_from(config.model)
+        mesh = create_mesh(config.mesh, config.dcn_mesh, devices=devices)
+        rules = logical_rules([_rule(r) for r in config.logical_axis_rules])
+        tx, lr_schedule = create_optimizer(config.optimizer, config.total_steps)
+        schedule = make_schedule(config.objective, config.diffusion, model_config)
+        step_cfg = StepConfig(
+            model_config=model_config,
+            loss_fn=make_loss_fn(config.objective, config.diffusion, schedule, model_config.patch_size),
+            tx=tx,
+            lr_schedule=lr_schedule,
+            objective=config.objective,
+            ema_decay=float(config.ema_decay),
+            ema_warmup=bool(config.ema_warmup),
+            accum_steps=config.grad_accum_steps,
+            cond_dropout_prob=cond_dropout_prob(config.cfg_dropout_prob, model_config),
+        )
+        if config.batch_size % jax.process_count():
+            raise ValueError(
+                f"config.batch_size={config.batch_size} is not divisible by {jax.process_count()} processes"
+            )
+        batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        if (config.batch_size // config.grad_accum_steps) % batch_shards:
+            raise ValueError(
+                f"config.batch_size={config.batch_size} / grad_accum_steps={config.grad_accum_steps} is not divisible "
+                f"by the {batch_shards} batch shards of the mesh (data × fsdp)"
+            )
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(str(e).strip("'\"")) from e
+    return Setup(config, model_config, mesh, rules, tx, schedule, step_cfg, config.batch_size // jax.process_count())
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train (or resume) the run of ``config`` in ``workdir``; returns the last logged metrics."""
     from dit_jax import data as data_lib
 
-    config = _with_defaults(config)
-    config_lib.validate(config)
+    setup = prepare(config)
+    config, model_config, mesh, rules, tx = setup.config, setup.model_config, setup.mesh, setup.rules, setup.tx
+    schedule, step_cfg, per_process = setup.schedule, setup.step_cfg, setup.per_process
     workdir = os.path.abspath(workdir)
-    model_config = config_lib.model_config_from(config.model)
-    mesh = create_mesh(config.mesh, config.dcn_mesh)
-    rules = logical_rules([_rule(r) for r in config.logical_axis_rules])
-    tx, lr_schedule = create_optimizer(config.optimizer, config.total_steps)
-    schedule = make_schedule(config.objective, config.diffusion, model_config)
-    step_cfg = StepConfig(
-        model_config=model_config,
-        loss_fn=make_loss_fn(config.objective, config.diffusion, schedule, model_config.patch_size),
-        tx=tx,
-        lr_schedule=lr_schedule,
-        objective=config.objective,
-        ema_decay=float(config.ema_decay),
-        ema_warmup=bool(config.ema_warmup),
-        accum_steps=config.grad_accum_steps,
-        cond_dropout_prob=cond_dropout_prob(config.cfg_dropout_prob, model_config),
-    )
-    if config.batch_size % jax.process_count():
-        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by {jax.process_count()} processes")
-    per_process = config.batch_size // jax.process_count()
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if (config.batch_size // config.grad_accum_steps) % batch_shards:
-        raise ValueError(
-            f"config.batch_size={config.batch_size} / grad_accum_steps={config.grad_accum_steps} is not divisible by "
-            f"the {batch_shards} batch shards of the mesh (data × fsdp)"
-        )
     main = jax.process_index() == 0
     if main:
         os.makedirs(workdir, exist_ok=True)
@@ -321,7 +357,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if dcn:
             logging.info("multi-slice mesh: DCN factors %s across slices/processes", dcn)
         abstract, shardings = state_shardings(model_config, tx, mesh)
-        dataset = data_lib.create_dataset(config.data, batch_size=per_process, seed=config.seed, split="train")
+        try:
+            dataset = data_lib.create_dataset(config.data, batch_size=per_process, seed=config.seed, split="train")
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"config.data: {e}") from e
         data_iter = iter(dataset)
         checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
         start = checkpointer.latest_step() or 0

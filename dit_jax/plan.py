@@ -1,0 +1,187 @@
+"""Plan a training run before paying for it: compile the real train step ahead of time and report what it needs.
+
+  python -m dit_jax.plan --config configs/dit_xl2_imagenet256.py                      # this host's devices
+  python -m dit_jax.plan --config configs/dit_xl2_imagenet256.py --topology v4-128 \\
+      --config.mesh.fsdp=64 --config.batch_size=1024                                   # a TPU slice, from a CPU host
+
+The step is lowered and compiled for the config's mesh exactly as ``python -m dit_jax.train`` would (same state
+shardings, logical rules, donation), with abstract inputs: nothing is allocated and no data is read. With
+``--topology`` the devices are compile-only TPU devices from ``libtpu`` (``pip install -e ".[tpu]"``; no TPU needed),
+so running out of HBM shows up here, at compile time, as it would on the pod. The report gives per-device memory
+(arguments, outputs, temporaries, and their conservative sum), the analytic FLOPs per step and the step time the
+device's peak would give at a chosen MFU.
+"""
+
+import dataclasses
+import json
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dit_jax.models import DiTConfig, count_params
+from dit_jax.models.flops import forward_flops
+from dit_jax.parallel.mesh import batch_sharding, describe_mesh, example_order
+
+# Cloud TPU v4 slice names (TensorCores) → topology (chips, megacore: one JAX device per chip).
+V4_TOPOLOGIES = {
+    "v4-8": "2x2x1",
+    "v4-16": "2x2x2",
+    "v4-32": "2x2x4",
+    "v4-64": "2x4x4",
+    "v4-128": "4x4x4",
+    "v4-256": "4x4x8",
+    "v4-512": "4x8x8",
+    "v4-1024": "8x8x8",
+    "v4-2048": "8x8x16",
+    "v4-4096": "8x16x16",
+}
+PEAK_BF16 = {"tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5": 459e12, "tpu v6 lite": 918e12, "h100": 989e12,
+             "h200": 989e12}  # fmt: skip
+HBM_BYTES = {"tpu v4": 30.75 * 2**30}  # what XLA treats as usable per v4 chip
+
+
+def topology_devices(name: str) -> list:
+    """Compile-only devices of a TPU topology: ``v4-128`` (slice name) or ``v4:4x4x4`` (topology string)."""
+    try:
+        from jax.experimental import topologies
+    except ImportError as e:  # pragma: no cover - jax always has it
+        raise RuntimeError("this jax has no jax.experimental.topologies") from e
+    if name in V4_TOPOLOGIES:
+        name = "v4:" + V4_TOPOLOGIES[name]
+    if ":" not in name:
+        raise ValueError(f"unknown topology {name!r}: use a v4 slice name {sorted(V4_TOPOLOGIES)} or e.g. 'v4:4x4x4'")
+    generation, dims = name.split(":", 1)
+    shape = tuple(int(d) for d in dims.split("x"))
+    kwargs: dict[str, Any] = {}
+    if generation in ("v4", "v5p"):
+        kwargs.update(
+            chip_config_name="megacore", chips_per_host_bounds=(2, 2, 1), wrap=tuple(d % 4 == 0 for d in shape)
+        )
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=name, num_slices=1, **kwargs)
+    except Exception as e:  # noqa: BLE001 - libtpu missing or unknown name: one clear message
+        raise RuntimeError(
+            f"could not build TPU topology {name!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            "Compiling for TPUs on this host needs libtpu: pip install -e '.[tpu]'"
+        ) from e
+    return list(desc.devices)
+
+
+def abstract_batch(model_config, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The training batch the step expects, as shapes (latents of the model's training size)."""
+    s, c = model_config.input_size, model_config.in_channels
+    batch = {"x": jax.ShapeDtypeStruct((global_batch, s, s, c), jnp.float32)}
+    if isinstance(model_config, DiTConfig):
+        batch["y"] = jax.ShapeDtypeStruct((global_batch,), jnp.int32)
+    else:
+        length = model_config.caption_length
+        batch["caption"] = jax.ShapeDtypeStruct((global_batch, length, model_config.caption_width), jnp.float32)
+        batch["caption_mask"] = jax.ShapeDtypeStruct((global_batch, length), jnp.int32)
+        if model_config.micro_conditions:
+            batch["resolution"] = jax.ShapeDtypeStruct((global_batch, 2), jnp.float32)
+            batch["aspect_ratio"] = jax.ShapeDtypeStruct((global_batch, 1), jnp.float32)
+    return batch
+
+
+def plan(config, devices: list | None = None, *, mfu: float = 0.4) -> dict[str, Any]:
+    """Compile the train step of ``config`` for ``devices`` (default: this host's) and describe its cost."""
+    from dit_jax.train.state import state_shardings
+    from dit_jax.train.steps import make_train_step
+    from dit_jax.train.trainer import prepare
+
+    setup = prepare(config, devices=devices)
+    cfg, model_config, mesh = setup.config, setup.model_config, setup.mesh
+    batch = abstract_batch(model_config, cfg.batch_size)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+        step_cfg = dataclasses.replace(setup.step_cfg, example_order=example_order(mesh, cfg.batch_size))
+        abstract, shardings = state_shardings(model_config, setup.tx, mesh)
+        batch_sh = {k: batch_sharding(mesh, len(v.shape)) for k, v in batch.items()}
+        step = jax.jit(
+            make_train_step(step_cfg),
+            in_shardings=(shardings, batch_sh),
+            out_shardings=(shardings, NamedSharding(mesh, P())),
+            donate_argnums=0,
+        )
+        t0 = time.perf_counter()
+        lowered = step.lower(abstract, batch)
+        error = None
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # noqa: BLE001 - out of memory is a result here, not a crash
+            compiled, error = None, str(e).splitlines()[0][:500]
+        seconds = time.perf_counter() - t0
+
+    kind = mesh.devices.flat[0].device_kind
+    fwd = forward_flops(model_config, model_config.input_size, model_config.input_size)
+    passes = 4 if model_config.remat == "full" else 3  # backward ≈ 2 forwards; full remat recomputes one
+    step_flops = fwd * passes * cfg.batch_size
+    peak = next((v for k, v in PEAK_BF16.items() if kind.lower().startswith(k)), None)
+    report: dict[str, Any] = {
+        "model": cfg.model.name,
+        "parameters": count_params(abstract.params),
+        "devices": f"{mesh.devices.size} × {kind}",
+        "mesh": describe_mesh(mesh),
+        "global_batch": cfg.batch_size,
+        "compile_seconds": round(seconds, 1),
+        "step_tflops": round(step_flops / 1e12, 2),
+        "fits": error is None,
+    }
+    if peak and model_config.dtype in ("bfloat16", "bf16"):
+        report[f"step_seconds_at_{int(mfu * 100)}pct_mfu"] = round(step_flops / (peak * mesh.devices.size * mfu), 3)
+    if error is not None:
+        report["error"] = error
+        return report
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        gib = 2**30
+        args, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
+        alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+        report["bytes_per_device"] = dict(arguments=args, outputs=out, aliased=alias, temporaries=temp)
+        report.update(
+            argument_gib=round(args / gib, 3),
+            output_gib=round(out / gib, 3),
+            temp_gib=round(temp / gib, 3),
+            total_gib_per_device=round((args + out - alias + temp) / gib, 3),
+        )
+        hbm = next((v for k, v in HBM_BYTES.items() if kind.lower().startswith(k)), None)
+        if hbm:
+            report["hbm_gib_per_device"] = round(hbm / gib, 2)
+    return report
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    from dit_jax.train.trainer import ConfigError
+
+    config_flags.DEFINE_config_file("config", None, "Training config file (configs/NAME.py).", lock_config=False)
+    flags.DEFINE_string(
+        "topology", None, "TPU topology to compile for: v4-8 … v4-4096 or e.g. v4:4x4x4 (needs libtpu)."
+    )
+    flags.DEFINE_float("mfu", 0.4, "MFU assumed for the step-time estimate.")
+    flags.mark_flags_as_required(["config"])
+    flags.FLAGS(argv)
+    try:
+        devices = topology_devices(flags.FLAGS.topology) if flags.FLAGS.topology else None
+        report = plan(flags.FLAGS.config, devices, mfu=flags.FLAGS.mfu)
+    except (ConfigError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    if not report["fits"]:
+        print(
+            "the step does not compile for these devices (see 'error'): lower the batch, add fsdp, or remat",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
