@@ -58,18 +58,12 @@ def tiny_t5(feed_forward_proj: str = "gated-gelu", seed: int = 0, attn: str = "s
 
 
 def tiny_tokenizer():
-    """A T5-like Unigram tokenizer (``<pad>`` 0, ``</s>`` 1 appended, ``<unk>`` 2), built offline."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    """A T5 tokenizer (Unigram; ``<pad>`` 0, ``</s>`` 1 appended, ``<unk>`` 2) over a tiny vocabulary, built offline."""
+    from transformers import T5Tokenizer
 
     pieces = ["▁" + w for w in WORDS] + list("abcdefghijklmnopqrstuvwxyz") + ["▁"]
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, -1.0 - 0.01 * i) for i, p in enumerate(pieces)]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
 def save_tiny_t5(root, *, pipeline: bool = True, seed: int = 0):
@@ -256,6 +250,15 @@ def test_errors_name_the_problem(tmp_path):
     tiny_t5().save_pretrained(tmp_path / "no_tokenizer")
     with pytest.raises(FileNotFoundError, match="no tokenizer found"):
         TextEncoder.from_pretrained(tmp_path / "no_tokenizer")
+    tiny_t5().save_pretrained(tmp_path / "bad_tokenizer" / "text_encoder")
+    (tmp_path / "bad_tokenizer" / "tokenizer").mkdir()
+    (tmp_path / "bad_tokenizer" / "tokenizer" / "spiece.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(ValueError, match=r"cannot load the tokenizer \(a folder with only spiece.model"):
+        TextEncoder.from_pretrained(tmp_path / "bad_tokenizer")
+    tiny_t5(vocab_size=40).save_pretrained(tmp_path / "small_vocab")
+    tiny_tokenizer().save_pretrained(tmp_path / "small_vocab")
+    with pytest.raises(ValueError, match="the tokenizer has 45 tokens, the encoder only 40"):
+        TextEncoder.from_pretrained(tmp_path / "small_vocab")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConversionError, match="not a transformers T5 folder"):
         t5_from_torch(tmp_path / "empty")

@@ -387,7 +387,14 @@ class TextEncoder:
         try:
             tok = AutoTokenizer.from_pretrained(str(tok_dir))
         except Exception as e:  # missing sentencepiece, corrupt tokenizer.json, …
-            raise ValueError(f"{tok_dir}: cannot load the tokenizer: {e}") from e
+            hint = (
+                " (a folder with only spiece.model needs `pip install sentencepiece`)"
+                if not (tok_dir / "tokenizer.json").exists()
+                else ""
+            )
+            raise ValueError(f"{tok_dir}: cannot load the tokenizer{hint}: {e}") from e
+        if len(tok) > config.vocab_size:
+            raise ValueError(f"{tok_dir}: the tokenizer has {len(tok)} tokens, the encoder only {config.vocab_size}")
         name = f"{path.absolute()} (max_length={max_length}, dtype={dtype})"
         return cls(config.replace(dtype=dtype), params, tok, max_length=max_length, batch_size=batch_size,
                    param_dtype=param_dtype, name=name)  # fmt: skip
