@@ -1,0 +1,341 @@
+"""What every sampling pipeline shares: sampler settings from a diffusers scheduler config, a guided sampler loop
+jitted once per configuration with the batch padded and sharded over the devices, and VAE decoding.
+
+``SamplingPipeline`` holds a model (config + params), its VAE (or None in pixel space) and the default sampler;
+subclasses say how the model reads its conditioning (``_model_fn``) and what the null conditioning of guidance is:
+``ClassConditionalPipeline`` (labels, the null class) and ``TextToImagePipeline`` (captions + masks, a negative or
+learned null caption).
+"""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dit_jax import diffusion
+from dit_jax.diffusion.samplers import _DPM_DIFFUSERS_ONLY, DDPM_METHODS, FLOW_METHODS, Plan
+from dit_jax.diffusion.schedules import DDPMSchedule, FlowSchedule
+from dit_jax.encoders.vae import VAEConfig, unscale_latents
+from dit_jax.models import build
+from dit_jax.parallel import logical_rules
+
+OUTPUT_TYPES = ("np", "pil", "latent")
+# The diffusers scheduler class of each DDPM-family method: a method other than the pipeline's default is configured
+# like ``<Class>.from_config(pipe.scheduler.config)`` in diffusers (shared keys carry over, the rest are defaults).
+SCHEDULER_CLASSES = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
+_MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def freeze(value: Any) -> Any:
+    """A hashable stand-in for an option value (dicts, lists and arrays → tuples)."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, freeze(v)) for k, v in value.items()))
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def is_key(seed: Any) -> bool:
+    """Whether ``seed`` is already a typed ``jax.random`` key."""
+    return isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key)
+
+
+def as_key(seed: int | jax.Array) -> jax.Array:
+    """``seed`` (an int or a typed key) as a typed key."""
+    return seed if is_key(seed) else jax.random.key(int(seed))
+
+
+def _source_index(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """torch bilinear (``align_corners=False``, output size given) along one axis: (i0, i1, λ) per output pixel."""
+    src = np.maximum((np.arange(n_out, dtype=np.float32) + 0.5) * np.float32(n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int32), n_in - 1)
+    return i0, np.minimum(i0 + 1, n_in - 1), (src - i0).astype(np.float32)
+
+
+def resize_and_crop(images: jax.Array, height: int, width: int) -> jax.Array:
+    """(B, h, w, C) → (B, height, width, C): scale to cover (bilinear, no antialiasing) and centre-crop, as diffusers'
+    ``PixArtImageProcessor.resize_and_crop_tensor`` (used to undo resolution binning)."""
+    h, w = images.shape[1], images.shape[2]
+    if (h, w) == (height, width):
+        return images
+    ratio = max(height / h, width / w)
+    rh, rw = int(h * ratio), int(w * ratio)
+    top, left = (rh - height) // 2, (rw - width) // 2
+    y0, y1, ly = (a[top : top + height] for a in _source_index(h, rh))
+    x0, x1, lx = (a[left : left + width] for a in _source_index(w, rw))
+    ly, lx = jnp.asarray(ly)[None, :, None, None], jnp.asarray(lx)[None, None, :, None]
+    rows = images[:, y0] * (1 - ly) + images[:, y1] * ly
+    return rows[:, :, x0] * (1 - lx) + rows[:, :, x1] * lx
+
+
+@dataclasses.dataclass(eq=False)
+class SamplingPipeline:
+    """A diffusion model (config + params), its VAE (or None for pixel-space models) and the default sampler.
+
+    ``schedule``/``method``/``options`` are what ``dit_jax.diffusion.sample`` gets by default; ``scheduler_config``
+    (a diffusers scheduler config, when known) configures other methods the way ``from_config`` does in diffusers.
+    ``devices`` (default: all local devices) carry the sharded batch.
+    """
+
+    model_config: Any
+    params: Any
+    schedule: DDPMSchedule | FlowSchedule
+    method: str
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    vae_config: VAEConfig | None = None
+    vae_params: Any = None
+    scheduler_config: dict[str, Any] | None = None
+    num_inference_steps: int = 50
+    guidance_scale: float = 4.0
+    devices: Sequence[Any] | None = None
+    source: str = ""
+
+    def __post_init__(self):
+        self._check_model()
+        if (self.vae_config is None) != (self.vae_params is None):
+            raise ValueError("give both vae_config and vae_params, or neither (a pixel-space model)")
+        if self.vae_config is not None and self.vae_config.latent_channels != self.model_config.in_channels:
+            raise ValueError(
+                f"the VAE has {self.vae_config.latent_channels} latent channels but the model takes "
+                f"{self.model_config.in_channels} input channels ({self.source})"
+            )
+        self.sampler_settings()  # validate the default method and options now
+        self._devices = list(self.devices) if self.devices is not None else jax.local_devices()
+        self._mesh = Mesh(
+            np.array(self._devices).reshape(len(self._devices), 1, 1), _MESH_AXES, axis_types=(AxisType.Auto,) * 3
+        )
+        self._rules = logical_rules()
+        self._placed: dict[str, Any] = {}
+        self._compiled: dict[tuple, Callable] = {}
+        self._progress: Callable[[int, int], None] | None = None
+
+    def _check_model(self) -> None:
+        """Raise if ``model_config`` is not a model this pipeline can drive."""
+
+    def _model_fn(self, model: nn.Module, params: Any, x: jax.Array, t: jax.Array, cond: Any) -> jax.Array:
+        """The model's output for latents ``x`` at times ``t`` under conditioning ``cond`` (a batch-leading pytree)."""
+        raise NotImplementedError
+
+    # ---- properties ------------------------------------------------------------------------------------------
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(h, w, C) of the latents (pixels for a pixel-space model) the model was trained on."""
+        s = self.model_config.input_size
+        return (s, s, self.model_config.in_channels)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent along each axis (2^(VAE blocks − 1); 1 in pixel space)."""
+        return 1 if self.vae_config is None else 2 ** (len(self.vae_config.block_out_channels) - 1)
+
+    @property
+    def mesh(self) -> Mesh:
+        """The (data = all devices, fsdp = 1, tensor = 1) mesh the batch is sharded over."""
+        return self._mesh
+
+    # ---- sampler settings ------------------------------------------------------------------------------------
+
+    def sampler_settings(
+        self, method: str | None = None, **options: Any
+    ) -> tuple[DDPMSchedule | FlowSchedule, str, dict[str, Any]]:
+        """``(schedule, method, options)`` that ``__call__`` passes to ``dit_jax.diffusion.sample``.
+
+        ``method`` (default: the pipeline's) must suit the schedule (DDPM: ddpm, ddim, dpmpp_2m; flow: euler, heun,
+        dpmpp_2m). ``options`` (sampler options, e.g. ``respacing="250"``, ``eta=``) win over the defaults.
+        """
+        schedule, chosen, base = self.schedule, self.method, dict(self.options)
+        allowed = DDPM_METHODS if isinstance(schedule, DDPMSchedule) else FLOW_METHODS
+        if method is not None and method != chosen:
+            if method not in allowed:
+                raise ValueError(
+                    f"unknown method {method!r} for this pipeline's {type(schedule).__name__}; expected one of "
+                    f"{allowed}"
+                )
+            base = {}
+            if isinstance(schedule, DDPMSchedule) and self.scheduler_config is not None:
+                config = {**self.scheduler_config, "_class_name": SCHEDULER_CLASSES[method]}
+                schedule, _, base = diffusion.from_diffusers_scheduler_config(config)
+            chosen = method
+        elif chosen not in allowed:
+            raise ValueError(f"unknown method {chosen!r} for a {type(schedule).__name__}; expected one of {allowed}")
+        if isinstance(schedule, DDPMSchedule):
+            learned = self.model_config.learn_sigma
+            schedule = dataclasses.replace(schedule, learned_sigma=learned)
+            if chosen == "ddpm" and learned:
+                base["variance_type"] = "learned_range"  # the original DiT sampler; diffusers drops the variance
+        if options.get("respacing") is not None or options.get("timesteps") is not None:
+            for key in ("timestep_spacing", "steps_offset"):  # fixed by the explicit timesteps
+                base.pop(key, None)
+        if options.get("variant") == "dpm_solver":  # PixArt's original DPM-Solver has no diffusers-only options
+            for key in _DPM_DIFFUSERS_ONLY:
+                base.pop(key, None)
+        return schedule, chosen, {**base, **options}
+
+    def plan(self, num_inference_steps: int | None = None, method: str | None = None, **options: Any) -> Plan:
+        """The sampler's trajectory (timesteps, model calls) for these settings, resolved on the host."""
+        schedule, method, options = self.sampler_settings(method, **options)
+        steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
+        return diffusion.make_plan(schedule, method, steps, **options)
+
+    # ---- latents and decoding --------------------------------------------------------------------------------
+
+    def prepare_latents(self, batch_size: int, seed: int | jax.Array = 0) -> jax.Array:
+        """Standard normal latents (batch_size, h, w, C) float32 from ``seed`` (``fold_in(key(seed), 0)``).
+
+        ``jax.random`` differs from torch's generator: the same seed gives other latents than diffusers.
+        """
+        return self._noise(batch_size, self.latent_shape, seed)
+
+    def decode(self, latents: Any) -> np.ndarray:
+        """Final latents (B, h, w, C) → images (B, H, W, 3) in [0, 1] (pixel-space pipelines: ``x / 2 + 0.5``)."""
+        x = jnp.asarray(latents, jnp.float32)
+        if x.ndim != 4 or x.shape[-1] != self.model_config.in_channels:
+            raise ValueError(f"latents must be (B, h, w, {self.model_config.in_channels}) NHWC, got {x.shape}")
+        b = x.shape[0]
+        return np.asarray(self._decode(self._pad(x)))[:b]
+
+    # ---- internals -------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _noise(batch_size: int, shape: tuple[int, int, int], seed: int | jax.Array) -> jax.Array:
+        key = jax.random.fold_in(as_key(seed), 0)
+        return jax.random.normal(key, (int(batch_size), *shape), jnp.float32)
+
+    def _padded(self, b: int) -> int:
+        n = len(self._devices)
+        return -(-b // n) * n
+
+    def _pad(self, x: Any, value: float = 0) -> Any:
+        """Pad the leading (batch) axis to a multiple of the device count."""
+        x = jnp.asarray(x)
+        pad = self._padded(x.shape[0]) - x.shape[0]
+        return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=value) if pad else x
+
+    def _batch_sharding(self) -> NamedSharding:
+        return NamedSharding(self._mesh, P("data"))
+
+    def _replicated(self) -> NamedSharding:
+        return NamedSharding(self._mesh, P())
+
+    def _put(self, name: str, tree: Any) -> Any:
+        """Parameters replicated on the pipeline's devices (once)."""
+        if name not in self._placed:
+            self._placed[name] = jax.device_put(tree, self._replicated())
+        return self._placed[name]
+
+    def _report(self, i: int, n: int) -> None:
+        if self._progress is not None:
+            self._progress(i, n)
+
+    def _sampler_fn(self, key: tuple, schedule, method, steps, options, guided, guidance_channels, progress: bool):
+        """The jitted sampler loop for one configuration (cached on the pipeline)."""
+        if key in self._compiled:
+            return self._compiled[key]
+        cfg = self.model_config
+        model = build(cfg)
+        c = cfg.in_channels
+        keep_mean = isinstance(schedule, FlowSchedule) and cfg.learn_sigma  # a flow sampler wants C channels
+
+        def run(params, x, cond, null_cond, scale, rng):
+            def cond_model(x, t, cond):
+                out = self._model_fn(model, params, x, t, cond)
+                return out[..., :c] if keep_mean else out
+
+            if guided:
+                model_fn = diffusion.cfg(cond_model, cond, null_cond, scale, guide_channels=guidance_channels)
+            else:
+                model_fn = lambda x, t: cond_model(x, t, cond)  # noqa: E731
+            return diffusion.sample(
+                model_fn,
+                x,
+                schedule=schedule,
+                method=method,
+                num_steps=steps,
+                key=rng,
+                progress=self._report if progress else None,
+                **options,
+            )
+
+        batch, rep = self._batch_sharding(), self._replicated()
+        fn = jax.jit(run, in_shardings=(rep, batch, batch, batch, rep, rep), out_shardings=batch)
+        self._compiled[key] = fn
+        return fn
+
+    def _sample(
+        self,
+        cond: Any,
+        null_cond: Any,
+        latents: jax.Array,
+        key: jax.Array,
+        steps: int,
+        scale: float,
+        guided: bool,
+        guidance_channels: int | None,
+        schedule: DDPMSchedule | FlowSchedule,
+        method: str,
+        options: dict[str, Any],
+        progress: Callable[[int, int], None] | None,
+    ) -> jax.Array:
+        """Run the sampler on the padded, sharded batch; ``cond``/``null_cond`` are batch-leading pytrees (padded
+        with zeros unless already padded). Returns the padded final latents."""
+        batch = self._batch_sharding()
+        x = jax.device_put(self._pad(latents), batch)
+        cond, null_cond = (jax.device_put(jax.tree.map(self._pad, c), batch) for c in (cond, null_cond))
+        cache_key = (
+            "sample",
+            tuple(x.shape),
+            schedule,
+            method,
+            steps,
+            freeze(options),
+            guided,
+            guidance_channels if guided else None,
+            progress is not None,
+        )
+        fn = self._sampler_fn(
+            cache_key, schedule, method, steps, options, guided, guidance_channels, progress is not None
+        )
+        params = self._put("model", self.params)
+        rng = jax.random.fold_in(key, 1)
+        self._progress = progress
+        try:
+            with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules):
+                out = fn(params, x, cond, null_cond, jnp.float32(scale), rng)
+            out = jax.block_until_ready(out)
+            if progress is not None:
+                jax.effects_barrier()
+        finally:
+            self._progress = None
+        return out
+
+    def _decode(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+        """Padded latents (sharded) → padded images in [0, 1]; ``size`` (H, W) resizes and centre-crops the decoded
+        images (in [−1, 1], before clipping) as diffusers does after resolution binning."""
+        cache_key = ("decode", tuple(x.shape), size)
+        if cache_key not in self._compiled:
+            vae_cfg = self.vae_config
+
+            def decode(vae_params, z):
+                if vae_cfg is None:
+                    img = z
+                else:
+                    vae = build(vae_cfg)
+                    img = vae.apply({"params": vae_params}, unscale_latents(vae_cfg, z), method="decode")
+                if size is not None:
+                    img = resize_and_crop(img, *size)
+                return jnp.clip(img / 2 + 0.5, 0.0, 1.0)
+
+            batch = self._batch_sharding()
+            self._compiled[cache_key] = jax.jit(decode, in_shardings=(self._replicated(), batch), out_shardings=batch)
+        vae_params = self._put("vae", self.vae_params) if self.vae_config is not None else None
+        with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules):
+            return self._compiled[cache_key](vae_params, jax.device_put(x, self._batch_sharding()))
