@@ -1,12 +1,16 @@
-"""``load(path)``: a class-conditional pipeline from a diffusers pipeline folder, a model directory, a PyTorch
-checkpoint or a training workdir, with its VAE and default sampler.
+"""``load(path)``: a class-conditional (DiT) or text-to-image (PixArt) pipeline from a diffusers pipeline folder, a
+model directory, a PyTorch checkpoint or a training workdir, with its VAE, text encoder and default sampler.
 
 Defaults per source (what the matching PyTorch tool does):
   diffusers pipeline folder  ``model_index.json`` + ``transformer/``, ``vae/``, ``scheduler/``: the scheduler config
                              picks the sampler (``DDIMScheduler`` → ddim, …); 50 steps and guidance 4.0
-                             (``DiTPipeline.__call__``'s defaults)
+                             (``DiTPipeline.__call__``'s defaults). ``PixArtSigmaPipeline``/``PixArtAlphaPipeline``
+                             folders add ``text_encoder/`` + ``tokenizer/`` (T5): 20 steps, guidance 4.5, 300 (Σ) or
+                             120 (α) caption tokens
   model directory / torch    ``vae=`` is required for a latent model; the sampler is the DDIM scheduler that the
-                             diffusers DiT converter writes (linear betas, ε, no clipping): 50 steps, guidance 4.0
+                             diffusers DiT converter writes (linear betas, ε, no clipping): 50 steps, guidance 4.0.
+                             A PixArt also needs ``text_encoder=`` (a T5 folder or a pipeline folder) and gets the
+                             diffusers PixArt converters' DPM-Solver++ (linear betas): 20 steps, guidance 4.5
   training workdir           the latest checkpoint's EMA params; schedule, sampler, steps and guidance from the
                              run's config (``config.diffusion``, ``config.sample``); pixel space unless the run
                              trained on latents (then ``config.sample.vae`` or ``vae=``)
@@ -23,10 +27,12 @@ from typing import Any
 import numpy as np
 
 from dit_jax import diffusion
+from dit_jax.encoders.t5 import TextEncoder
 from dit_jax.encoders.vae import PRESETS as VAE_PRESETS
 from dit_jax.encoders.vae import VAEConfig
-from dit_jax.models import DiTConfig, ModelConfig, set_scan
+from dit_jax.models import DiTConfig, ModelConfig, PixArtConfig, set_scan
 from dit_jax.pipelines.class_conditional import ClassConditionalPipeline
+from dit_jax.pipelines.text_to_image import TextToImagePipeline
 
 # diffusers' DiT converter (scripts/convert_dit_to_diffusers.py) writes this scheduler (MODELS.md §1.5).
 DIT_SCHEDULER_CONFIG = {
@@ -37,6 +43,18 @@ DIT_SCHEDULER_CONFIG = {
     "clip_sample": False,
 }
 DIT_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 4.0}  # DiTPipeline.__call__
+# The diffusers PixArt-α/Σ converters write DPMSolverMultistepScheduler() (linear betas 1e-4..0.02, DPM-Solver++ 2M).
+PIXART_SCHEDULER_CONFIG = {
+    "_class_name": "DPMSolverMultistepScheduler",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "prediction_type": "epsilon",
+}
+PIXART_DEFAULTS = {"num_inference_steps": 20, "guidance_scale": 4.5}  # PixArt{Alpha,Sigma}Pipeline.__call__
+# diffusers text-to-image pipeline classes → their max_sequence_length default
+TEXT_TO_IMAGE_PIPELINES = {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": 120}
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
@@ -169,21 +187,30 @@ def _scheduler(config: dict[str, Any], source: str) -> tuple[Any, str, dict[str,
 
 def _pipeline_folder(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     index = _read_json(path / "model_index.json")
-    for part in ("transformer", "vae", "scheduler"):
+    name = index.get("_class_name")
+    text = name in TEXT_TO_IMAGE_PIPELINES
+    parts = (
+        ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+        if text
+        else ("transformer", "vae", "scheduler")
+    )
+    for part in parts:
         if part not in index or not (path / part).is_dir():
-            raise ValueError(
-                f"{path}: model_index.json ({index.get('_class_name')}) needs a {part!r} component in {path / part}; "
-                "class-conditional pipelines are DiTPipeline folders (transformer, vae, scheduler)"
+            kinds = (
+                f"{name} folders hold {', '.join(parts)}"
+                if text
+                else "class-conditional pipelines are DiTPipeline folders (transformer, vae, scheduler); text-to-image "
+                f"ones are {' or '.join(TEXT_TO_IMAGE_PIPELINES)} folders"
             )
+            raise ValueError(f"{path}: model_index.json ({name}) needs a {part!r} component in {path / part}; {kinds}")
     config, params = _from_torch(path / "transformer", overrides)
     scheduler_config = read_scheduler_config(path / "scheduler")
-    return dict(
-        config=config,
-        params=params,
-        vae=path / "vae",
-        scheduler_config=scheduler_config,
-        **DIT_DEFAULTS,
-    )
+    spec = dict(config=config, params=params, vae=path / "vae", scheduler_config=scheduler_config)
+    if text:
+        spec.update(PIXART_DEFAULTS, text_encoder=path, max_sequence_length=TEXT_TO_IMAGE_PIPELINES[name])
+    else:
+        spec.update(DIT_DEFAULTS)
+    return spec
 
 
 def _workdir(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -210,28 +237,52 @@ def _workdir(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def _default_max_length(config: PixArtConfig) -> int:
+    """α: 120 caption tokens (its learned null caption's length when it has one), Σ: 300."""
+    if config.learned_null_caption:
+        return config.caption_length
+    return 120 if config.micro_conditions else 300
+
+
+def load_text_encoder(text_encoder: Any, *, max_length: int = 300, dtype: str = "float32") -> TextEncoder:
+    """A ``TextEncoder`` from a T5 folder (transformers, with its tokenizer), a diffusers pipeline folder
+    (``text_encoder/`` + ``tokenizer/``), a T5 model directory, or an already built ``TextEncoder``."""
+    if isinstance(text_encoder, TextEncoder):
+        return text_encoder
+    return TextEncoder.from_pretrained(text_encoder, max_length=max_length, dtype=dtype)
+
+
 def load(
     path: str | os.PathLike,
     *,
     vae: Any = None,
     scheduler: Any = None,
     dtype: str = "float32",
+    text_encoder: Any = None,
+    text_dtype: str | None = None,
+    max_sequence_length: int | None = None,
     **model_overrides: Any,
-) -> ClassConditionalPipeline:
-    """A ``ClassConditionalPipeline`` from ``path``: a diffusers pipeline folder (``model_index.json``), a model
-    directory written by ``dit_jax.convert``/``save_model``, a PyTorch DiT checkpoint (``.pt``, ``.safetensors``, a
-    diffusers transformer folder; read with ``dit_jax.convert.from_torch``) or a training workdir (latest EMA).
+) -> ClassConditionalPipeline | TextToImagePipeline:
+    """A ``ClassConditionalPipeline`` (DiT) or ``TextToImagePipeline`` (PixArt) from ``path``: a diffusers pipeline
+    folder (``model_index.json``: DiTPipeline, PixArtSigmaPipeline, PixArtAlphaPipeline), a model directory written
+    by ``dit_jax.convert``/``save_model``, a PyTorch checkpoint (``.pt``/``.pth``, ``.safetensors``, a diffusers
+    transformer folder; read with ``dit_jax.convert.from_torch``) or a training workdir (latest EMA).
 
     ``vae``: a diffusers VAE folder, a VAE model directory, a VAE checkpoint or ``(config, params)``; required for
     latent models from a model directory or checkpoint, optional elsewhere (it replaces the pipeline's own).
     ``scheduler``: a diffusers scheduler config (dict, JSON file or folder) replacing the default sampler.
     ``dtype``: ``"float32"`` or ``"bfloat16"`` compute for the transformer and the VAE (params stay float32).
+    ``text_encoder`` (PixArt): a T5 folder, a pipeline folder or a ``TextEncoder``; required for a model directory
+    or checkpoint, optional for a pipeline folder (it replaces the folder's own). ``text_dtype``: the T5's compute
+    dtype (default ``dtype``). ``max_sequence_length``: caption tokens (default 300 for Σ, 120 for α).
     ``model_overrides``: model config fields (e.g. ``attention_backend="xla"``, ``scan_blocks=True``; for torch
     checkpoints anything ``from_torch`` takes, e.g. ``num_heads=16``).
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r} is invalid: expected one of {sorted(_DTYPES)}")
+    for name, value in (("dtype", dtype), ("text_dtype", text_dtype)):
+        if value is not None and value not in _DTYPES:
+            raise ValueError(f"{name}={value!r} is invalid: expected one of {sorted(_DTYPES)}")
     dtype = _DTYPES[dtype]
+    text_dtype = dtype if text_dtype is None else _DTYPES[text_dtype]
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
@@ -256,16 +307,22 @@ def load(
             )
         else:
             config, params = _from_torch(path, model_overrides)
-        spec = dict(config=config, params=params, vae=None, needs_vae=None, scheduler_config=DIT_SCHEDULER_CONFIG)
-        spec.update(DIT_DEFAULTS)
+        spec = dict(config=config, params=params, vae=None, needs_vae=None)
+        if isinstance(config, PixArtConfig):
+            spec.update(PIXART_DEFAULTS, scheduler_config=PIXART_SCHEDULER_CONFIG)
+        else:
+            spec.update(DIT_DEFAULTS, scheduler_config=DIT_SCHEDULER_CONFIG)
 
     config = spec["config"]
     source = spec.get("source_name", str(path))
-    if not isinstance(config, DiTConfig):
+    text = isinstance(config, PixArtConfig)
+    if not text and not isinstance(config, DiTConfig):
         raise ValueError(
-            f"{source} holds a {type(config).__name__}; dit_jax.pipelines.load builds class-conditional (DiT) "
-            "pipelines only (text-to-image pipelines are not supported yet)"
+            f"{source} holds a {type(config).__name__}; dit_jax.pipelines.load builds class-conditional (DiT) and "
+            "text-to-image (PixArt) pipelines"
         )
+    if not text and (text_encoder is not None or max_sequence_length is not None):
+        raise ValueError(f"{source} is a class-conditional DiT: text_encoder= and max_sequence_length= do not apply")
 
     # VAE: the argument wins over the source's own
     vae_source = vae if vae is not None else spec.get("vae")
@@ -279,6 +336,19 @@ def load(
         )
     if vae_source is not None and spec.get("needs_vae") is False:
         raise ValueError(f"{source} is a pixel-space model (its run did not train on latents); vae= does not apply")
+
+    # text encoder (PixArt): the argument wins over the pipeline folder's own
+    encoder = None
+    if text:
+        max_length = max_sequence_length or spec.get("max_sequence_length") or _default_max_length(config)
+        text_source = text_encoder if text_encoder is not None else spec.get("text_encoder")
+        if text_source is None:
+            raise ValueError(
+                f"{source} is a text-to-image PixArt: pass text_encoder= (a T5 folder with its tokenizer, e.g. "
+                "t5-v1_1-xxl, or a PixArt pipeline folder with text_encoder/ and tokenizer/)"
+            )
+        encoder = load_text_encoder(text_source, max_length=max_length, dtype=text_dtype)
+
     vae_config = vae_params = None
     if vae_source is not None:
         vae_config, vae_params = load_vae(vae_source)
@@ -294,7 +364,7 @@ def load(
         scheduler_config = spec["scheduler_config"]
         schedule, method, options = _scheduler(scheduler_config, f"{source} scheduler config")
 
-    return ClassConditionalPipeline(
+    common = dict(
         model_config=config.replace(dtype=dtype),
         params=spec["params"],
         schedule=schedule,
@@ -307,3 +377,6 @@ def load(
         guidance_scale=spec["guidance_scale"],
         source=source,
     )
+    if text:
+        return TextToImagePipeline(**common, text_encoder=encoder, max_sequence_length=max_length)
+    return ClassConditionalPipeline(**common)
