@@ -1,14 +1,21 @@
-"""Command line: sample class-conditional images with a DiT and write a PNG grid or one PNG per image.
+"""Command line: sample class-conditional (DiT) or text-to-image (PixArt) images and write a PNG grid or one PNG per
+image.
 
     python -m dit_jax.sample --pipeline DIR --classes 207,360,387 --steps 250 --method ddpm --guidance 4.0 \\
         --seed 0 --out grid.png
     python -m dit_jax.sample --model MODEL_DIR --vae VAE_DIR --classes 207,360 --out-dir samples/
     python -m dit_jax.sample --workdir RUN_DIR --classes 0,1,2,3 --out grid.png
+    python -m dit_jax.sample --pipeline PIXART_DIR --prompt "a cat" --prompt "a dog" --height 512 --width 768 \\
+        --out grid.png
+    python -m dit_jax.sample --model PIXART_MODEL --vae VAE_DIR --text-encoder T5_DIR --prompts-file prompts.txt \\
+        --out-dir samples/
 
 The source is a diffusers pipeline folder (``--pipeline``), a model directory or PyTorch checkpoint with a VAE
-(``--model``, ``--vae``), or a training run (``--workdir``, latest EMA params). Unset sampler flags take the
-source's defaults (``dit_jax.pipelines.load``). ``--respacing adm`` selects the original DiT/ADM timesteps for
-``ddpm``/``ddim`` (250 DDPM steps as in the paper). Initial noise is drawn once for all images from ``--seed``
+(``--model``, ``--vae``; a PixArt also ``--text-encoder``), or a training run (``--workdir``, latest EMA params).
+Class-conditional models take ``--classes``, text-to-image ones ``--prompt`` (repeatable) and/or ``--prompts-file``
+(one prompt per line). Unset sampler flags take the source's defaults (``dit_jax.pipelines.load``).
+``--respacing adm`` selects the original DiT/ADM timesteps for ``ddpm``/``ddim`` (250 DDPM steps as in the paper).
+Initial noise is drawn once for all images from ``--seed``
 (``jax.random``), so ``--batch-size`` does not change the images of deterministic samplers; batch j of a
 stochastic sampler draws its noise from seed + j. A failed run prints one error line and writes nothing.
 """
@@ -34,6 +41,25 @@ def parse_classes(text: str) -> list[int]:
     return classes
 
 
+def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
+    """``--prompt`` values followed by the non-empty lines of ``--prompts-file`` (one clear error if none)."""
+    out = list(prompts)
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompts-file {path} does not exist")
+        out += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not out:
+        raise ValueError("no prompts given: --prompt is empty and --prompts-file has no non-empty line")
+    return out
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """A file-name-safe short form of a prompt: lower-case words of letters and digits joined by ``-``."""
+    words = "".join(ch if ch.isascii() and ch.isalnum() else " " for ch in text.lower()).split()
+    return "-".join(words)[:limit].strip("-") or "prompt"
+
+
 def sampler_options(args: argparse.Namespace, method: str, steps: int) -> dict[str, Any]:
     """Sampler options from ``--respacing`` and ``--option KEY=VALUE``."""
     from dit_jax.convert.__main__ import parse_set
@@ -55,7 +81,8 @@ def sampler_options(args: argparse.Namespace, method: str, steps: int) -> dict[s
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dit_jax.sample",
-        description="Sample class-conditional images with a DiT (diffusers pipeline, model directory or training run).",
+        description="Sample class-conditional (DiT) or text-to-image (PixArt) images from a diffusers pipeline, a "
+        "model directory or a training run.",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pipeline", help="diffusers pipeline folder (model_index.json, transformer/, vae/, scheduler/)")
@@ -63,10 +90,18 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--workdir", help="training run directory (latest checkpoint's EMA params)")
     p.add_argument("--vae", help="VAE: diffusers folder, VAE model directory or checkpoint (needed with --model)")
     p.add_argument("--scheduler", help="diffusers scheduler config (scheduler_config.json or a folder) to sample with")
-    p.add_argument("--classes", required=True, help="comma-separated class ids, one image each, e.g. 207,360,387")
-    p.add_argument("--steps", type=int, help="sampler steps (default: the source's, 50 for diffusers DiT)")
+    p.add_argument("--text-encoder", help="T5 folder or PixArt pipeline folder (needed with --model for PixArt)")
+    p.add_argument("--classes", help="comma-separated class ids, one image each, e.g. 207,360,387 (DiT)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt, one image each (PixArt; repeatable)")
+    p.add_argument("--prompts-file", help="text file with one prompt per line (PixArt)")
+    p.add_argument("--negative-prompt", default="", help="negative prompt of guidance (PixArt; default '')")
+    p.add_argument("--height", type=int, help="image height in pixels (PixArt; default: the model's size)")
+    p.add_argument("--width", type=int, help="image width in pixels (PixArt; default: the model's size)")
+    p.add_argument("--no-resolution-binning", action="store_true", help="sample at the exact size (PixArt)")
+    p.add_argument("--text-dtype", choices=_DTYPES, help="compute dtype of the T5 text encoder (default: --dtype)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the source's, 50 for DiT, 20 for PixArt)")
     p.add_argument("--method", help="sampler: ddpm, ddim, dpmpp_2m (DDPM models); euler, heun, dpmpp_2m (flow)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (on when > 1; default 4.0)")
+    p.add_argument("--guidance", type=float, help="guidance scale (on when > 1; default 4.0 for DiT, 4.5 for PixArt)")
     p.add_argument("--guidance-channels", type=int, help="guide only the first K latent channels (original DiT: 3)")
     p.add_argument("--respacing", help="ADM timestep respacing: 'adm' (original DiT/ADM steps) or a spec ('250')")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="sampler option (e.g. eta=1)")
@@ -75,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=_DTYPES, help="compute dtype of the transformer and the VAE")
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", help="write one PNG grid to this file")
-    out.add_argument("--out-dir", help="write one PNG per image into this folder (NNNN_CLASS.png)")
+    out.add_argument("--out-dir", help="write one PNG per image into this folder (NNNN_CLASS.png or NNNN_PROMPT.png)")
     p.add_argument("--nrow", type=int, default=8, help="images per row of the grid (default 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -92,26 +127,62 @@ def _check_outputs(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch-size {args.batch_size}: expected a positive integer")
 
 
+def _check_inputs(args: argparse.Namespace, text: bool) -> list:
+    """Class ids or prompts, whichever the source takes (one clear error for the other)."""
+    if text:
+        if args.classes is not None:
+            raise ValueError(
+                "this source is a text-to-image (PixArt) model: give --prompt/--prompts-file, not --classes"
+            )
+        return read_prompts(args.prompt, args.prompts_file)
+    given = [f for f, v in (("--prompt", args.prompt), ("--prompts-file", args.prompts_file)) if v]
+    given += [f for f in ("--height", "--width", "--text-encoder") if getattr(args, f[2:].replace("-", "_"))]
+    if given:
+        verb = "does" if len(given) == 1 else "do"
+        raise ValueError(f"this source is a class-conditional DiT: {', '.join(given)} {verb} not apply; give --classes")
+    if args.classes is None:
+        raise ValueError("give --classes (comma-separated class ids) for a class-conditional model")
+    return parse_classes(args.classes)
+
+
 def run(args: argparse.Namespace) -> list[Path]:
     """Load, sample and write; returns the written PNG paths."""
     import numpy as np
 
-    from dit_jax.pipelines import load, make_grid, save_png, to_uint8
+    from dit_jax.pipelines import TextToImagePipeline, load, make_grid, save_png, to_uint8
 
-    classes = parse_classes(args.classes)
+    if args.classes is not None:
+        parse_classes(args.classes)  # a malformed list fails before loading anything
+    elif not args.prompt and args.prompts_file is None:
+        raise ValueError("give --classes (DiT) or --prompt/--prompts-file (PixArt)")
     _check_outputs(args)
     source = args.pipeline or args.model or args.workdir
-    pipe = load(source, vae=args.vae, scheduler=args.scheduler, dtype=args.dtype)
-    pipe.check_labels(classes)  # out-of-range ids fail before any compile
+    extra = {k: v for k, v in (("text_encoder", args.text_encoder), ("text_dtype", args.text_dtype)) if v is not None}
+    pipe = load(source, vae=args.vae, scheduler=args.scheduler, dtype=args.dtype, **extra)
+    text = isinstance(pipe, TextToImagePipeline)
+    items = _check_inputs(args, text)
+    if text:
+        binning = False if args.no_resolution_binning else None
+        size = dict(height=args.height, width=args.width)
+        pipe.image_size(use_resolution_binning=binning, **size)  # a bad size fails before any compile
+        call = dict(negative_prompt=args.negative_prompt, use_resolution_binning=binning, **size)
+    else:
+        pipe.check_labels(items)  # out-of-range ids fail before any compile
+        call = {}
     steps = pipe.num_inference_steps if args.steps is None else args.steps
     _, method, _ = pipe.sampler_settings(args.method)
     options = sampler_options(args, method, steps)
     calls = pipe.plan(steps, method, **options).num_model_calls
 
-    n = len(classes)
+    n = len(items)
     size = args.batch_size or n
     batches = [(i, min(i + size, n)) for i in range(0, n, size)]
-    latents = pipe.prepare_latents(n, args.seed)
+    if text:
+        latents = pipe.prepare_latents(
+            n, args.seed, height=args.height, width=args.width, use_resolution_binning=binning
+        )
+    else:
+        latents = pipe.prepare_latents(n, args.seed)
     bar = None
     if not args.no_progress:
         from tqdm.auto import tqdm
@@ -128,7 +199,7 @@ def run(args: argparse.Namespace) -> list[Path]:
 
             images.append(
                 pipe(
-                    classes[lo:hi],
+                    items[lo:hi],
                     num_inference_steps=steps,
                     guidance_scale=args.guidance,
                     method=method,
@@ -136,6 +207,7 @@ def run(args: argparse.Namespace) -> list[Path]:
                     seed=args.seed + j,
                     guidance_channels=args.guidance_channels,
                     progress=progress if bar is not None else None,
+                    **call,
                     **options,
                 )
             )
@@ -146,8 +218,10 @@ def run(args: argparse.Namespace) -> list[Path]:
     if args.out is not None:
         return [save_png(args.out, make_grid(pixels, nrow=args.nrow))]
     width = max(4, int(math.log10(n)) + 1)
+    names = [slug(p) for p in items] if text else [str(c) for c in items]
     return [
-        save_png(Path(args.out_dir) / f"{i:0{width}d}_{c}.png", im) for i, (c, im) in enumerate(zip(classes, pixels))
+        save_png(Path(args.out_dir) / f"{i:0{width}d}_{name}.png", im)
+        for i, (name, im) in enumerate(zip(names, pixels))
     ]
 
 

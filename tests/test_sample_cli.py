@@ -1,5 +1,5 @@
-"""``python -m dit_jax.sample`` end to end on tiny random models: the PNG grid equals the pipeline's images, the
-README's documented flags work, and every mistake is one error line with nothing written."""
+"""``python -m dit_jax.sample`` end to end on tiny random models (DiT and PixArt): the PNG grid equals the pipeline's
+images, the README's documented flags work, and every mistake is one error line with nothing written."""
 
 import os
 import re
@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_pipelines import LABELS, save_pipeline, tiny_components
+from test_pipelines_pixart import tiny_transformer, tiny_vae
 from test_pipelines_workdir import workdir  # noqa: F401 (fixture)
+from test_t5 import tiny_t5, tiny_tokenizer
 
 from dit_jax import pipelines
 from dit_jax.checkpoint import save_model
@@ -134,10 +136,91 @@ def test_readme_commands_parse():
     assert len(samples) >= 7 and len(converts) == 1
     for argv in samples:
         args = _parser().parse_args(argv)  # every documented flag exists (SystemExit otherwise)
-        assert args.classes
+        assert args.classes or args.prompt or args.prompts_file
+    assert any(args.count("--prompt") >= 2 for args in samples)  # the PixArt commands are documented
     from dit_jax.convert.__main__ import _parser as convert_parser
 
     convert_parser().parse_args(converts[0])
     flags = {a for argv in samples for a in argv if a.startswith("--")}
     # the flags of the paper recipe are exercised end to end above on tiny models
     assert {"--method", "--steps", "--respacing", "--guidance-channels", "--vae", "--out-dir", "--batch-size"} <= flags
+
+
+# ---- PixArt -----------------------------------------------------------------------------------------------------
+
+PROMPTS = ["a cat on the sofa", "a photo of a dog", "the red horse"]
+
+
+@pytest.fixture(scope="module")
+def pixart(tmp_path_factory):
+    """A PixArtSigmaPipeline folder of tiny random components (DPM-Solver++), and its transformer as a model dir."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("cli_pixart")
+    pipe = PixArtSigmaPipeline(tokenizer=tiny_tokenizer(), text_encoder=tiny_t5(), vae=tiny_vae(),
+                               transformer=tiny_transformer(1), scheduler=DPMSolverMultistepScheduler())  # fmt: skip
+    pipe.save_pretrained(root / "pipe")
+    save_model(root / "model", *from_torch(root / "pipe" / "transformer"))
+    torch.set_num_threads(threads)
+    return root
+
+
+def test_cli_pixart_prompts_grid(pixart, tmp_path):
+    out = tmp_path / "grid.png"
+    cmd = [sys.executable, "-m", "dit_jax.sample", "--pipeline", str(pixart / "pipe"), "--prompt", PROMPTS[0]]
+    cmd += ["--prompt", PROMPTS[1], "--steps", "4", "--guidance", "4.5", "--height", "48", "--width", "80"]
+    cmd += ["--nrow", "2", "--out", str(out)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out}" in proc.stdout and "4/4" in proc.stderr
+    got = np.asarray(Image.open(out))
+    images = pipelines.load(pixart / "pipe")(PROMPTS[:2], num_inference_steps=4, height=48, width=80, seed=0)
+    want = pipelines.make_grid(pipelines.to_uint8(images), nrow=2)
+    assert got.shape == want.shape == (2 + 48 + 2, 2 + 2 * (80 + 2), 3)
+    diff = np.abs(got.astype(int) - want.astype(int)).max()
+    print(f"PixArt CLI grid vs in-process pipeline: max diff {diff} (uint8 levels)")
+    assert diff <= 1
+    assert not [p for p in tmp_path.iterdir() if p.name != "grid.png"]
+
+
+def test_cli_pixart_prompts_file_model_dir(pixart, tmp_path, capsys):
+    """A model directory with --vae and --text-encoder, prompts from a file, batches, one PNG per prompt."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join([PROMPTS[0], "", PROMPTS[1] + "  ", PROMPTS[2]]) + "\n")
+    out = tmp_path / "samples"
+    argv = ["--model", str(pixart / "model"), "--vae", str(pixart / "pipe" / "vae"), "--text-encoder"]
+    argv += [str(pixart / "pipe"), "--prompts-file", str(prompts), "--steps", "3", "--batch-size", "2"]
+    argv += ["--negative-prompt", "a blue sofa", "--no-progress", "--out-dir", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["0000_a-cat-on-the-sofa.png", "0001_a-photo-of-a-dog.png", "0002_the-red-horse.png"]
+    ims = np.stack([np.asarray(Image.open(out / f)) for f in files])
+    assert ims.shape == (3, 64, 64, 3)
+    pipe = pipelines.load(pixart / "pipe")
+    want = pipelines.to_uint8(pipe(PROMPTS, num_inference_steps=3, negative_prompt="a blue sofa", seed=0))
+    assert np.abs(ims.astype(int) - want).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--pipeline", "{pixart}", "--classes", "1"], "text-to-image .* give --prompt/--prompts-file, not --classes"),
+        (["--pipeline", "{pipe}", "--prompt", "a cat"], "class-conditional DiT: --prompt does not apply"),
+        (["--pipeline", "{pixart}", "--prompt", "a", "--height", "40"], "height=40, width=64 must be multiples of 16"),
+        (["--pipeline", "{pixart}", "--prompts-file", "{missing}"], "--prompts-file .* does not exist"),
+        (["--model", "{pixart_model}", "--vae", "{pixart}/vae", "--prompt", "a"], "pass text_encoder="),
+        (["--pipeline", "{pixart}"], r"give --classes \(DiT\) or --prompt/--prompts-file \(PixArt\)"),
+    ],
+)
+def test_cli_pixart_errors(tiny, pixart, tmp_path, capsys, argv, message):
+    paths = dict(pixart=pixart / "pipe", pixart_model=pixart / "model", pipe=tiny / "pipe", missing=tmp_path / "no")
+    argv = [a.format(**paths) for a in argv] + ["--no-progress", "--out", str(tmp_path / "x.png")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()
