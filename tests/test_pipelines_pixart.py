@@ -293,6 +293,11 @@ def test_prompt_embeds_sharding_and_no_text_encoder(folders, dpm_pipe, monkeypat
     assert err <= 1e-5
     with pytest.raises(ValueError, match="has no text encoder: pass prompt_embeds"):
         single(PROMPTS)
+    # num_images_per_prompt repeats each prompt in place, as diffusers (4 images, still one padded batch of 8)
+    lat4 = nhwc(initial_latents(4, seed=5))
+    per_prompt = dpm_pipe(PROMPTS, num_images_per_prompt=2, num_inference_steps=6, latents=lat4)
+    repeated = dpm_pipe([PROMPTS[0]] * 2 + [PROMPTS[1]] * 2, num_inference_steps=6, latents=lat4)
+    assert per_prompt.shape == (4, 64, 64, 3) and float(np.abs(per_prompt - repeated).max()) <= 1e-6
 
 
 def test_model_directory_and_original_checkpoint(folders, dpm_pipe, tmp_path):

@@ -206,6 +206,62 @@ class TextToImagePipeline(SamplingPipeline):
         f = self.vae_scale_factor
         return self._noise(batch_size, (h // f, w // f, self.model_config.in_channels), seed)
 
+    def _captions(
+        self,
+        prompt: Any,
+        negative_prompt: Any,
+        prompt_embeds: Any,
+        prompt_attention_mask: Any,
+        negative_prompt_embeds: Any,
+        negative_prompt_attention_mask: Any,
+        max_sequence_length: int | None,
+        null_caption: str | None,
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """``(cond, null)`` caption inputs of the model (one row per prompt); ``null`` is empty without guidance."""
+        cfg = self.model_config
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError(
+                "pass prompt or prompt_embeds, not both" if prompt is not None else "pass prompt or prompt_embeds"
+            )
+        if prompt is not None:
+            emb, mask = self.encode_prompt(prompt, max_sequence_length)
+        else:
+            emb, mask = self._check_embeds(prompt_embeds, prompt_attention_mask, "prompt")
+        n, length = len(emb), emb.shape[1]
+        cond = {"caption": emb, "mask": mask}
+        null: dict[str, Any] = {}
+        if null_caption == "learned":
+            if not cfg.learned_null_caption:
+                raise ValueError(
+                    f"null_caption='learned': {self.source or 'this model'} has no learned null caption (y_embedding; "
+                    "original PixArt-α checkpoints have it, diffusers folders do not)"
+                )
+            if negative_prompt_embeds is not None or negative_prompt != "":
+                raise ValueError("negative_prompt/negative_prompt_embeds do not apply with null_caption='learned'")
+            if length != cfg.caption_length:
+                raise ValueError(
+                    f"null_caption='learned' needs captions of {cfg.caption_length} tokens (the learned null caption's "
+                    f"length), got {length}: use max_sequence_length={cfg.caption_length}"
+                )
+            cond["drop"] = np.zeros(n, bool)
+            null = {"caption": emb, "mask": mask, "drop": np.ones(n, bool)}
+        elif null_caption == "negative":
+            if negative_prompt_embeds is not None:
+                neg, neg_mask = self._check_embeds(
+                    negative_prompt_embeds, negative_prompt_attention_mask, "negative_prompt"
+                )
+            else:
+                negatives = _as_list(negative_prompt, "negative_prompt")
+                if len(negatives) not in (1, n):
+                    raise ValueError(f"negative_prompt has {len(negatives)} entries for {n} prompts")
+                neg, neg_mask = self.encode_prompt(negatives, length)
+            if len(neg) == 1 and n > 1:
+                neg, neg_mask = np.repeat(neg, n, 0), np.repeat(neg_mask, n, 0)
+            if neg.shape != emb.shape:
+                raise ValueError(f"negative_prompt_embeds of shape {neg.shape} do not match prompt_embeds {emb.shape}")
+            null = {"caption": neg, "mask": neg_mask}
+        return cond, null
+
     # ---- sampling ------------------------------------------------------------------------------------------------
 
     def __call__(
@@ -268,48 +324,17 @@ class TextToImagePipeline(SamplingPipeline):
             width = lat.shape[2] * f if width is None else width
         (h, w), out_size = self.image_size(height, width, use_resolution_binning)
 
-        # captions
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError(
-                "pass prompt or prompt_embeds, not both" if prompt is not None else "pass prompt or prompt_embeds"
-            )
-        if prompt is not None:
-            emb, mask = self.encode_prompt(prompt, max_sequence_length)
-        else:
-            emb, mask = self._check_embeds(prompt_embeds, prompt_attention_mask, "prompt")
-        n, length = len(emb), emb.shape[1]
-        cond = {"caption": emb, "mask": mask}
-        null: dict[str, Any] = {}
-        if guided and null_caption == "learned":
-            if not cfg.learned_null_caption:
-                raise ValueError(
-                    f"null_caption='learned': {self.source or 'this model'} has no learned null caption (y_embedding; "
-                    "original PixArt-α checkpoints have it, diffusers folders do not)"
-                )
-            if negative_prompt_embeds is not None or negative_prompt != "":
-                raise ValueError("negative_prompt/negative_prompt_embeds do not apply with null_caption='learned'")
-            if length != cfg.caption_length:
-                raise ValueError(
-                    f"null_caption='learned' needs captions of {cfg.caption_length} tokens (the learned null caption's "
-                    f"length), got {length}: use max_sequence_length={cfg.caption_length}"
-                )
-            cond["drop"] = np.zeros(n, bool)
-            null = {"caption": emb, "mask": mask, "drop": np.ones(n, bool)}
-        elif guided:
-            if negative_prompt_embeds is not None:
-                neg, neg_mask = self._check_embeds(
-                    negative_prompt_embeds, negative_prompt_attention_mask, "negative_prompt"
-                )
-            else:
-                negatives = _as_list(negative_prompt, "negative_prompt")
-                if len(negatives) not in (1, n):
-                    raise ValueError(f"negative_prompt has {len(negatives)} entries for {n} prompts")
-                neg, neg_mask = self.encode_prompt(negatives, length)
-            if len(neg) == 1 and n > 1:
-                neg, neg_mask = np.repeat(neg, n, 0), np.repeat(neg_mask, n, 0)
-            if neg.shape != emb.shape:
-                raise ValueError(f"negative_prompt_embeds of shape {neg.shape} do not match prompt_embeds {emb.shape}")
-            null = {"caption": neg, "mask": neg_mask}
+        cond, null = self._captions(
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+            max_sequence_length,
+            null_caption if guided else None,
+        )
+        n = len(cond["caption"])
         k = num_images_per_prompt
         cond, null = (jax.tree.map(lambda a: np.repeat(a, k, 0), d) for d in (cond, null))
         b = n * k
@@ -320,7 +345,7 @@ class TextToImagePipeline(SamplingPipeline):
             }
             cond.update(micro)
             null.update(micro if guided else {})
-        # padded rows: one kept caption token, so no attention row is fully masked
+        # padded rows keep every caption token, so no attention row is fully masked
         for d in (cond, null):
             if "mask" in d:
                 d["mask"] = np.asarray(self._pad(d["mask"], 1))
