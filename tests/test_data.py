@@ -267,14 +267,26 @@ def test_caption_pairs_expose_text_and_skip_corrupt_and_uncaptioned(tmp_path):
 
 @pytest.mark.parametrize("base, table, step", [(256, ASPECT_RATIO_256, 16), (512, ASPECT_RATIO_512, 32),
                                                (1024, ASPECT_RATIO_1024, 64)])  # fmt: skip
-def test_bucket_tables(base, table, step):
-    assert (base, base) in table
+def test_pixart_bucket_tables(base, table, step):
+    """PixArt's tables (also diffusers' binning tables: tests/test_pipelines_pixart.py checks them entry by entry)."""
+    assert (base, base) in table and len(table) == 33
     ratios = [h / w for h, w in table]
     assert ratios == sorted(ratios) and min(ratios) == 0.25 and max(ratios) == 4.0
     for h, w in table:
-        assert h % step == 0 and w % step == 0 and h * w <= base * base and h * w >= 0.85 * base * base
+        assert h % step == 0 and w % step == 0 and 0.9 * base * base <= h * w <= base * base
+
+
+@pytest.mark.parametrize("base", [384, 768])
+def test_generated_bucket_tables(base):
+    """Other base resolutions: multiples of the step, area just below base², symmetric in h and w."""
+    table = bucket_table(base)
+    step = max(16, base // 16)
+    assert (base, base) in table
+    ratios = [h / w for h, w in table]
+    assert ratios == sorted(ratios) and min(ratios) >= 0.25 and max(ratios) <= 4.0
+    for h, w in table:
+        assert h % step == 0 and w % step == 0 and 0.85 * base * base <= h * w <= base * base
         assert (w, h) in table
-    assert table == bucket_table(base)
 
 
 def test_closest_bucket_uses_log_ratio():

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dit_jax import diffusion
+from dit_jax.data.buckets import ASPECT_RATIO_256, ASPECT_RATIO_512, ASPECT_RATIO_1024, ASPECT_RATIO_2048
 from dit_jax.encoders.t5 import TextEncoder
 from dit_jax.models import PixArtConfig
 from dit_jax.pipelines.base import OUTPUT_TYPES, SamplingPipeline, as_key
@@ -32,28 +33,13 @@ from dit_jax.pipelines.images import to_pil
 
 NULL_CAPTIONS = ("negative", "learned")
 
-# diffusers' aspect-ratio bins (PixArt's ASPECT_RATIO_1024 and its halves/quarters; Σ adds a 2048 table), as
-# (height, width) in pixels sorted by h / w. dit_jax.data.buckets generates different (training) tables.
-_BINS_1024 = (
-    (512, 2048), (512, 1856), (576, 1792), (576, 1728), (576, 1664), (640, 1600), (640, 1536), (704, 1472),
-    (704, 1408), (704, 1344), (768, 1344), (768, 1280), (832, 1216), (832, 1152), (896, 1152), (896, 1088),
-    (960, 1088), (960, 1024), (1024, 1024), (1024, 960), (1088, 960), (1088, 896), (1152, 896), (1152, 832),
-    (1216, 832), (1280, 768), (1344, 768), (1408, 704), (1472, 704), (1536, 640), (1600, 640), (1728, 576),
-    (2048, 512),
-)  # fmt: skip
-_BINS_2048_EXTRA = ((1024, 3968), (1024, 3840), (3328, 1152), (3584, 1152), (3712, 1024), (3840, 1024), (3968, 1024))
-
-
-def _sorted(bins) -> tuple[tuple[int, int], ...]:
-    return tuple(sorted(bins, key=lambda hw: hw[0] / hw[1]))
-
-
-# Keyed by the transformer's sample size (latent side), as the diffusers pipelines pick them.
+# diffusers' resolution-binning tables are PixArt's aspect-ratio tables, keyed here by the transformer's sample
+# size (latent side) as the diffusers pipelines pick them.
 ASPECT_RATIO_BINS: dict[int, tuple[tuple[int, int], ...]] = {
-    32: tuple((h // 4, w // 4) for h, w in _BINS_1024),
-    64: tuple((h // 2, w // 2) for h, w in _BINS_1024),
-    128: _BINS_1024,
-    256: _sorted([(2 * h, 2 * w) for h, w in _BINS_1024] + list(_BINS_2048_EXTRA)),
+    32: ASPECT_RATIO_256,
+    64: ASPECT_RATIO_512,
+    128: ASPECT_RATIO_1024,
+    256: ASPECT_RATIO_2048,
 }
 
 
