@@ -119,6 +119,15 @@ def time_interleaved(
     return {name: _summary(t, loads) for name, t in times.items()}
 
 
+def min_fields(jax_t: dict, torch_t: dict | None) -> dict:
+    """Fastest-call times and their ratio: on a shared host the minimum is the least load-distorted estimate."""
+    rec = {"jax_min_ms": round(jax_t["min_ms"], 2)}
+    if torch_t is not None:
+        rec["torch_min_ms"] = round(torch_t["min_ms"], 2)
+        rec["speedup_by_min"] = round(torch_t["min_ms"] / jax_t["min_ms"], 3)
+    return rec
+
+
 def jax_sync(x) -> None:
     jax.block_until_ready(x)
 

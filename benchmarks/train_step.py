@@ -35,6 +35,7 @@ from benchmarks.common import (
     emit,
     jax_dtype,
     jax_sync,
+    min_fields,
     on_accelerator,
     peak_flops,
     time_interleaved,
@@ -307,6 +308,7 @@ def main():
             )
             if peak and args.dtype == "bf16":
                 rec["torch_mfu"] = round(flops / (k_ms / 1e3) / peak, 3)
+        rec.update(min_fields(t["jax"], t.get("torch")))
         rec.update(order=args.order, iters=args.iters, load_before=load, load=t["jax"]["load"])
         if t_note:
             rec["note"] = t_note

@@ -24,6 +24,7 @@ from benchmarks.common import (
     emit,
     jax_dtype,
     jax_sync,
+    min_fields,
     on_accelerator,
     time_interleaved,
     torch_device,
@@ -137,6 +138,7 @@ def main():
                     if "torch" in t:
                         rec["torch_ms"] = round(t["torch"]["median_ms"], 1)
                         rec["speedup_vs_torch"] = round(t["torch"]["median_ms"] / t["jax"]["median_ms"], 3)
+                    rec.update(min_fields(t["jax"], t.get("torch")))
                     rec.update(iters=args.iters, load_before=load, load=t["jax"]["load"])
                     emit(rec)
 
