@@ -9,6 +9,7 @@ restores into whatever shardings the caller asks for, so a run resumes on a diff
 """
 
 import json
+import logging as py_logging
 import os
 from typing import Any
 
@@ -27,7 +28,16 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
+def _quiet_read_only(record: py_logging.LogRecord) -> bool:
+    """Drop orbax's notices that a manager opened for reading is read-only (that is the point)."""
+    msg = str(record.msg)
+    return "read_only=True" not in msg and "is read only" not in msg
+
+
 def _manager(workdir: str, *, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
+    absl_logger = py_logging.getLogger("absl")
+    if read_only and _quiet_read_only not in absl_logger.filters:
+        absl_logger.addFilter(_quiet_read_only)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         create=not read_only,

@@ -44,11 +44,14 @@ from dit_jax.train.steps import StepConfig, make_train_step
 
 
 def quiet_library_logs() -> None:
-    """Keep orbax's per-file INFO lines out of the console (its warnings and errors still show)."""
+    """Keep orbax's per-file INFO lines and JAX's probe for absent backends out of the console (warnings and
+    errors still show)."""
     import logging as py_logging
 
     def keep(record: py_logging.LogRecord) -> bool:
-        return record.levelno >= py_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+        if record.levelno >= py_logging.WARNING:
+            return True
+        return f"{os.sep}orbax{os.sep}" not in record.pathname and "Unable to initialize backend" not in str(record.msg)
 
     handler = logging.get_absl_handler()
     if not any(getattr(f, "_dit_jax", False) for f in handler.filters):
