@@ -7,7 +7,8 @@ the dit_jax train step vs a PyTorch step of the same model (facebookresearch/DiT
 dit_jax: the trainer's own step (``dit_jax.train``): ``create_optimizer`` (AdamW, lr 1e-4, weight decay 0),
 ``make_schedule``/``make_loss_fn`` for the DDPM objective with learned sigma (MSE on ε + the VLB term with the
 mean frozen), class dropout 0.1, EMA 0.9999, NaN guard, built with ``state_shardings``/``create_train_state`` on
-a one-axis mesh and jitted with ``donate_argnums=0``, as ``train_and_evaluate`` does.
+a one-axis mesh and jitted with ``donate_argnums=0``, as ``train_and_evaluate`` does; blocks scanned and no remat by
+default, as in configs/dit_xl2_imagenet256.py.
 PyTorch: the diffusers ``DiTTransformer2DModel`` with the same weights (SDPA attention, class dropout 0.1 in train
 mode), ``torch.optim.AdamW(lr=1e-4, weight_decay=0)`` (fused on CUDA), the ADM hybrid loss written in torch
 (uniform t, MSE on ε + VLB with the mean detached, bits/dim), EMA by ``_foreach_mul_/_foreach_add_``; bf16 by
@@ -232,7 +233,12 @@ def main():
     ap.add_argument("--batch", type=int, default=64 if on_acc else 8)
     ap.add_argument("--depth", type=int, default=None, help="override depth (CPU: keeps XL/2 within memory)")
     ap.add_argument("--dtype", default=default_dtype(), choices=["bf16", "fp32"])
-    ap.add_argument("--scan", action="store_true", help="dit_jax: scanned blocks (nn.scan)")
+    ap.add_argument(
+        "--scan",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="dit_jax: scanned blocks (nn.scan), as configs/dit_xl2_imagenet256.py; --no-scan: one HLO per block",
+    )
     ap.add_argument("--remat", default="none", help="dit_jax remat policy")
     ap.add_argument("--torch-compile", default="auto", choices=["auto", "on", "off"])
     ap.add_argument("--iters", type=int, default=20 if on_acc else 5)
