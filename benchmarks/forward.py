@@ -106,6 +106,7 @@ def report(case, config, latent, batch, dtype, jax_t, torch_t=None, load=None, *
         "batch": batch,
         "depth": config.depth,
         "tokens": (latent // 2) ** 2,
+        "scan": config.scan_blocks,
         "jax_ms": round(jax_t["median_ms"], 2),
         "tflops_per_s": round(flops / jax_t["median_ms"] / 1e9, 2),
     }
@@ -126,6 +127,7 @@ def main():
     ap.add_argument("--dtype", default=default_dtype(), choices=["bf16", "fp32"])
     ap.add_argument("--batch", type=int, default=8 if on_gpu else 1)
     ap.add_argument("--depth", type=int, default=None, help="override depth (keeps CPU runs short)")
+    ap.add_argument("--scan", action="store_true", help="dit_jax: scanned blocks (nn.scan)")
     ap.add_argument("--iters", type=int, default=10 if on_gpu else 3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--wait-quiet", type=float, default=None, help="before each case, wait for load average < X")
@@ -134,7 +136,7 @@ def main():
     ap.add_argument("--pixart-sizes", default="1024,2K")
     ap.add_argument("--kv-sizes", default="2K,4K")
     args = ap.parse_args()
-    over = {"dtype": "bfloat16" if args.dtype == "bf16" else "float32"}
+    over = {"dtype": "bfloat16" if args.dtype == "bf16" else "float32", "scan_blocks": args.scan}
     if args.depth:
         over["depth"] = args.depth
     timing = dict(iters=args.iters, warmup=args.warmup)

@@ -103,6 +103,7 @@ def main():
     ap.add_argument("--steps", default="250,50", help="steps per method (comma list, same order as --methods)")
     ap.add_argument("--batch", type=int, default=16 if on_acc else 1, help="images per call (model batch is 2×)")
     ap.add_argument("--depth", type=int, default=None, help="override DiT depth (keeps CPU runs short)")
+    ap.add_argument("--scan", action="store_true", help="dit_jax: scanned blocks (nn.scan)")
     ap.add_argument("--dtype", default=default_dtype(), choices=["bf16", "fp32"])
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--model", default="DiT-XL/2")
@@ -118,7 +119,7 @@ def main():
     steps = [int(s) for s in args.steps.split(",")]
     if len(steps) != len(methods):
         ap.error(f"--steps gives {len(steps)} values for {len(methods)} methods")
-    over = {"dtype": jax_dtype(args.dtype)}
+    over = {"dtype": jax_dtype(args.dtype), "scan_blocks": args.scan}
     if args.depth:
         over["depth"] = args.depth
     cfg = models.preset(args.model, input_size=32, **over)
@@ -176,6 +177,7 @@ def main():
             "batch": args.batch,
             "depth": cfg.depth,
             "steps": n,
+            "scan": args.scan,
             "jax_ms": round(t["jax"]["median_ms"], 1),
             "jax_images_per_s": round(args.batch / t["jax"]["median_ms"] * 1e3, 4),
             "jax_dit_tflops_per_s": round(model_flops / t["jax"]["median_ms"] / 1e9, 3),
