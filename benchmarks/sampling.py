@@ -6,10 +6,12 @@ the diffusers ``DiTPipeline`` (same device, same run, same random weights, VAE d
 
 Both sides start from Gaussian latents, run the sampler on the CFG-doubled batch (class labels | null class 1000,
 guidance on all 4 latent channels, as ``DiTPipeline``), decode with the SD ``AutoencoderKL`` (4 blocks,
-128/256/512/512) and return float images in [0, 1] on the host (``output_type="np"``). dit_jax: the whole
-trajectory + decode is one jitted function (``dit_jax.diffusion.sample`` over ``dit_jax.diffusion.cfg``, then
-``AutoencoderKL.decode``); its DDPM uses the learned-range variance (the original DiT sampler), diffusers'
-``DiTPipeline`` drops the variance channels (fixed-small variance) — the cost difference is a few elementwise ops.
+128/256/512/512) and return float images in [0, 1] on the host (``output_type="np"``). dit_jax
+(``--jax-path``): ``dit_jax.pipelines.ClassConditionalPipeline`` (what ``dit_jax.pipelines.load`` builds; the
+default when the package has it), or ``components``: the trajectory + decode as one jitted function
+(``dit_jax.diffusion.sample`` over ``dit_jax.diffusion.cfg``, then ``AutoencoderKL.decode``). dit_jax's DDPM uses the
+learned-range variance (the original DiT sampler), diffusers' ``DiTPipeline`` drops the variance channels
+(fixed-small variance) — the cost difference is a few elementwise ops.
 The DiT is exported to diffusers through ``dit_jax.convert``, so both sides hold the same weights.
 
 A second line per run times the VAE decode alone (256 px, the same batch), so the denoising loop's share can be
@@ -72,6 +74,39 @@ def jax_pipeline(cfg, vae_cfg, params, vae_params, *, method: str, steps: int, g
     return lambda: np.asarray(run(params, vae_params, latents, y, key))
 
 
+def jax_library_pipeline(cfg, vae_cfg, params, vae_params, *, method: str, steps: int, guidance: float, labels, dtype):
+    """The same through ``dit_jax.pipelines.ClassConditionalPipeline`` (what ``dit_jax.pipelines.load`` builds),
+    with the DiT scheduler config ``load`` uses, on one device."""
+    from dit_jax.pipelines import DIT_SCHEDULER_CONFIG, ClassConditionalPipeline
+
+    schedule, default_method, options = diffusion.from_diffusers_scheduler_config(DIT_SCHEDULER_CONFIG)
+    pipe = ClassConditionalPipeline(
+        model_config=cfg,
+        params=_cast(params, dtype),
+        schedule=schedule,
+        method=default_method,
+        options=options,
+        vae_config=vae_cfg,
+        vae_params=_cast(vae_params, dtype),
+        scheduler_config=DIT_SCHEDULER_CONFIG,
+        devices=jax.devices()[:1],
+        source="benchmark",
+    )
+    b, s = len(labels), cfg.input_size
+    latents = jax.random.normal(jax.random.key(0), (b, s, s, cfg.in_channels), jnp.float32)
+    return lambda: pipe(
+        labels, num_inference_steps=steps, guidance_scale=guidance, method=method, latents=latents, seed=1
+    )
+
+
+def _library_pipeline_available() -> bool:
+    try:
+        from dit_jax.pipelines import ClassConditionalPipeline  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def torch_pipeline(transformer, vae, *, method: str, steps: int, guidance: float, labels, compile_model: bool):
     import torch
     from diffusers import DDIMScheduler, DDPMScheduler, DiTPipeline
@@ -110,11 +145,22 @@ def main():
     ap.add_argument("--iters", type=int, default=5 if on_acc else 2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument(
+        "--jax-path",
+        default="auto",
+        choices=["auto", "pipeline", "components"],
+        help="pipeline: dit_jax.pipelines.ClassConditionalPipeline; components: one jit of diffusion.sample + cfg + "
+        "VAE decode; auto: the pipeline when the package has it",
+    )
     ap.add_argument("--torch-compile", action="store_true", help="torch.compile the diffusers transformer")
     ap.add_argument("--no-decode-line", action="store_true", help="skip the separate VAE-decode timing")
     ap.add_argument("--wait-quiet", type=float, default=None, help="before each case, wait for load average < X")
     args = ap.parse_args()
 
+    jax_path = args.jax_path
+    if jax_path == "auto":
+        jax_path = "pipeline" if _library_pipeline_available() else "components"
+    build_jax = jax_library_pipeline if jax_path == "pipeline" else jax_pipeline
     methods = args.methods.split(",")
     steps = [int(s) for s in args.steps.split(",")]
     if len(steps) != len(methods):
@@ -142,7 +188,7 @@ def main():
         load = wait_quiet(args.wait_quiet)
         fns = {
             "jax": (
-                jax_pipeline(
+                build_jax(
                     cfg,
                     vae_cfg,
                     params,
@@ -178,6 +224,7 @@ def main():
             "depth": cfg.depth,
             "steps": n,
             "scan": args.scan,
+            "jax_path": jax_path,
             "jax_ms": round(t["jax"]["median_ms"], 1),
             "jax_images_per_s": round(args.batch / t["jax"]["median_ms"] * 1e3, 4),
             "jax_dit_tflops_per_s": round(model_flops / t["jax"]["median_ms"] / 1e9, 3),
