@@ -119,12 +119,15 @@ def time_interleaved(
     return {name: _summary(t, loads) for name, t in times.items()}
 
 
-def min_fields(jax_t: dict, torch_t: dict | None) -> dict:
-    """Fastest-call times and their ratio: on a shared host the minimum is the least load-distorted estimate."""
+def comparison_fields(jax_t: dict, torch_t: dict | None, load_before: float | None) -> dict:
+    """The fields every side-by-side record shares: the median ratio, the fastest-call times and their ratio (on a
+    shared host the minimum is the least load-distorted estimate), the iteration count and the load seen."""
     rec = {"jax_min_ms": round(jax_t["min_ms"], 2)}
     if torch_t is not None:
+        rec["speedup_vs_torch"] = round(torch_t["median_ms"] / jax_t["median_ms"], 3)
         rec["torch_min_ms"] = round(torch_t["min_ms"], 2)
         rec["speedup_by_min"] = round(torch_t["min_ms"] / jax_t["min_ms"], 3)
+    rec.update(iters=jax_t["iters"], load_before=load_before, load=jax_t["load"])
     return rec
 
 

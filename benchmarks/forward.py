@@ -22,10 +22,10 @@ import numpy as np
 
 from benchmarks.builders import jax_model_params, torch_transformer
 from benchmarks.common import (
+    comparison_fields,
     default_dtype,
     emit,
     jax_sync,
-    min_fields,
     on_accelerator,
     peak_flops,
     time_interleaved,
@@ -114,9 +114,7 @@ def report(case, config, latent, batch, dtype, jax_t, torch_t=None, load=None, *
         rec["mfu"] = round(flops / (jax_t["median_ms"] / 1e3) / peak, 3)
     if torch_t is not None:
         rec["torch_ms"] = round(torch_t["median_ms"], 2)
-        rec["speedup_vs_torch"] = round(torch_t["median_ms"] / jax_t["median_ms"], 3)
-    rec.update(min_fields(jax_t, torch_t))
-    rec.update(iters=jax_t["iters"], load_before=load, load=jax_t["load"])
+    rec.update(comparison_fields(jax_t, torch_t, load))
     emit({**rec, **extra})
 
 

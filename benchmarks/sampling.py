@@ -26,11 +26,11 @@ import numpy as np
 
 from benchmarks.builders import jax_model_params, jax_vae_params, torch_transformer, torch_vae
 from benchmarks.common import (
+    comparison_fields,
     default_dtype,
     emit,
     jax_dtype,
     jax_sync,
-    min_fields,
     on_accelerator,
     time_interleaved,
     torch_device,
@@ -232,10 +232,8 @@ def main():
         if "torch" in t:
             rec["torch_ms"] = round(t["torch"]["median_ms"], 1)
             rec["torch_images_per_s"] = round(args.batch / t["torch"]["median_ms"] * 1e3, 4)
-            rec["speedup_vs_torch"] = round(t["torch"]["median_ms"] / t["jax"]["median_ms"], 3)
             rec["torch_compile"] = args.torch_compile
-        rec.update(min_fields(t["jax"], t.get("torch")))
-        rec.update(iters=args.iters, load_before=load, load=t["jax"]["load"])
+        rec.update(comparison_fields(t["jax"], t.get("torch"), load))
         if note:
             rec["note"] = note
         emit(rec)
@@ -266,9 +264,7 @@ def main():
         }
         if "torch" in t:
             rec["torch_ms"] = round(t["torch"]["median_ms"], 1)
-            rec["speedup_vs_torch"] = round(t["torch"]["median_ms"] / t["jax"]["median_ms"], 3)
-        rec.update(min_fields(t["jax"], t.get("torch")))
-        rec.update(iters=args.iters, load_before=load, load=t["jax"]["load"])
+        rec.update(comparison_fields(t["jax"], t.get("torch"), load))
         emit(rec)
 
 

@@ -32,11 +32,11 @@ from jax.sharding import PartitionSpec as P
 
 from benchmarks.builders import torch_transformer
 from benchmarks.common import (
+    comparison_fields,
     default_dtype,
     emit,
     jax_dtype,
     jax_sync,
-    min_fields,
     on_accelerator,
     peak_flops,
     time_interleaved,
@@ -310,12 +310,10 @@ def main():
                 torch_ms=round(k_ms, 2),
                 torch_images_per_s=round(args.batch / k_ms * 1e3, 2),
                 torch_compile=compiled,
-                speedup_vs_torch=round(k_ms / j_ms, 3),
             )
             if peak and args.dtype == "bf16":
                 rec["torch_mfu"] = round(flops / (k_ms / 1e3) / peak, 3)
-        rec.update(min_fields(t["jax"], t.get("torch")))
-        rec.update(order=args.order, iters=args.iters, load_before=load, load=t["jax"]["load"])
+        rec.update(comparison_fields(t["jax"], t.get("torch"), load), order=args.order)
         if t_note:
             rec["note"] = t_note
         emit(rec)

@@ -20,11 +20,11 @@ import numpy as np
 
 from benchmarks.builders import jax_vae_params, torch_vae
 from benchmarks.common import (
+    comparison_fields,
     default_dtype,
     emit,
     jax_dtype,
     jax_sync,
-    min_fields,
     on_accelerator,
     time_interleaved,
     torch_device,
@@ -137,9 +137,7 @@ def main():
                     }
                     if "torch" in t:
                         rec["torch_ms"] = round(t["torch"]["median_ms"], 1)
-                        rec["speedup_vs_torch"] = round(t["torch"]["median_ms"] / t["jax"]["median_ms"], 3)
-                    rec.update(min_fields(t["jax"], t.get("torch")))
-                    rec.update(iters=args.iters, load_before=load, load=t["jax"]["load"])
+                    rec.update(comparison_fields(t["jax"], t.get("torch"), load))
                     emit(rec)
 
 
