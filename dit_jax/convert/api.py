@@ -113,9 +113,7 @@ def from_state_dict(
     """A torch state dict (numpy arrays or tensors) → ``(config, params)``; see ``from_torch``."""
     if format not in (None, *FORMATS):
         raise ValueError(f"format={format!r} is invalid: expected None (detect), 'original' or 'diffusers'")
-    state_dict = {
-        k: io.to_float32(v.detach().cpu().float().numpy() if hasattr(v, "detach") else v) for k, v in state_dict.items()
-    }
+    state_dict = {k: io.to_float32(v) for k, v in state_dict.items()}
     family, fmt = detect(state_dict, diffusers_config, source=source)
     if format is not None and format != fmt:
         raise ConversionError(f"{source}: format={format!r} was requested but the checkpoint is in the {fmt} format")

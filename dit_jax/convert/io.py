@@ -46,7 +46,10 @@ _LOW_FLOATS = tuple(np.dtype(t) for t in (ml_dtypes.bfloat16, ml_dtypes.float8_e
 
 
 def to_float32(x: Any) -> Array:
-    """Floating arrays of any precision (incl. bf16/fp8) → float32 numpy; other arrays unchanged."""
+    """Floating arrays or torch tensors of any precision (incl. bf16/fp8) → float32 numpy; others keep their dtype."""
+    if hasattr(x, "detach"):  # a torch tensor (numpy has no bfloat16 view of one: convert on the torch side)
+        x = x.detach().cpu()
+        x = (x.float() if x.is_floating_point() else x).numpy()
     x = np.asarray(x)
     if x.dtype.kind == "f" or x.dtype in _LOW_FLOATS:
         return x.astype(np.float32)

@@ -19,13 +19,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
-import jax
 import numpy as np
 
 from dit_jax.convert import io
-from dit_jax.convert.rules import ConversionError, Rule, export, flatten, import_, linear, rule
-from dit_jax.encoders.t5 import T5Config, T5Encoder
+from dit_jax.convert.api import expected_shapes
+from dit_jax.convert.rules import ConversionError, Rule, export, import_, linear, rule
+from dit_jax.encoders.t5 import T5Config
 
 MODEL_TYPES = ("t5", "mt5")
 _EMBED_COPY = "encoder.embed_tokens.weight"
@@ -155,12 +154,6 @@ def read_t5(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, A
     return io.read_file(weights, "model"), config, str(weights)
 
 
-def _expected_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
-    model = T5Encoder(config)
-    abstract = jax.eval_shape(lambda k: model.init(k, *config.dummy_inputs(1))["params"], jax.random.key(0))
-    return {k: tuple(v.shape) for k, v in flatten(nn.meta.unbox(abstract)).items()}
-
-
 def _ignored(key: str) -> bool:
     return key.startswith("decoder.") or key in ("lm_head.weight", _EMBED_COPY)
 
@@ -175,7 +168,7 @@ def t5_from_torch(
     else ``config.json``, else the weight shapes; ``overrides`` replace fields (e.g. ``dtype="bfloat16"``).
     """
     if isinstance(source, Mapping):
-        sd, hf_config, name = {k: io.to_float32(_numpy(v)) for k, v in source.items()}, None, "state dict"
+        sd, hf_config, name = {k: io.to_float32(v) for k, v in source.items()}, None, "state dict"
     else:
         sd, hf_config, name = read_t5(source)
     sd = dict(sd)
@@ -187,17 +180,9 @@ def t5_from_torch(
         config = config_from_transformers(hf_config, **overrides) if hf_config else infer_config(sd, **overrides)
     elif overrides:
         config = config.replace(**overrides)
-    params = import_(t5_rules(config), sd, expected=_expected_shapes(config), ignore=_ignored,
+    params = import_(t5_rules(config), sd, expected=expected_shapes(config), ignore=_ignored,
                      source=f"{name} (transformers T5 keys)")  # fmt: skip
     return config, params
-
-
-def _numpy(v: Any) -> np.ndarray:
-    """A torch tensor or array → numpy, floating point as float32."""
-    if hasattr(v, "detach"):
-        v = v.detach().cpu()
-        return (v.float() if v.is_floating_point() else v).numpy()
-    return np.asarray(v)
 
 
 def t5_to_torch(config: T5Config, params: Mapping[str, Any], *, tied_copy: bool = True) -> dict[str, np.ndarray]:

@@ -14,13 +14,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
-import jax
 import numpy as np
 
 from dit_jax.convert import io
-from dit_jax.convert.rules import ConversionError, Rule, bias, conv, export, flatten, import_, linear, rule
-from dit_jax.encoders.vae import PRESETS, AutoencoderKL, VAEConfig
+from dit_jax.convert.api import expected_shapes
+from dit_jax.convert.rules import ConversionError, Rule, bias, conv, export, import_, linear, rule
+from dit_jax.encoders.vae import PRESETS, VAEConfig
 
 FORMATS = ("diffusers", "ldm")
 PREFIXES = ("first_stage_model.", "vae.")
@@ -264,15 +263,6 @@ def config_to_diffusers(config: VAEConfig) -> dict[str, Any]:
 # ---- reading --------------------------------------------------------------------------------------------------
 
 
-def _to_numpy(v: Any) -> np.ndarray:
-    """A torch tensor or array → numpy, floating point as float32."""
-    if hasattr(v, "detach"):  # torch tensor
-        v = v.detach().cpu()
-        v = v.float() if v.is_floating_point() else v
-        return v.numpy()
-    return io.to_float32(v)
-
-
 def _read_folder(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], str]:
     """A diffusers ``AutoencoderKL`` folder (config.json + weights) or a pipeline folder with ``vae/``."""
     if not (folder / "config.json").exists() and (folder / "vae" / "config.json").exists():
@@ -281,12 +271,6 @@ def _read_folder(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], s
         raise ConversionError(f"{folder}: no config.json (nor vae/config.json); not a diffusers VAE folder")
     sd, cfg, name = io.read_checkpoint(folder)
     return sd, cfg, name
-
-
-def _expected_shapes(config: VAEConfig) -> dict[str, tuple[int, ...]]:
-    vae = AutoencoderKL(config)
-    abstract = jax.eval_shape(lambda k: vae.init(k, *config.dummy_inputs(1))["params"], jax.random.key(0))
-    return {k: tuple(v.shape) for k, v in flatten(nn.meta.unbox(abstract)).items()}
 
 
 # ---- public entry points ---------------------------------------------------------------------------------------
@@ -307,7 +291,7 @@ def vae_from_torch(
     name = "state dict"
     diffusers_cfg = None
     if isinstance(source, Mapping):
-        full = {k: _to_numpy(v) for k, v in source.items()}
+        full = {k: io.to_float32(v) for k, v in source.items()}
     else:
         path = Path(source)
         if path.is_dir():
@@ -339,7 +323,7 @@ def vae_from_torch(
     params = import_(
         vae_rules(config, fmt),
         sd,
-        expected=_expected_shapes(config),
+        expected=expected_shapes(config),
         ignore=lambda k: fmt == "ldm" and k.startswith("loss."),  # LDM training checkpoints keep the loss nets
         source=f"{name} ({fmt} keys)",
     )
