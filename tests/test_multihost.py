@@ -11,11 +11,10 @@ import jax
 import numpy as np
 import portpicker
 import pytest
+from subprocess_env import REPO, cpu_env
 
 from dit_jax.train import checkpoints
 from dit_jax.train.metrics import read_metrics
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG = textwrap.dedent(
     """
@@ -38,17 +37,6 @@ CONFIG = textwrap.dedent(
         return c
     """
 )
-
-
-def cpu_env(devices: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        JAX_NUM_CPU_DEVICES=str(devices),
-        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-        PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
-    )
-    return env
 
 
 def launch(config, workdir, log_dir, *, processes: int, devices: int, extra=()) -> None:

@@ -1,7 +1,6 @@
 """SIGTERM (preemption) mid-run: ``python -m dit_jax.train`` saves a checkpoint and exits; the run resumes from it
 on a different device count and mesh (here: in the 8-device test process)."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,11 +10,10 @@ import time
 import jax
 import numpy as np
 import pytest
+from subprocess_env import REPO, cpu_env
 
 from dit_jax.train import checkpoints
 from dit_jax.train.metrics import read_metrics
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG = textwrap.dedent(
     """
@@ -35,17 +33,6 @@ CONFIG = textwrap.dedent(
         return c
     """
 )
-
-
-def cpu_env(devices: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        JAX_NUM_CPU_DEVICES=str(devices),
-        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-        PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
-    )
-    return env
 
 
 @pytest.fixture(autouse=True)
