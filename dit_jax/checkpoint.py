@@ -1,12 +1,14 @@
 """Model directories: ``config.json`` (the config plus a format version) and the params saved with orbax.
 
-What ``dit_jax.convert`` writes and pipelines load (DESIGN.md rule 3: a checkpoint describes itself). Layout::
+What ``dit_jax.convert`` writes and pipelines load (DESIGN.md rule 3: a checkpoint describes itself). Not to be
+confused with a training run's checkpoints (``WORKDIR/checkpoints/<step>/``: ``dit_jax.runs`` reads them,
+``dit_jax.train.checkpoints`` writes them). Layout::
 
     MODEL_DIR/config.json   {"format_version": 1, "family": ..., <config fields>}
     MODEL_DIR/params/       orbax PyTree checkpoint of the parameter tree (loop or scanned layout, per config)
 
 Saving is atomic: everything is written to a temporary folder beside ``MODEL_DIR`` and renamed when complete.
-``load_model`` works for every family in ``dit_jax.models.FAMILIES`` (models and VAEs alike).
+``load_model`` works for every registered family (``dit_jax.models`` and ``dit_jax.encoders``: models, VAEs, T5).
 """
 
 import json
@@ -17,8 +19,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from dit_jax.convert.io import atomic_path
-from dit_jax.models import config_from_dict
+import dit_jax.encoders  # noqa: F401  (registers the VAE and T5 families, so their model directories load)
+from dit_jax.files import atomic_path, read_json
+from dit_jax.models import check_params, config_from_dict
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -46,7 +49,7 @@ def save_model(directory: str | os.PathLike, config: Any, params: Any, *, overwr
     return Path(directory)
 
 
-def load_config(directory: str | os.PathLike) -> Any:
+def load_model_config(directory: str | os.PathLike) -> Any:
     """The config of a model directory (no params read)."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -54,12 +57,7 @@ def load_config(directory: str | os.PathLike) -> Any:
     path = directory / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{directory} is not a model directory: {CONFIG_FILE} is missing")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from e
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(d).__name__}")
+    d = read_json(path)
     version = d.pop("format_version", None)
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version={version!r}; this dit_jax reads version {FORMAT_VERSION}")
@@ -69,10 +67,19 @@ def load_config(directory: str | os.PathLike) -> Any:
         raise ValueError(f"{path}: {e}") from e
 
 
+load_config = load_model_config  # the earlier name
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a model directory (``config.json`` with ``format_version``), not a diffusers folder."""
+    path = Path(path)
+    return path.is_dir() and (path / CONFIG_FILE).is_file() and "format_version" in read_json(path / CONFIG_FILE)
+
+
 def load_model(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     """``(config, params)`` of a model directory; params as float32 numpy arrays in the config's layout."""
     directory = Path(directory).absolute()
-    config = load_config(directory)
+    config = load_model_config(directory)
     params_dir = directory / PARAMS_DIR
     if not params_dir.is_dir():
         raise FileNotFoundError(f"{directory} is not a complete model directory: {PARAMS_DIR}/ is missing")
@@ -84,19 +91,5 @@ def load_model(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     except Exception as e:  # orbax/tensorstore errors on damaged checkpoints
         raise ValueError(f"{params_dir}: cannot read the orbax params (damaged checkpoint?): {e}") from e
     params = jax.tree.map(np.asarray, params)
-    _check_shapes(config, params, params_dir)
+    check_params(config, params, f"{params_dir} (config.json)")
     return config, params
-
-
-def _check_shapes(config: Any, params: Any, where: Path) -> None:
-    import flax.linen as nn
-
-    from dit_jax.convert.rules import flatten
-    from dit_jax.models import abstract_params
-
-    want = {k: tuple(v.shape) for k, v in flatten(nn.meta.unbox(abstract_params(config))).items()}
-    got = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
-    bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-    if bad:
-        details = "\n  ".join(f"{k}: expected {want.get(k, 'nothing')}, found {got.get(k, 'nothing')}" for k in bad)
-        raise ValueError(f"{where}: the params do not match config.json:\n  {details}")

@@ -8,7 +8,6 @@ class ≥ 90%.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -58,22 +57,26 @@ def generate_digits(
     import jax
     import jax.numpy as jnp
 
-    from dit_jax.train.checkpoints import load_config, load_ema_params
-    from dit_jax.train.objectives import make_schedule
-    from dit_jax.train.sampling import generate, sample_method
+    from dit_jax import diffusion
+    from dit_jax.models import family_of
+    from dit_jax.runs import load_ema_params, run_config
+    from dit_jax.train.grids import generate
 
-    step, model_config, config = load_config(workdir, step)
+    step, model_config, config = run_config(workdir, step)
     _, params = load_ema_params(workdir, step)
+    family = family_of(model_config)
     s = config.get("sample", {})
     settings = dict(
-        method=sample_method(config["objective"], method or s.get("method")),
+        method=diffusion.default_method(config["objective"], method or s.get("method")),
         num_steps=int(num_steps or s.get("num_steps", 50)),
         guidance_scale=float(s.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale),
         **dict(s.get("options", {})),
     )
-    schedule = make_schedule(config["objective"], config.get("diffusion", {}), model_config)
+    schedule = diffusion.make_schedule(
+        config["objective"], config.get("diffusion", {}), learned_sigma=model_config.learn_sigma
+    )
     size = model_config.input_size
-    labels = np.repeat(np.arange(model_config.num_classes, dtype=np.int32), samples_per_class)
+    labels = np.repeat(np.arange(family.num_classes(model_config), dtype=np.int32), samples_per_class)
 
     @jax.jit
     def run(params, y, key):
@@ -81,7 +84,7 @@ def generate_digits(
         return generate(
             model_config,
             params,
-            {"y": y},
+            family.label_condition(model_config, y),
             latents,
             jax.random.fold_in(key, 1),
             schedule=schedule,
@@ -102,7 +105,9 @@ def generate_digits(
 
 def evaluate(workdir: str, **kwargs) -> dict[str, Any]:
     """Generate, classify and score; returns the report that is also written as JSON."""
-    from dit_jax.train.sampling import image_grid, save_png, to_images
+    from dit_jax.files import write_json
+    from dit_jax.pipelines.images import save_png
+    from dit_jax.train.grids import grid_png
 
     t0 = time.perf_counter()
     step, config, images, labels, settings = generate_digits(workdir, **kwargs)
@@ -127,13 +132,10 @@ def evaluate(workdir: str, **kwargs) -> dict[str, Any]:
         "sampling_seconds": seconds,
     }
     out_dir = os.path.join(workdir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"step_{step:07d}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(path, report)
     first = np.concatenate([images[labels == c][:10] for c in classes])
-    save_png(os.path.join(out_dir, f"step_{step:07d}.png"), image_grid(to_images(first), len(classes)))
+    save_png(os.path.join(out_dir, f"step_{step:07d}.png"), grid_png(first, len(classes)))
     report["json"] = path
     return report
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dit_jax.models import DiTConfig, count_params
+from dit_jax.models import count_params, family_of
 from dit_jax.models.flops import forward_flops
 from dit_jax.parallel.mesh import batch_sharding, describe_mesh, example_order
 
@@ -77,23 +77,15 @@ def abstract_batch(model_config, global_batch: int) -> dict[str, jax.ShapeDtypeS
     """The training batch the step expects, as shapes (latents of the model's training size)."""
     s, c = model_config.input_size, model_config.in_channels
     batch = {"x": jax.ShapeDtypeStruct((global_batch, s, s, c), jnp.float32)}
-    if isinstance(model_config, DiTConfig):
-        batch["y"] = jax.ShapeDtypeStruct((global_batch,), jnp.int32)
-    else:
-        length = model_config.caption_length
-        batch["caption"] = jax.ShapeDtypeStruct((global_batch, length, model_config.caption_width), jnp.float32)
-        batch["caption_mask"] = jax.ShapeDtypeStruct((global_batch, length), jnp.int32)
-        if model_config.micro_conditions:
-            batch["resolution"] = jax.ShapeDtypeStruct((global_batch, 2), jnp.float32)
-            batch["aspect_ratio"] = jax.ShapeDtypeStruct((global_batch, 1), jnp.float32)
+    batch.update(family_of(model_config).condition_specs(model_config, global_batch))
     return batch
 
 
 def plan(config, devices: list | None = None, *, mfu: float = 0.4) -> dict[str, Any]:
     """Compile the train step of ``config`` for ``devices`` (default: this host's) and describe its cost."""
+    from dit_jax.train.setup import prepare
     from dit_jax.train.state import state_shardings
     from dit_jax.train.steps import make_train_step
-    from dit_jax.train.trainer import prepare
 
     setup = prepare(config, devices=devices)
     cfg, model_config, mesh = setup.config, setup.model_config, setup.mesh
@@ -159,7 +151,7 @@ def main(argv: list[str]) -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    from dit_jax.train.trainer import ConfigError
+    from dit_jax.train.setup import ConfigError
 
     config_flags.DEFINE_config_file("config", None, "Training config file (configs/NAME.py).", lock_config=False)
     flags.DEFINE_string(

@@ -26,7 +26,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-_DTYPES = ("fp32", "bf16", "float32", "bfloat16")
+from dit_jax.nn.layers import dtype_names
+
+_DTYPES = tuple(dtype_names(("float32", "bfloat16")))
 
 
 def parse_classes(text: str) -> list[int]:
@@ -127,19 +129,22 @@ def _check_outputs(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch-size {args.batch_size}: expected a positive integer")
 
 
-def _check_inputs(args: argparse.Namespace, text: bool) -> list:
-    """Class ids or prompts, whichever the source takes (one clear error for the other)."""
+def _check_inputs(args: argparse.Namespace, text: bool, kind: str) -> list:
+    """Class ids or prompts, whichever the source takes (one clear error for the other); ``kind`` names the model
+    family for messages."""
     if text:
         if args.classes is not None:
             raise ValueError(
-                "this source is a text-to-image (PixArt) model: give --prompt/--prompts-file, not --classes"
+                f"this source is a text-to-image ({kind}) model: give --prompt/--prompts-file, not --classes"
             )
         return read_prompts(args.prompt, args.prompts_file)
     given = [f for f, v in (("--prompt", args.prompt), ("--prompts-file", args.prompts_file)) if v]
     given += [f for f in ("--height", "--width", "--text-encoder") if getattr(args, f[2:].replace("-", "_"))]
     if given:
         verb = "does" if len(given) == 1 else "do"
-        raise ValueError(f"this source is a class-conditional DiT: {', '.join(given)} {verb} not apply; give --classes")
+        raise ValueError(
+            f"this source is a class-conditional {kind}: {', '.join(given)} {verb} not apply; give --classes"
+        )
     if args.classes is None:
         raise ValueError("give --classes (comma-separated class ids) for a class-conditional model")
     return parse_classes(args.classes)
@@ -160,7 +165,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     extra = {k: v for k, v in (("text_encoder", args.text_encoder), ("text_dtype", args.text_dtype)) if v is not None}
     pipe = load(source, vae=args.vae, scheduler=args.scheduler, dtype=args.dtype, **extra)
     text = isinstance(pipe, TextToImagePipeline)
-    items = _check_inputs(args, text)
+    items = _check_inputs(args, text, pipe.family.display_name)
     if text:
         binning = False if args.no_resolution_binning else None
         size = dict(height=args.height, width=args.width)
@@ -172,7 +177,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     steps = pipe.num_inference_steps if args.steps is None else args.steps
     _, method, _ = pipe.sampler_settings(args.method)
     options = sampler_options(args, method, steps)
-    calls = pipe.plan(steps, method, **options).num_model_calls
+    calls = pipe.trajectory(steps, method, **options).num_model_calls
 
     n = len(items)
     size = args.batch_size or n

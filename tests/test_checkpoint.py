@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from parity import assert_trees_equal
 
 from dit_jax import models
 from dit_jax.checkpoint import load_model, save_model
@@ -32,10 +33,9 @@ def _random_params(config, seed: int):
 
 
 def _assert_same(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        assert isinstance(y, np.ndarray) and y.dtype == np.float32
-        np.testing.assert_array_equal(np.asarray(x), y)
+    """``b`` (loaded) holds float32 numpy arrays bit-equal to ``a``'s."""
+    assert_trees_equal(a, b)
+    assert all(isinstance(y, np.ndarray) and y.dtype == np.float32 for y in jax.tree.leaves(b))
 
 
 def test_round_trip_loop_and_scanned(tmp_path):

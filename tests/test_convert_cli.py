@@ -4,10 +4,10 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch_reference as ref
+from parity import assert_bit_exact, randomize_, state_dict_numpy, state_dict_torch
 
 from dit_jax import convert
 from dit_jax.checkpoint import load_model
@@ -17,10 +17,10 @@ from dit_jax.convert.__main__ import main, parse_set
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny original-format DiT training checkpoint (width 32: heads must be given)."""
-    m = ref.randomize_(ref.OrigDiT(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=4, num_classes=3), 0)
-    sd = ref.state_dict_numpy(m)
+    m = randomize_(ref.OrigDiT(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=4, num_classes=3), 0)
+    sd = state_dict_numpy(m)
     path = tmp_path_factory.mktemp("ckpt") / "0001000.pt"
-    torch.save({"ema": {k: torch.from_numpy(v) for k, v in sd.items()}}, path)
+    torch.save({"ema": state_dict_torch(sd)}, path)
     return path, sd
 
 
@@ -44,7 +44,7 @@ def test_import_export_end_to_end(tmp_path, checkpoint):
     out = _cli("--to-torch", tmp_path / "model", tmp_path / "dit.safetensors", "--format", "original")
     assert out.returncode == 0, out.stderr[-2000:]
     back, _, _ = convert.read_checkpoint(tmp_path / "dit.safetensors")
-    assert sorted(back) == sorted(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
+    assert_bit_exact(back, sd)
 
     assert main(["--to-torch", str(tmp_path / "model"), str(tmp_path / "dit-diffusers"), "--format", "diffusers"]) == 0
     assert (tmp_path / "dit-diffusers" / "config.json").exists()

@@ -8,6 +8,16 @@ import numpy as np
 import pytest
 import torch
 import torch_reference as ref
+from parity import (
+    assert_bit_exact,
+    check_parity,
+    nchw,
+    nhwc,
+    randomize_,
+    randomize_normal_,
+    state_dict_numpy,
+    state_dict_torch,
+)
 
 from dit_jax import convert, models
 
@@ -35,10 +45,7 @@ def diffusers_dit(cfg: dict, seed: int, original_numerics: bool = False, **kw):
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(seed)
-    m = DiTTransformer2DModel(**{**cfg, **kw}).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.1)
+    m = randomize_normal_(DiTTransformer2DModel(**{**cfg, **kw}).eval(), 0.1)
     for block in m.transformer_blocks[1:]:
         block.norm1.emb.load_state_dict(m.transformer_blocks[0].norm1.emb.state_dict())
     if original_numerics:
@@ -46,10 +53,6 @@ def diffusers_dit(cfg: dict, seed: int, original_numerics: bool = False, **kw):
             block.norm1.emb.time_proj.downscale_freq_shift = 0
             block.norm3.eps = 1e-6
     return m
-
-
-def numpy_sd(m: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy().copy() for k, v in m.state_dict().items()}
 
 
 def inputs(size: int, classes: int, seed: int = 0):
@@ -67,24 +70,7 @@ def run_diffusers(m, x, t, y) -> np.ndarray:
 
 
 def run_jax(config, params, x, t, y) -> np.ndarray:
-    out = models.build(config).apply({"params": params}, x.transpose(0, 2, 3, 1), t, y.astype(np.int32))
-    return np.asarray(out).transpose(0, 3, 1, 2)
-
-
-def check_parity(name: str, got: np.ndarray, want: np.ndarray) -> float:
-    err = float(np.max(np.abs(got - want)))
-    scale = max(1.0, float(np.max(np.abs(want))))
-    print(f"{name}: max abs err {err:.2e} (reference scale {scale:.2f})")
-    assert got.shape == want.shape
-    assert err <= 1e-5 * scale, f"{name}: {err} > {1e-5 * scale}"
-    return err
-
-
-def assert_bit_exact(got: dict, want: dict) -> None:
-    assert sorted(got) == sorted(want), (sorted(set(got) ^ set(want)))[:10]
-    for k in want:
-        assert got[k].dtype == np.float32 and got[k].shape == want[k].shape, k
-        assert np.array_equal(got[k], want[k]), k
+    return nchw(models.build(config).apply({"params": params}, nhwc(x), t, y.astype(np.int32)))
 
 
 def original_from_diffusers(sd: dict, depth: int, input_size: int, patch: int) -> dict:
@@ -127,7 +113,7 @@ def test_diffusers_tiny_parity_and_round_trip(tmp_path):
     assert config.timestep_freq_shift == 1.0 and config.mlp_norm_eps == 1e-5 and config.learn_sigma
     x, t, y = inputs(8, 8)
     check_parity("DiT diffusers tiny", run_jax(config, params, x, t, y), run_diffusers(m, x, t, y))
-    assert_bit_exact(convert.to_torch(config, params, format="diffusers"), numpy_sd(m))
+    assert_bit_exact(convert.to_torch(config, params, format="diffusers"), state_dict_numpy(m))
 
 
 def test_diffusers_larger_parity_scan_and_folder_export(tmp_path):
@@ -141,7 +127,7 @@ def test_diffusers_larger_parity_scan_and_folder_export(tmp_path):
     want = run_diffusers(m, x, t, y)
     check_parity("DiT diffusers depth 3 width 80 (scanned)", run_jax(config, params, x, t, y), want)
     # scanned params export to the same state dict; a written folder loads back into diffusers
-    assert_bit_exact(convert.to_torch(config, params, format="diffusers"), numpy_sd(m))
+    assert_bit_exact(convert.to_torch(config, params, format="diffusers"), state_dict_numpy(m))
     out = convert.save_torch(tmp_path / "exported", config, params, format="diffusers")
     m2 = DiTTransformer2DModel.from_pretrained(out).eval()
     np.testing.assert_array_equal(run_diffusers(m2, x, t, y), want)
@@ -152,7 +138,7 @@ def test_diffusers_safetensors_without_config_needs_overrides(tmp_path):
 
     m = diffusers_dit(LARGER, seed=2, sample_size=LARGER_SAMPLE)
     path = tmp_path / "dit.safetensors"
-    save_file(numpy_sd(m), str(path))
+    save_file(state_dict_numpy(m), str(path))
     with pytest.raises(convert.ConversionError, match=r"cannot infer .*num_heads.*input_size") as e:
         convert.from_torch(path)
     print(e.value)
@@ -164,7 +150,7 @@ def test_diffusers_safetensors_without_config_needs_overrides(tmp_path):
 
 def test_diffusers_per_block_embedders_must_agree():
     m = diffusers_dit(LARGER, seed=3, sample_size=LARGER_SAMPLE)
-    sd = numpy_sd(m)
+    sd = state_dict_numpy(m)
     sd["transformer_blocks.2.norm1.emb.timestep_embedder.linear_1.bias"] += 1.0
     with pytest.raises(convert.ConversionError, match=r"transformer_blocks\.2\.norm1\.emb\.timestep_embedder"):
         convert.from_state_dict(sd, diffusers_config=dict(m.config, _class_name="DiTTransformer2DModel"))
@@ -179,13 +165,13 @@ def test_original_pt_ema_and_model_weights(tmp_path):
 
     ema = diffusers_dit(TINY, seed=4, original_numerics=True, num_layers=2)
     raw = diffusers_dit(TINY, seed=5, original_numerics=True, num_layers=2)
-    sd_ema = original_from_diffusers(numpy_sd(ema), 2, 8, 2)
-    sd_raw = original_from_diffusers(numpy_sd(raw), 2, 8, 2)
+    sd_ema = original_from_diffusers(state_dict_numpy(ema), 2, 8, 2)
+    sd_raw = original_from_diffusers(state_dict_numpy(raw), 2, 8, 2)
     path = tmp_path / "0100000.pt"
     torch.save(
         {
-            "model": {k: torch.from_numpy(v) for k, v in sd_raw.items()},
-            "ema": {k: torch.from_numpy(v) for k, v in sd_ema.items()},
+            "model": state_dict_torch(sd_raw),
+            "ema": state_dict_torch(sd_ema),
             "opt": {"state": {}, "param_groups": [{"lr": 1e-4}]},
             "args": argparse.Namespace(model="DiT-tiny", image_size=64),
         },
@@ -199,7 +185,7 @@ def test_original_pt_ema_and_model_weights(tmp_path):
     check_parity("DiT original .pt (model)", run_jax(config_m, params_m, x, t, y), run_diffusers(raw, x, t, y))
     assert_bit_exact(convert.to_torch(config, params, format="original"), sd_ema)
 
-    torch.save({"model": {k: torch.from_numpy(v) for k, v in sd_raw.items()}}, tmp_path / "model_only.pt")
+    torch.save({"model": state_dict_torch(sd_raw)}, tmp_path / "model_only.pt")
     with pytest.raises(convert.ConversionError, match=r"no 'ema' entry; available keys: \['model'\]"):
         convert.from_torch(tmp_path / "model_only.pt", num_heads=2)
 
@@ -207,12 +193,12 @@ def test_original_pt_ema_and_model_weights(tmp_path):
 @pytest.mark.filterwarnings("ignore:exporting a DiT")
 def test_original_reference_parity_override_and_round_trips(tmp_path):
     """tests/torch_reference.OrigDiT (original key names and numerics) at a non-published width."""
-    torch_model = ref.randomize_(
+    torch_model = randomize_(
         ref.OrigDiT(input_size=16, patch_size=4, hidden_size=80, depth=2, num_heads=5, num_classes=10), seed=6
     ).eval()
-    sd = ref.state_dict_numpy(torch_model)
+    sd = state_dict_numpy(torch_model)
     path = tmp_path / "DiT-custom.pt"
-    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, path)
+    torch.save(state_dict_torch(sd), path)
     with pytest.raises(convert.ConversionError, match="num_heads: .*width 80"):
         convert.from_torch(path)
     config, params = convert.from_torch(path, num_heads=5)
@@ -235,7 +221,7 @@ def test_original_reference_parity_override_and_round_trips(tmp_path):
 
 
 def test_preset_supplies_fields_and_detection():
-    sd = ref.state_dict_numpy(ref.OrigDiT(input_size=8, patch_size=2, hidden_size=384, depth=1, num_heads=6))
+    sd = state_dict_numpy(ref.OrigDiT(input_size=8, patch_size=2, hidden_size=384, depth=1, num_heads=6))
     family_format = convert.detect(sd)
     assert family_format == ("dit", "original")
     config, _ = convert.from_state_dict(sd)

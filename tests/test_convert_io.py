@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch_reference as ref
+from parity import randomize_, state_dict_numpy, state_dict_torch
 from safetensors.numpy import save_file
 
 from dit_jax import convert
@@ -20,11 +21,7 @@ from dit_jax.convert import io
 def dit_sd() -> dict[str, np.ndarray]:
     """A tiny original-format DiT (width 384 so heads are inferred: 6)."""
     m = ref.OrigDiT(input_size=8, patch_size=2, hidden_size=384, depth=1, num_heads=6, num_classes=4)
-    return ref.state_dict_numpy(ref.randomize_(m, seed=0))
-
-
-def _tensors(sd):
-    return {k: torch.from_numpy(v) for k, v in sd.items()}
+    return state_dict_numpy(randomize_(m, seed=0))
 
 
 def test_safetensors_bf16_fp16_become_float32(tmp_path, dit_sd):
@@ -47,14 +44,18 @@ def test_safetensors_bf16_fp16_become_float32(tmp_path, dit_sd):
 def test_wrappers(tmp_path, dit_sd):
     other = {k: v + 1 for k, v in dit_sd.items()}
     cases = {
-        "bare.pt": (_tensors(dit_sd), "ema", dit_sd),
-        "pixart.pth": ({"state_dict": _tensors(dit_sd)}, "model", dit_sd),
+        "bare.pt": (state_dict_torch(dit_sd), "ema", dit_sd),
+        "pixart.pth": ({"state_dict": state_dict_torch(dit_sd)}, "model", dit_sd),
         "pixart_train.pth": (
-            {"state_dict": _tensors(other), "state_dict_ema": _tensors(dit_sd), "epoch": 3},
+            {"state_dict": state_dict_torch(other), "state_dict_ema": state_dict_torch(dit_sd), "epoch": 3},
             "ema",
             dit_sd,
         ),
-        "pixart_train_raw.pth": ({"state_dict": _tensors(other), "state_dict_ema": _tensors(dit_sd)}, "model", other),
+        "pixart_train_raw.pth": (
+            {"state_dict": state_dict_torch(other), "state_dict_ema": state_dict_torch(dit_sd)},
+            "model",
+            other,
+        ),
     }
     for name, (obj, weights, want) in cases.items():
         torch.save(obj, tmp_path / name)
@@ -72,7 +73,7 @@ def test_truncated_and_corrupt_files(tmp_path, dit_sd):
     data = (tmp_path / "ok.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
-    torch.save(_tensors(dit_sd), tmp_path / "ok.pt")
+    torch.save(state_dict_torch(dit_sd), tmp_path / "ok.pt")
     data = (tmp_path / "ok.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     (tmp_path / "junk.pt").write_bytes(os.urandom(256))
@@ -162,13 +163,13 @@ def test_detect_family_and_format():
     dit = DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=4, num_layers=1, sample_size=8, num_embeds_ada_norm=4
     )
-    dit_sd = {k: v.numpy() for k, v in dit.state_dict().items()}
+    dit_sd = state_dict_numpy(dit)
     pixart_cfg = dict(num_attention_heads=2, attention_head_dim=6, num_layers=1, sample_size=128, caption_channels=8)
     pixart_cfg["cross_attention_dim"] = 12
     pixart = PixArtTransformer2DModel(**pixart_cfg)
-    pixart_sd = {k: v.numpy() for k, v in pixart.state_dict().items()}
-    orig_dit = ref.state_dict_numpy(ref.OrigDiT(input_size=8, hidden_size=8, depth=1, num_heads=2))
-    orig_pixart = ref.state_dict_numpy(
+    pixart_sd = state_dict_numpy(pixart)
+    orig_dit = state_dict_numpy(ref.OrigDiT(input_size=8, hidden_size=8, depth=1, num_heads=2))
+    orig_pixart = state_dict_numpy(
         ref.OrigPixArtMS(input_size=8, hidden_size=12, depth=1, num_heads=2, caption_channels=8, model_max_length=4)
     )
     assert convert.detect(dit_sd) == ("dit", "diffusers")

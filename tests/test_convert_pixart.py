@@ -10,6 +10,16 @@ import numpy as np
 import pytest
 import torch
 import torch_reference as ref
+from parity import (
+    assert_bit_exact,
+    check_parity,
+    nchw,
+    nhwc,
+    randomize_,
+    randomize_normal_,
+    state_dict_numpy,
+    state_dict_torch,
+)
 
 from dit_jax import convert, models
 
@@ -58,15 +68,7 @@ def diffusers_pixart(cfg: dict, seed: int):
     from diffusers import PixArtTransformer2DModel
 
     torch.manual_seed(seed)
-    m = PixArtTransformer2DModel(**cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.1)
-    return m
-
-
-def numpy_sd(m: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy().copy() for k, v in m.state_dict().items()}
+    return randomize_normal_(PixArtTransformer2DModel(**cfg).eval(), 0.1)
 
 
 def inputs(height: int, width: int, caption_len: int, caption_width: int, seed: int = 0):
@@ -99,26 +101,8 @@ def run_diffusers(m, x, t, caption, mask, hw, ar) -> np.ndarray:
 
 def run_jax(config, params, x, t, caption, mask, hw, ar, drop=None) -> np.ndarray:
     micro = (hw, ar) if config.micro_conditions else (None, None)
-    out = models.build(config).apply(
-        {"params": params}, x.transpose(0, 2, 3, 1), t, caption, mask, *micro, drop_caption=drop
-    )
-    return np.asarray(out).transpose(0, 3, 1, 2)
-
-
-def check_parity(name: str, got: np.ndarray, want: np.ndarray) -> float:
-    err = float(np.max(np.abs(got - want)))
-    scale = max(1.0, float(np.max(np.abs(want))))
-    print(f"{name}: max abs err {err:.2e} (reference scale {scale:.2f})")
-    assert got.shape == want.shape
-    assert err <= 1e-5 * scale, f"{name}: {err} > {1e-5 * scale}"
-    return err
-
-
-def assert_bit_exact(got: dict, want: dict) -> None:
-    assert sorted(got) == sorted(want), sorted(set(got) ^ set(want))[:10]
-    for k in want:
-        assert got[k].dtype == np.float32 and got[k].shape == want[k].shape, k
-        assert np.array_equal(got[k], want[k]), k
+    out = models.build(config).apply({"params": params}, nhwc(x), t, caption, mask, *micro, drop_caption=drop)
+    return nchw(out)
 
 
 def original_from_diffusers(sd: dict, depth: int, grid: int, interpolation: float) -> dict:
@@ -170,7 +154,7 @@ def test_diffusers_tiny_no_caption_projection(tmp_path):
     check_parity(
         "PixArt diffusers tiny (no caption projection)", run_jax(config, params, *args), run_diffusers(m, *args)
     )
-    assert_bit_exact(convert.to_torch(config, params, format="diffusers"), numpy_sd(m))
+    assert_bit_exact(convert.to_torch(config, params, format="diffusers"), state_dict_numpy(m))
 
 
 def test_diffusers_pipeline_folder_micro_conditions_non_square(tmp_path):
@@ -186,7 +170,7 @@ def test_diffusers_pipeline_folder_micro_conditions_non_square(tmp_path):
     check_parity(
         "PixArt diffusers pipeline tiny (micro-cond, interp 2, 8x12, mask)", run_jax(config, params, *args), want
     )
-    assert_bit_exact(convert.to_torch(config, params, format="diffusers"), numpy_sd(m))
+    assert_bit_exact(convert.to_torch(config, params, format="diffusers"), state_dict_numpy(m))
 
 
 def test_diffusers_larger_sharded_and_exported_folder(tmp_path):
@@ -203,7 +187,7 @@ def test_diffusers_larger_sharded_and_exported_folder(tmp_path):
     out = convert.save_torch(tmp_path / "exported", config, params, format="diffusers")
     m2 = PixArtTransformer2DModel.from_pretrained(out).eval()
     np.testing.assert_array_equal(run_diffusers(m2, *args), want)
-    assert_bit_exact(convert.to_torch(config, params, format="diffusers"), numpy_sd(m))
+    assert_bit_exact(convert.to_torch(config, params, format="diffusers"), state_dict_numpy(m))
 
 
 # ---- original format ----------------------------------------------------------------------------------------------
@@ -212,11 +196,11 @@ def test_diffusers_larger_sharded_and_exported_folder(tmp_path):
 def test_original_from_diffusers_mapping_with_null_caption(tmp_path):
     """diffusers ≡ original (MODELS.md §2.3): map the state dict to original keys + y_embedding + pos_embed."""
     m = diffusers_pixart(PIPE, seed=3)
-    sd = original_from_diffusers(numpy_sd(m), depth=2, grid=4, interpolation=2.0)
+    sd = original_from_diffusers(state_dict_numpy(m), depth=2, grid=4, interpolation=2.0)
     caption_len = 7
     sd["y_embedder.y_embedding"] = np.random.RandomState(3).randn(caption_len, 32).astype(np.float32)
     path = tmp_path / "PixArt-tiny.pth"
-    torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in sd.items()}}, path)
+    torch.save({"state_dict": state_dict_torch(sd)}, path)
     config, params = convert.from_torch(path, num_heads=3)
     assert (config.input_size, config.pe_interpolation, config.caption_length) == (8, 2.0, caption_len)
     assert config.learned_null_caption and config.micro_conditions
@@ -238,7 +222,7 @@ def test_original_from_diffusers_mapping_with_null_caption(tmp_path):
         assert_bit_exact(back, sd)
     with pytest.warns(UserWarning, match="no learned null caption"):
         exported = convert.to_torch(config, params, format="diffusers")
-    assert_bit_exact(exported, numpy_sd(m))
+    assert_bit_exact(exported, state_dict_numpy(m))
 
 
 def test_original_reference_qk_norm_kv_compress(tmp_path):
@@ -256,8 +240,8 @@ def test_original_reference_qk_norm_kv_compress(tmp_path):
         qk_norm=True,
         kv_compress_config=kv,
     )
-    torch_model = ref.randomize_(torch_model, seed=4).eval()
-    sd = ref.state_dict_numpy(torch_model)
+    torch_model = randomize_(torch_model, seed=4).eval()
+    sd = state_dict_numpy(torch_model)
     assert "blocks.1.attn.sr.weight" in sd and "blocks.0.attn.q_norm.weight" in sd
     path = tmp_path / "sigma-kv.safetensors"
     from safetensors.numpy import save_file
@@ -285,7 +269,7 @@ def test_pe_interpolation_inference():
             input_size=2 * grid, patch_size=2, hidden_size=d, depth=1, num_heads=3, caption_channels=8,
             model_max_length=4, pe_interpolation=interp,
         )  # fmt: skip
-        return ref.state_dict_numpy(m)
+        return state_dict_numpy(m)
 
     for interp in (0.5, 1.0, 2.0, 4.0):
         config, _ = convert.from_state_dict(sd_for(interp), num_heads=3)

@@ -9,15 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from parity import rel_err
 
 import dit_jax.diffusion as D
 
 B, H, W, C = 4, 4, 4, 3
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
 def data(seed=0):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from parity import nhwc, torch_nchw
 
 import dit_jax.diffusion as D
 from dit_jax.diffusion.guidance import cfg
@@ -58,17 +59,10 @@ def test_channel_subset_matches_forward_with_cfg():
     for k in (3, C):
         fn = cfg(cond_model_jax, jnp.asarray(y), jnp.full((B,), NULL), 4.0, guide_channels=None if k == C else k)
         ours = np.asarray(fn(jnp.asarray(x), jnp.asarray(t)))
-        ref = (
+        ref = nhwc(
             forward_with_cfg_reference(
-                torch.from_numpy(x.transpose(0, 3, 1, 2)),
-                torch.from_numpy(t),
-                torch.from_numpy(y),
-                torch.full((B,), NULL),
-                4.0,
-                k,
+                torch_nchw(x), torch.from_numpy(t), torch.from_numpy(y), torch.full((B,), NULL), 4.0, k
             )
-            .numpy()
-            .transpose(0, 2, 3, 1)
         )
         err = float(np.abs(ours - ref).max())
         print(f"cfg guide {k} of {C} channels vs forward_with_cfg: {err:.1e}")
@@ -95,7 +89,7 @@ def test_dit_pipeline_loop_with_guidance():
     sch = diffusers.DDIMScheduler(clip_sample=False)
     sch.set_timesteps(25)
     labels = torch.cat([torch.from_numpy(y), torch.full((B,), NULL)])
-    z = torch.cat([torch.from_numpy(x_init.transpose(0, 3, 1, 2))] * 2)
+    z = torch.cat([torch_nchw(x_init)] * 2)
     for t in sch.timesteps:
         half = z[: len(z) // 2]
         z = torch.cat([half, half])
@@ -105,7 +99,7 @@ def test_dit_pipeline_loop_with_guidance():
         half_eps = uncond_eps + 4.0 * (cond_eps - uncond_eps)
         out = torch.cat([torch.cat([half_eps, half_eps]), rest], dim=1)
         z = sch.step(out[:, :C], t, z).prev_sample
-    ref = z[:B].numpy().transpose(0, 2, 3, 1)
+    ref = nhwc(z[:B])
     err = float(np.abs(ours - ref).max())
     print(f"sample(cfg(...), ddim 25) vs DiTPipeline loop: {err:.1e} (max|x| = {np.abs(ref).max():.2f})")
     assert err < 1e-5

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch_reference as ref
+from parity import nhwc, randomize_, rel_err, state_dict_numpy, to_numpy
 
 from dit_jax import models
 from dit_jax.models.pixart import PixArtBlock
@@ -24,24 +25,20 @@ DH = D // HEADS
 # ---- direct weight copies for module-level tests (the full model goes through dit_jax.convert) -----------------
 
 
-def _t2n(t: torch.Tensor) -> np.ndarray:
-    return t.detach().numpy().astype(np.float32)
-
-
 def _dense(lin: torch.nn.Linear, in_shape=None, out_shape=None) -> dict:
-    kernel = _t2n(lin.weight).T
+    kernel = to_numpy(lin.weight).T
     ins = tuple(in_shape) if in_shape else kernel.shape[:1]
     outs = tuple(out_shape) if out_shape else kernel.shape[1:]
-    return {"kernel": kernel.reshape(ins + outs), "bias": _t2n(lin.bias).reshape(outs)}
+    return {"kernel": kernel.reshape(ins + outs), "bias": to_numpy(lin.bias).reshape(outs)}
 
 
 def _norm(ln: torch.nn.LayerNorm) -> dict:
-    return {"scale": _t2n(ln.weight), "bias": _t2n(ln.bias)}
+    return {"scale": to_numpy(ln.weight), "bias": to_numpy(ln.bias)}
 
 
 def _compress(attn: ref.AttentionKVCompress) -> dict:
     return {
-        "sr": {"kernel": _t2n(attn.sr.weight).transpose(2, 3, 1, 0), "bias": _t2n(attn.sr.bias)},
+        "sr": {"kernel": to_numpy(attn.sr.weight).transpose(2, 3, 1, 0), "bias": to_numpy(attn.sr.bias)},
         "norm": _norm(attn.norm),
     }
 
@@ -58,7 +55,7 @@ def _self_attention(attn: ref.AttentionKVCompress) -> dict:
 def _block(blk: ref.PixArtMSBlock) -> dict:
     ca = blk.cross_attn
     return {
-        "scale_shift_table": _t2n(blk.scale_shift_table),
+        "scale_shift_table": to_numpy(blk.scale_shift_table),
         "attn": _self_attention(blk.attn),
         "cross_attn": {
             "q": _dense(ca.q_linear, out_shape=(HEADS, DH)),
@@ -67,10 +64,6 @@ def _block(blk: ref.PixArtMSBlock) -> dict:
         },
         "mlp": {"fc1": _dense(blk.mlp.fc1), "fc2": _dense(blk.mlp.fc2)},
     }
-
-
-def _rel_err(got, want) -> float:
-    return float(np.abs(np.asarray(got) - np.asarray(want)).max() / np.abs(np.asarray(want)).max())
 
 
 GRIDS = {"square": (6, 6), "nonsquare": (6, 12)}  # token grids divisible by 2 and 3
@@ -84,15 +77,15 @@ GRIDS = {"square": (6, 6), "nonsquare": (6, 12)}  # token grids divisible by 2 a
 @pytest.mark.parametrize("op", ["conv", "avg", "discard"])
 def test_kv_compress_matches_reference(op, ratio, grid):
     h, w = grid
-    attn = ref.randomize_(ref.AttentionKVCompress(D, HEADS, sampling=op, sr_ratio=ratio), seed=ratio)
+    attn = randomize_(ref.AttentionKVCompress(D, HEADS, sampling=op, sr_ratio=ratio), seed=ratio)
     tokens = torch.randn(2, h * w, D, generator=torch.Generator().manual_seed(1))
-    want = _t2n(attn.downsample_2d(tokens, h, w))
+    want = to_numpy(attn.downsample_2d(tokens, h, w))
     assert want.shape == (2, h * w // ratio**2, D)
 
     module = KVCompress(ratio, op, grid)
     params = {"params": _compress(attn)} if op == "conv" else {}
-    got = jax.jit(module.apply)(params, _t2n(tokens))
-    err = _rel_err(got, want)
+    got = jax.jit(module.apply)(params, to_numpy(tokens))
+    err = rel_err(got, want)
     print(f"KVCompress op={op} R={ratio} grid={h}x{w}: max rel err {err:.1e}")
     assert got.shape == want.shape
     assert err < 1e-6
@@ -123,19 +116,19 @@ def test_kv_compress_grid_not_divisible_is_a_clear_error():
 @pytest.mark.parametrize("op, ratio", [("conv", 2), ("avg", 3), ("discard", 2)])
 def test_self_attention_qk_norm_and_compression(op, ratio):
     h, w = GRIDS["nonsquare"]
-    attn = ref.randomize_(ref.AttentionKVCompress(D, HEADS, sampling=op, sr_ratio=ratio, qk_norm=True), seed=3)
+    attn = randomize_(ref.AttentionKVCompress(D, HEADS, sampling=op, sr_ratio=ratio, qk_norm=True), seed=3)
     x = torch.randn(2, h * w, D, generator=torch.Generator().manual_seed(4))
-    want = _t2n(attn(x, (h, w)))
+    want = to_numpy(attn(x, (h, w)))
     module = SelfAttention(HEADS, qk_norm=True, kv_compress=(ratio, op), grid=(h, w), backend="xla")
-    got = jax.jit(module.apply)({"params": _self_attention(attn)}, _t2n(x))
-    err = _rel_err(got, want)
+    got = jax.jit(module.apply)({"params": _self_attention(attn)}, to_numpy(x))
+    err = rel_err(got, want)
     print(f"SelfAttention qk_norm op={op} R={ratio}: max rel err {err:.1e}")
     assert err < 1e-5
 
 
 def test_pixart_block_with_compression_and_caption_mask():
     h, w = 4, 6
-    blk = ref.randomize_(ref.PixArtMSBlock(D, HEADS, sampling="conv", sr_ratio=2, qk_norm=True), seed=5)
+    blk = randomize_(ref.PixArtMSBlock(D, HEADS, sampling="conv", sr_ratio=2, qk_norm=True), seed=5)
     g = torch.Generator().manual_seed(6)
     x, y, t0 = (
         torch.randn(2, h * w, D, generator=g),
@@ -143,10 +136,10 @@ def test_pixart_block_with_compression_and_caption_mask():
         torch.randn(2, 6 * D, generator=g),
     )
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
-    want = _t2n(blk(x, y, t0, mask, (h, w)))
+    want = to_numpy(blk(x, y, t0, mask, (h, w)))
     module = PixArtBlock(HEADS, 4 * D, (h, w), qk_norm=True, kv_compress=(2, "conv"), backend="xla")
-    got = jax.jit(module.apply)({"params": _block(blk)}, _t2n(x), _t2n(y), mask.numpy(), _t2n(t0))
-    err = _rel_err(got, want)
+    got = jax.jit(module.apply)({"params": _block(blk)}, to_numpy(x), to_numpy(y), mask.numpy(), to_numpy(t0))
+    err = rel_err(got, want)
     print(f"PixArtBlock (conv R=2, qk-norm, caption mask): max rel err {err:.1e}")
     assert err < 1e-5
 
@@ -168,7 +161,7 @@ def _reference_model(seed, kv=None, skip=(), **kw) -> ref.OrigPixArtMS:
         kv_compress_config=kv,
         **kw,
     )
-    return ref.randomize_(m, seed, skip=skip).eval()
+    return randomize_(m, seed, skip=skip).eval()
 
 
 def _inputs(height, width, seed=0):
@@ -183,14 +176,14 @@ def _inputs(height, width, seed=0):
 def _run_reference(model, x, t, caption, mask, **kw):
     with torch.no_grad():
         out = model(*(torch.from_numpy(a) for a in (x, t, caption, mask)), **kw)
-    return _t2n(out).transpose(0, 2, 3, 1)  # NHWC
+    return nhwc(to_numpy(out))
 
 
 def _convert(model: torch.nn.Module, **overrides):
     """Original-format state dict → (config, params) with ``dit_jax.convert.from_state_dict`` (in memory)."""
     from dit_jax.convert import from_state_dict
 
-    return from_state_dict(ref.state_dict_numpy(model), format="original", **overrides)
+    return from_state_dict(state_dict_numpy(model), format="original", **overrides)
 
 
 _forward = jax.jit(lambda cfg, p, *a: models.build(cfg).apply({"params": p}, *a), static_argnums=0)
@@ -212,8 +205,8 @@ def test_pixart_with_compressed_layers_matches_reference(ratio):
         cfg, p = models.set_scan(config, params, scan)
         if scan:  # a heterogeneous stack is scanned as homogeneous stages
             assert sorted(k for k in p if k.startswith(("stage_", "blocks_"))) == ["stage_0", "stage_1", "stage_2"]
-        got = _forward(cfg, p, x.transpose(0, 2, 3, 1), t, caption, mask)
-        err = _rel_err(got, want)
+        got = _forward(cfg, p, nhwc(x), t, caption, mask)
+        err = rel_err(got, want)
         print(f"PixArt conv R={ratio} layers {KV_LAYERS} scan={scan}: max rel err {err:.1e}")
         assert err < 1e-5
 
@@ -229,8 +222,8 @@ def test_pixart_parameter_free_ops_match_reference(op):
     config = config.replace(
         kv_compress_layers=KV_LAYERS, kv_compress_ratio=2, kv_compress_op=op, attention_backend="xla"
     )
-    got = _forward(config, params, x.transpose(0, 2, 3, 1), t, caption, mask)
-    err = _rel_err(got, want)
+    got = _forward(config, params, nhwc(x), t, caption, mask)
+    err = rel_err(got, want)
     print(f"PixArt {op} R=2 layers {KV_LAYERS}: max rel err {err:.1e}")
     assert err < 1e-5
 
@@ -277,7 +270,7 @@ def test_enable_kv_compress_conv_avg_init():
         abstract = nn.meta.unbox(models.abstract_params(new_cfg))
         assert jax.tree.structure(abstract) == jax.tree.structure(new_p)
         assert all(a.shape == np.shape(b) for a, b in zip(jax.tree.leaves(abstract), jax.tree.leaves(new_p)))
-        outs[scan] = np.asarray(_forward(new_cfg, new_p, x.transpose(0, 2, 3, 1), t, caption, mask))
+        outs[scan] = np.asarray(_forward(new_cfg, new_p, nhwc(x), t, caption, mask))
         if not scan:
             for i in KV_LAYERS:
                 c = new_p[f"blocks_{i}"]["attn"]["compress"]
@@ -287,7 +280,7 @@ def test_enable_kv_compress_conv_avg_init():
                 np.testing.assert_array_equal(c["norm"]["bias"], 0.0)
             assert "compress" not in new_p["blocks_0"]["attn"] and "compress" not in new_p["blocks_3"]["attn"]
     np.testing.assert_allclose(outs[True], outs[False], rtol=0, atol=1e-6)
-    err = _rel_err(outs[False], want)
+    err = rel_err(outs[False], want)
     print(f"enable_kv_compress (Conv Avg Init) vs reference: max rel err {err:.1e}")
     assert err < 1e-5
     with pytest.raises(ValueError, match="already on"):

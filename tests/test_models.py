@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from parity import assert_trees_equal, rel_err
 
 from dit_jax import models
 from dit_jax.models import DiTConfig, PixArtConfig
@@ -87,11 +88,6 @@ def _noop(x):
 
 
 _apply = jax.jit(lambda cfg, p, *a: models.build(cfg).apply({"params": p}, *a), static_argnums=0)
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def random_params(cfg, seed):
@@ -253,7 +249,7 @@ def test_dit_scan_equals_loop(dit_params, dit_ref):
     assert err < 1e-6
     back_cfg, back = models.set_scan(cfg, p, False)
     assert back_cfg == DIT
-    jax.tree.map(np.testing.assert_array_equal, back, dit_params)
+    assert_trees_equal(back, dit_params)
 
 
 def test_pixart_scan_equals_loop(pixart_params, pixart_ref):

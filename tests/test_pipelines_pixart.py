@@ -15,13 +15,15 @@ import numpy as np
 import pytest
 import torch
 import torch_reference as ref
+from parity import check_images, nhwc, randomize_
 from test_t5 import tiny_t5, tiny_tokenizer
 
 from dit_jax import pipelines
 from dit_jax.checkpoint import save_model
 from dit_jax.convert import from_torch
 from dit_jax.models import build, enable_kv_compress
-from dit_jax.pipelines import ASPECT_RATIO_BINS, TextToImagePipeline
+from dit_jax.models.pixart import ASPECT_RATIO_BINS
+from dit_jax.pipelines import TextToImagePipeline
 
 PROMPTS = ["a cat sitting on the red sofa", "a photo of an astronaut riding a horse"]
 STEPS = 20
@@ -69,7 +71,7 @@ def tiny_transformer(seed: int, **overrides):
     torch.manual_seed(seed)
     model = PixArtTransformer2DModel(**{**TRANSFORMER, **overrides}).eval()
     with torch.no_grad():
-        ref.randomize_(model, seed=seed + 1)
+        randomize_(model, seed=seed + 1)
     return model
 
 
@@ -80,7 +82,7 @@ def tiny_vae():
     torch.manual_seed(0)
     vae = AutoencoderKL(**VAE).eval()
     with torch.no_grad():
-        ref.randomize_(vae, seed=2)
+        randomize_(vae, seed=2)
         z = 3.0 * torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)) / vae.config.scaling_factor
         std = vae.decode(z).sample.std()
         vae.decoder.conv_out.weight.mul_(0.4 / std)
@@ -121,10 +123,6 @@ def initial_latents(batch: int = len(PROMPTS), h: int = 8, w: int = 8, seed: int
     return np.random.RandomState(seed).randn(batch, 4, h, w).astype(np.float32)  # NCHW
 
 
-def nhwc(x: np.ndarray) -> np.ndarray:
-    return x.transpose(0, 2, 3, 1)
-
-
 def run_diffusers(pipe, prompts, latents_nchw, monkeypatch, **kw):
     """The diffusers pipeline from fixed latents; returns (images NHWC, final latents NHWC)."""
     seen = {}
@@ -142,21 +140,6 @@ def run_diffusers(pipe, prompts, latents_nchw, monkeypatch, **kw):
     return np.asarray(images.images), nhwc(seen["z"]) * pipe.vae.config.scaling_factor
 
 
-def compare(name: str, got, want, got_z=None, want_z=None) -> float:
-    err = float(np.abs(got - want).max())
-    inside = float(np.mean((want > 0) & (want < 1)))
-    line = f"{name}: max |image error| {err:.2e}, {inside:.0%} of reference pixels inside (0, 1)"
-    if got_z is not None:
-        err_z = float(np.abs(got_z - want_z).max())
-        line += f", max |latent error| {err_z:.2e} (|latent| ≤ {np.abs(want_z).max():.2f})"
-        assert err_z <= 1e-3 * max(1.0, float(np.abs(want_z).max()))
-    print(line)
-    assert got.shape == want.shape
-    assert inside > 0.6  # the comparison is not hidden by clipping
-    assert err <= 3e-4
-    return err
-
-
 @pytest.mark.parametrize("name,method,negative", [("dpm", "dpmpp_2m", ""), ("ddim", "ddim", "a blue dog")])
 def test_sigma_pipeline_parity(folders, dpm_pipe, name, method, negative, monkeypatch):
     folder, torch_pipe = folders[name]
@@ -168,7 +151,7 @@ def test_sigma_pipeline_parity(folders, dpm_pipe, name, method, negative, monkey
     got = pipe(PROMPTS, negative_prompt=negative, latents=nhwc(lat))
     got_z = pipe(PROMPTS, negative_prompt=negative, latents=nhwc(lat), output_type="latent")
     assert got.shape == (2, 64, 64, 3) and got.dtype == np.float32
-    compare(f"PixArt-Σ {name} (negative {negative!r})", got, want, got_z, want_z)
+    check_images(f"PixArt-Σ {name} (negative {negative!r})", got, want, got_z, want_z)
     # the guidance is not a no-op, and a new scale or seed reuses the compiled loop
     n = len(pipe._compiled)
     other = pipe(PROMPTS, negative_prompt=negative, latents=nhwc(lat), guidance_scale=2.0)
@@ -190,7 +173,7 @@ def test_alpha_micro_conditions_non_square(folders, monkeypatch):
     want, want_z = run_diffusers(torch_pipe, PROMPTS, lat, monkeypatch, height=48, width=80)
     got = pipe(PROMPTS, height=48, width=80, latents=nhwc(lat))
     assert got.shape == (2, 48, 80, 3)
-    compare("PixArt-α micro-conditions, 48x80", got, want)
+    check_images("PixArt-α micro-conditions, 48x80", got, want)
     # the micro-conditions reach the model: (h, w) and h / w change its output
     model, x, emb = build(pipe.model_config), np.zeros((1, 6, 10, 4), np.float32), np.zeros((1, 120, 32), np.float32)
     outs = [
@@ -219,7 +202,7 @@ def test_resolution_binning(folders, dpm_pipe, monkeypatch):
     got = pipe(PROMPTS, height=200, width=300, latents=nhwc(lat))
     got_z = pipe(PROMPTS, height=200, width=300, latents=nhwc(lat), output_type="latent")
     assert got.shape == (2, 200, 300, 3) and got_z.shape == (2, 26, 38, 4)
-    compare("PixArt-Σ binned 200x300 → 208x304", got, want, got_z, want_z)
+    check_images("PixArt-Σ binned 200x300 → 208x304", got, want, got_z, want_z)
     # without binning 200×300 is not a multiple of 16 px
     with pytest.raises(ValueError, match="height=200, width=300 must be multiples of 16"):
         pipe(PROMPTS, height=200, width=300, use_resolution_binning=False)
@@ -315,7 +298,7 @@ def test_model_directory_and_original_checkpoint(folders, dpm_pipe, tmp_path):
     # an original-format checkpoint with a learned null caption (α: 120 tokens)
     orig = ref.OrigPixArtMS(input_size=8, hidden_size=24, depth=2, num_heads=3, caption_channels=32)
     with torch.no_grad():
-        ref.randomize_(orig, seed=7)
+        randomize_(orig, seed=7)
     torch.save({"state_dict": orig.state_dict()}, tmp_path / "PixArt-tiny.pth")
     pipe = pipelines.load(tmp_path / "PixArt-tiny.pth", vae=folder / "vae", text_encoder=folder, num_heads=3)
     assert pipe.model_config.learned_null_caption and pipe.max_sequence_length == 120

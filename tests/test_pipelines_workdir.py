@@ -1,7 +1,7 @@
 """A training workdir loads as a pipeline: the latest checkpoint's EMA params, the run's sampler settings, pixel space.
 
 The workdir is written with the trainer's own ``Checkpointer`` (two checkpoints, raw params ≠ EMA), and the
-pipeline's images are compared with the trainer's sampling code (``dit_jax.train.sampling.generate``).
+pipeline's images are compared with the trainer's sampling code (``dit_jax.train.grids.generate``).
 """
 
 import jax
@@ -55,7 +55,7 @@ def workdir(tmp_path_factory):
 
 
 def test_workdir_loads_latest_ema_and_matches_trainer_sampling(workdir):
-    from dit_jax.train.sampling import generate
+    from dit_jax.train.grids import generate
 
     root, emas = workdir
     pipe = pipelines.load(root)

@@ -226,7 +226,7 @@ def test_precompute_from_a_tfds_source_with_limit(tmp_path):
 def test_precompute_cli_with_a_t5_text_encoder(tmp_path, tiny_vae):
     from test_t5 import save_tiny_t5
 
-    from dit_jax.encoders.t5 import TextEncoder
+    from dit_jax.pipelines import TextEncoder
 
     vae_dir, _, _ = tiny_vae
     save_tiny_t5(tmp_path / "pipe")

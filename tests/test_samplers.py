@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from parity import nhwc, torch_nchw
 
 import dit_jax.diffusion as D
 
@@ -79,14 +80,6 @@ def latents(seed: int = 0, batch: int = B) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, H, W, C)).astype(np.float32)
 
 
-def to_torch(a) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32).transpose(0, 3, 1, 2)))
-
-
-def to_nhwc(a: torch.Tensor) -> np.ndarray:
-    return a.numpy().transpose(0, 2, 3, 1)
-
-
 def jax_noise(key, i, shape=(B, H, W, C)) -> np.ndarray:
     """The noise ``sample`` draws at step i."""
     return np.asarray(D.step_noise(key, i, shape))
@@ -95,23 +88,23 @@ def jax_noise(key, i, shape=(B, H, W, C)) -> np.ndarray:
 def run_diffusers(scheduler, torch_model, x0, *, set_kwargs=None, step_kwargs=None, noise_fn=None, monkeypatch=None):
     """The diffusers loop ``for t in timesteps: x = step(model(x, t), t, x)``; noise_fn(i) injects step noise."""
     scheduler.set_timesteps(**(set_kwargs or {}))
-    x = to_torch(x0)
+    x = torch_nchw(x0)
     calls = {"i": 0}
     if noise_fn is not None:
         module = type(scheduler).__module__
 
         def fake_randn(shape, **_):
-            return to_torch(noise_fn(calls["i"]))
+            return torch_nchw(noise_fn(calls["i"]))
 
         monkeypatch.setattr(f"{module}.randn_tensor", fake_randn)
     for t in scheduler.timesteps:
         kwargs = dict(step_kwargs or {})
         if callable(kwargs.get("variance_noise")):
-            kwargs["variance_noise"] = to_torch(kwargs["variance_noise"](calls["i"]))
+            kwargs["variance_noise"] = torch_nchw(kwargs["variance_noise"](calls["i"]))
         out = torch_model(x, t.expand(x.shape[0]))
         x = scheduler.step(out, t, x, **kwargs).prev_sample
         calls["i"] += 1
-    return to_nhwc(x), scheduler.timesteps.numpy()
+    return nhwc(x), scheduler.timesteps.numpy()
 
 
 def config_of(scheduler) -> dict:

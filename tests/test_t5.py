@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from parity import assert_bit_exact, assert_trees_equal, randomize_encoder_, rel_err, state_dict_numpy
 
 from dit_jax.convert.rules import ConversionError
 from dit_jax.convert.t5 import config_from_transformers, config_to_transformers, t5_from_torch, t5_to_torch
-from dit_jax.encoders.t5 import PRESETS, T5Config, T5Encoder, TextEncoder, relative_position_buckets, t5_preset
+from dit_jax.encoders.t5 import PRESETS, T5Config, T5Encoder, relative_position_buckets, t5_preset
 from dit_jax.parallel.rules import DEFAULT_RULES
+from dit_jax.pipelines import TextEncoder
 
 TINY = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
 WORDS = (
@@ -37,24 +39,15 @@ WORDS = (
 
 
 def tiny_t5(feed_forward_proj: str = "gated-gelu", seed: int = 0, attn: str = "sdpa", **overrides):
-    """A transformers T5EncoderModel with every weight drawn afresh (norm scales 1 ± 0.1, linears N(0, 1/fan_in))."""
-    import torch
+    """A transformers T5EncoderModel with every weight drawn afresh (norm scales 1 ± 0.1, embeddings N(0, 1), linears
+    N(0, 1/fan_in))."""
     from transformers import T5Config as HFConfig
     from transformers import T5EncoderModel
 
     kw = dict(TINY, relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0)
     hf = HFConfig(**{**kw, **overrides}, feed_forward_proj=feed_forward_proj, attn_implementation=attn)
     model = T5EncoderModel(hf).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif "shared" in name or "relative_attention_bias" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[1] ** -0.5)
-    return model
+    return randomize_encoder_(model, seed, norms="layer_norm", unit=("shared", "relative_attention_bias"))
 
 
 def tiny_tokenizer():
@@ -90,10 +83,6 @@ def _inputs(rng, b: int, length: int, vocab: int = 64):
     return ids * mask, mask  # padded positions hold <pad> = 0, as a tokenizer gives them
 
 
-def _rel(got, want) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
-
-
 @pytest.mark.parametrize(
     "ff, attn, buckets, lengths",
     [
@@ -116,13 +105,13 @@ def test_parity_with_transformers(ff, attn, buckets, lengths):
         want = _torch_encode(model, ids, mask)
         got = apply(params, ids.astype(np.int32), mask.astype(np.int32))
         assert got.dtype == jnp.float32 and got.shape == (3, length, 32)
-        err = _rel(np.asarray(got), want)
+        err = rel_err(got, want)
         print(f"{ff} ({attn}, buckets {buckets}) length {length}: max relative error {err:.1e}")
         assert err <= 1e-5
     # the mask matters: without it the padded rows differ
     ids, mask = _inputs(np.random.default_rng(2), 3, lengths[-1])
     if mask.min() == 0:
-        assert _rel(np.asarray(apply(params, ids, np.ones_like(mask))), _torch_encode(model, ids, mask)) > 1e-3
+        assert rel_err(apply(params, ids, np.ones_like(mask)), _torch_encode(model, ids, mask)) > 1e-3
 
 
 def test_relative_position_buckets_match_transformers():
@@ -141,15 +130,13 @@ def test_conversion_round_trip_folders_and_export(tmp_path):
     from transformers import T5EncoderModel
 
     model = tiny_t5("gated-gelu", seed=3)
-    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    sd = state_dict_numpy(model)
     assert "encoder.embed_tokens.weight" in sd
     config, params = t5_from_torch(model.state_dict(), config=config_from_transformers(model.config.to_dict()))
     back = t5_to_torch(config, params)
-    assert sorted(back) == sorted(sd)
-    for k in sd:
-        assert back[k].dtype == np.float32 and np.array_equal(back[k], sd[k]), k
+    assert_bit_exact(back, sd)
     _, again = t5_from_torch(back, config=config)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params, again)
+    assert_trees_equal(params, again)
 
     # a sharded transformers folder, a pipeline folder (text_encoder/) and a T5ForConditionalGeneration-style dict
     model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
@@ -158,10 +145,10 @@ def test_conversion_round_trip_folders_and_export(tmp_path):
     for folder in (tmp_path / "sharded", tmp_path / "pipe"):
         c, p = t5_from_torch(folder)
         assert c == config
-        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params, p)
+        assert_trees_equal(params, p)
     seq2seq = {k: v for k, v in sd.items() if k != "shared.weight"}
     seq2seq.update({"decoder.block.0.layer.0.SelfAttention.q.weight": sd["shared.weight"][:4], "lm_head.weight": 0})
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params, t5_from_torch(seq2seq, config=config)[1])
+    assert_trees_equal(params, t5_from_torch(seq2seq, config=config)[1])
 
     # the weight shapes alone give the config (up to max distance and eps), and an exported folder loads in torch
     inferred = t5_from_torch(sd)[0]
@@ -195,7 +182,7 @@ def test_sharded_over_8_devices_equals_unsharded():
             p, *(jax.device_put(a, batch) for a in (ids, mask))
         )
     assert len(got.sharding.device_set) == 8
-    err = _rel(np.asarray(got), want)
+    err = rel_err(got, want)
     print(f"sharded (data 2 × fsdp 2 × tensor 2) vs unsharded: max relative error {err:.1e}")
     assert err <= 1e-5
 
@@ -207,7 +194,7 @@ def test_bfloat16_compute_stays_close():
     want = _torch_encode(model, ids, mask)
     got = T5Encoder(config.replace(dtype="bfloat16")).apply({"params": params}, ids, mask)
     assert got.dtype == jnp.float32
-    err = _rel(np.asarray(got), want)
+    err = rel_err(got, want)
     print(f"bf16 compute vs fp32 torch: max relative error {err:.1e}")
     assert err < 5e-2
 
@@ -226,7 +213,7 @@ def test_text_encoder_on_saved_folders_matches_torch(tmp_path):
     np.testing.assert_array_equal(mask, ref["attention_mask"])
     assert mask[1].sum() == 1 and mask[2].sum() == 16  # "" is just </s>; the long caption is truncated
     want = _torch_encode(model, ref["input_ids"], ref["attention_mask"])
-    err = _rel(emb, want)
+    err = rel_err(emb, want)
     print(f"TextEncoder (fp32) vs torch on the same tokens: max relative error {err:.1e}")
     assert err <= 1e-5
     assert enc([])[0].shape == (0, 16, 32)
@@ -234,7 +221,7 @@ def test_text_encoder_on_saved_folders_matches_torch(tmp_path):
     # bf16 compute (kernels stored in bf16), and a dit_jax model directory with the tokenizer given
     bf16 = TextEncoder.from_pretrained(tmp_path / "pipe", max_length=16)
     assert bf16.params["blocks_0"]["ff"]["wo"]["kernel"].dtype == jnp.bfloat16
-    assert _rel(bf16(captions)[0], want) < 5e-2
+    assert rel_err(bf16(captions)[0], want) < 5e-2
     config, params = t5_from_torch(tmp_path / "pipe")
     save_model(tmp_path / "t5_model", config, params)
     local = TextEncoder.from_pretrained(tmp_path / "t5_model", tokenizer=tmp_path / "pipe" / "tokenizer",
@@ -265,7 +252,7 @@ def test_errors_name_the_problem(tmp_path):
 
     model = tiny_t5()
     config = config_from_transformers(model.config.to_dict())
-    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    sd = state_dict_numpy(model)
     bad = dict(sd, **{"encoder.block.1.layer.0.SelfAttention.q.weight": np.zeros((16, 32), np.float32)})
     with pytest.raises(ConversionError, match=r"block\.1\.layer\.0\.SelfAttention\.q\.weight: expected \(32, 32\)"):
         t5_from_torch(bad, config=config)

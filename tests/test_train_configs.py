@@ -8,9 +8,9 @@ import pytest
 from dit_jax.data import validate_data_config
 from dit_jax.models import PixArtConfig
 from dit_jax.train.config import load_config_file, model_config_from, validate
+from dit_jax.train.config import with_defaults as _with_defaults
 from dit_jax.train.objectives import make_schedule
 from dit_jax.train.optimizers import create_optimizer
-from dit_jax.train.trainer import _with_defaults
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "*.py")))
 

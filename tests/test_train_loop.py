@@ -6,9 +6,11 @@ import os
 import jax
 import numpy as np
 import pytest
+from parity import assert_trees_equal
 
 from dit_jax.train import checkpoints, trainer
 from dit_jax.train.config import base_config
+from dit_jax.train.init_from import initial_params
 from dit_jax.train.metrics import read_metrics
 from dit_jax.train.trainer import NonFiniteError, train_and_evaluate
 
@@ -78,8 +80,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch)
     assert losses(run) == losses(ref)
     final_ref = checkpoints.load_ema_params(ref)[1]
     final_run = checkpoints.load_ema_params(run)[1]
-    for a, b in zip(jax.tree.leaves(final_ref), jax.tree.leaves(final_run)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_trees_equal(final_ref, final_run)
 
 
 def test_restore_onto_a_different_mesh(tmp_path, monkeypatch):
@@ -196,20 +197,18 @@ def test_init_from_a_stage_checkpoint_adds_kv_compression_with_conv_avg_init(tmp
         cfg = tiny_config()
         cfg.init_from.workdir = src
         abstract, sh2 = state_shardings(stage2, tx, mesh)
-        params = trainer._initial_params(cfg, stage2, abstract, sh2)
+        params = initial_params(cfg, stage2, abstract, sh2)
         # the next resolution (same parameter layout): restored straight into the new run's shards
         bigger = preset("PixArt-Sigma-XL-2-256x256", **{**small, "input_size": 16, "pe_interpolation": 2.0})
         bigger = bigger.replace(scan_blocks=True)
         abstract3, sh3 = state_shardings(bigger, tx, mesh)
-        same = trainer._initial_params(cfg, bigger, abstract3, sh3)
+        same = initial_params(cfg, bigger, abstract3, sh3)
     for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(state.ema_params)):
         assert a.sharding == b.sharding
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     _, expected = enable_kv_compress(*set_scan(stage1, checkpoints.host_params(state.ema_params), False), (1,))
     got = checkpoints.host_params(params)
-    assert jax.tree.structure(got) == jax.tree.structure(expected)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-        np.testing.assert_array_equal(a, b)
+    assert_trees_equal(got, expected)
     np.testing.assert_allclose(got["blocks_1"]["attn"]["compress"]["sr"]["kernel"], 0.25)
     assert (
         params["blocks_0"]["mlp"]["fc1"]["kernel"].sharding.spec == sh2.params["blocks_0"]["mlp"]["fc1"]["kernel"].spec

@@ -198,7 +198,7 @@ def test_pixart_grid_sampler_uses_captions_of_the_first_batch(tmp_path):
     import ml_collections
 
     from dit_jax.train.config import base_config
-    from dit_jax.train.sampling import GridSampler
+    from dit_jax.train.grids import GridSampler
 
     model = tiny_pixart()
     mesh = create_mesh(dict(data=2, fsdp=2, tensor=2))

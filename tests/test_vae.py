@@ -13,6 +13,16 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from parity import (
+    assert_bit_exact,
+    assert_trees_equal,
+    nchw,
+    nhwc,
+    randomize_encoder_,
+    rel_err,
+    state_dict_numpy,
+    state_dict_torch,
+)
 
 from dit_jax.convert.rules import ConversionError
 from dit_jax.convert.vae import config_to_diffusers, vae_from_torch, vae_rules, vae_to_torch
@@ -54,25 +64,9 @@ CONFIGS = {
 }
 
 
-def rerandomise(model, seed: int = 0):
-    """Every parameter drawn afresh: norm scales 1 ± 0.1, biases ±0.1, weights N(0, 1/fan_in)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            elif p.ndim == 1:
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(noise / p[0].numel() ** 0.5)
-    return model.eval()
-
-
 def diffusers_vae(name: str, seed: int = 0, **extra):
-    """A diffusers AutoencoderKL of ``CONFIGS[name]`` with re-randomised weights."""
+    """A diffusers AutoencoderKL of ``CONFIGS[name]`` with every parameter drawn afresh (norm scales 1 ± 0.1, biases
+    ±0.1, weights N(0, 1/fan_in))."""
     import torch
     from diffusers import AutoencoderKL as TorchVAE
 
@@ -87,14 +81,14 @@ def diffusers_vae(name: str, seed: int = 0, **extra):
         sample_size=32,
         **cfg,
     )
-    return rerandomise(model, seed)
+    return randomize_encoder_(model, seed).eval()
 
 
 @functools.cache
 def reference(name: str):
     """(torch model, its numpy state dict, JAX config, JAX params) for ``CONFIGS[name]``, imported via config.json."""
     model = diffusers_vae(name)
-    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    sd = state_dict_numpy(model)
     config, params = vae_from_torch(sd, config=_config_of(model))
     return model, sd, config, params
 
@@ -112,19 +106,6 @@ def jitted(config: VAEConfig):
     encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"))
     decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode"))
     return encode, decode
-
-
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.abs(got - want).max() / np.abs(want).max())
-
-
-def nchw(x) -> np.ndarray:
-    return np.asarray(x).transpose(0, 3, 1, 2)
-
-
-def nhwc(x) -> np.ndarray:
-    return np.asarray(x).transpose(0, 2, 3, 1)
 
 
 # ---- parity ----------------------------------------------------------------------------------------------------
@@ -159,7 +140,7 @@ def test_logvar_is_clamped_like_diffusers():
     model = diffusers_vae("tiny")
     with torch.no_grad():
         model.quant_conv.bias[4:] += 60.0  # logvar far above the clamp (20)
-    config, params = vae_from_torch({k: v.numpy() for k, v in model.state_dict().items()}, config=_config_of(model))
+    config, params = vae_from_torch(state_dict_numpy(model), config=_config_of(model))
     x = np.random.RandomState(0).uniform(-1, 1, (1, 3, 16, 16)).astype(np.float32)
     with torch.no_grad():
         want = model.encode(torch.from_numpy(x)).latent_dist.logvar.numpy()
@@ -257,7 +238,7 @@ def test_checkpoint_save_load(tmp_path):
     save_model(tmp_path / "vae", config, params)
     config2, params2 = load_model(tmp_path / "vae")
     assert config2 == config
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)))
+    assert_trees_equal(params2, params)
 
 
 def test_import_order_independent():
@@ -276,21 +257,16 @@ def _flat(tree, prefix=""):
     return out
 
 
-def _same_params(a, b) -> bool:
-    fa, fb = _flat(a), _flat(b)
-    return fa.keys() == fb.keys() and all(np.array_equal(np.asarray(fa[k]), np.asarray(fb[k])) for k in fa)
-
-
 @pytest.mark.parametrize("name", ["tiny", "realistic", "sd3_16ch"])
 def test_round_trips_are_bit_exact(name):
     _, sd, config, params = reference(name)
     back = vae_to_torch(config, params, "diffusers")
-    assert back.keys() == sd.keys() and all(np.array_equal(back[k], sd[k]) for k in sd)
+    assert_bit_exact(back, sd)
     ldm = vae_to_torch(config, params, "ldm")
     config2, params2 = vae_from_torch(ldm, config=config)
-    assert _same_params(params2, params)
+    assert_trees_equal(params2, params)
     again = vae_to_torch(config2, params2, "ldm")
-    assert again.keys() == ldm.keys() and all(np.array_equal(again[k], ldm[k]) for k in ldm)
+    assert_bit_exact(again, ldm)
 
 
 def test_ldm_table_agrees_with_diffusers_single_file_converter():
@@ -307,7 +283,7 @@ def test_ldm_table_agrees_with_diffusers_single_file_converter():
         {f"first_stage_model.{k}": torch.from_numpy(v) for k, v in ldm.items()}, dict(model.config)
     )
     converted = {k: v.numpy() for k, v in converted.items()}
-    assert converted.keys() == sd.keys() and all(np.array_equal(converted[k], sd[k]) for k in sd)
+    assert_bit_exact(converted, sd)
 
 
 def test_ldm_single_file_import_equals_diffusers_import(tmp_path):
@@ -322,16 +298,17 @@ def test_ldm_single_file_import_equals_diffusers_import(tmp_path):
     full["text_encoders.clip_l.transformer.text_model.final_layer_norm.weight"] = np.ones(2, np.float32)
     save_file(full, str(tmp_path / "sd3_full.safetensors"))
     config2, params2 = vae_from_torch(tmp_path / "sd3_full.safetensors")
-    assert _same_params(params2, params)
+    assert_trees_equal(params2, params)
     assert config2.block_out_channels == config.block_out_channels and config2.layers_per_block == 2
     assert (config2.scaling_factor, config2.shift_factor) == (1.5305, 0.0609)  # revealed by the MM-DiT keys
 
-    ckpt = {"state_dict": {k: torch.from_numpy(v) for k, v in ldm.items()}, "global_step": 7}
+    ckpt = {"state_dict": state_dict_torch(ldm), "global_step": 7}
     ckpt["state_dict"]["loss.logvar"] = torch.zeros(())  # LDM training checkpoints keep the loss nets
     torch.save(ckpt, tmp_path / "kl-f8.ckpt")
     with pytest.warns(UserWarning, match="bare 4-channel VAE"):
         config3, params3 = vae_from_torch(tmp_path / "kl-f8.ckpt")
-    assert _same_params(params3, params) and config3.scaling_factor == 0.18215
+    assert_trees_equal(params3, params)
+    assert config3.scaling_factor == 0.18215
     config4, _ = vae_from_torch(tmp_path / "kl-f8.ckpt", preset="sdxl")
     assert config4.scaling_factor == 0.13025 and config4.sample_size == 1024
 
@@ -343,7 +320,8 @@ def test_diffusers_folder_and_pipeline_folder(tmp_path):
     (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({"vae": ["diffusers", "AutoencoderKL"]}))
     for folder in (tmp_path / "vae_only", tmp_path / "pipe"):
         config2, params2 = vae_from_torch(folder)
-        assert config2 == config and _same_params(params2, params)
+        assert config2 == config
+        assert_trees_equal(params2, params)
     assert config.scaling_factor == 1.5035 and config.shift_factor == 0.0609 and not config.use_quant_conv
     assert config_to_diffusers(config)["shift_factor"] == 0.0609
 

@@ -6,8 +6,9 @@ checkpoint. Inputs and outputs are NCHW, as in the originals. API:
 
   ``OrigDiT(...)(x, t, y)``
   ``OrigPixArtMS(...)(x, t, y, mask=None, img_hw=None, aspect_ratio=None, force_drop_ids=None)``
-  ``randomize_(model, seed, skip=())`` re-randomises every parameter (zero-initialised ones included)
-  ``state_dict_numpy(model)`` the state dict as float32 numpy arrays (what a converter reads)
+
+``parity.randomize_(model, seed, skip=())`` re-randomises every parameter (zero-initialised ones included) and
+``parity.state_dict_numpy(model)`` gives the state dict as float32 numpy arrays (what a converter reads).
 
 PixArt KV compression (``kv_compress_config={"sampling": ..., "scale_factor": R, "kv_compress_layer": [...]}``),
 ``sampling`` names:
@@ -220,7 +221,7 @@ class OrigDiT(nn.Module):
         self.pos_embed = nn.Parameter(pos, requires_grad=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        # adaLN-Zero init (as the original); randomize_ undoes it for parity tests.
+        # adaLN-Zero init (as the original); parity.randomize_ undoes it for parity tests.
         for m in [*(b.adaLN_modulation[1] for b in self.blocks), self.final_layer.adaLN_modulation[1]]:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
@@ -430,7 +431,7 @@ class OrigPixArtMS(nn.Module):
             ]
         )
         self.final_layer = T2IFinalLayer(hidden_size, patch_size, self.out_channels)
-        # zero-initialised as in the original; randomize_ undoes it for parity tests.
+        # zero-initialised as in the original; parity.randomize_ undoes it for parity tests.
         for blk in self.blocks:
             nn.init.zeros_(blk.cross_attn.proj.weight)
             nn.init.zeros_(blk.cross_attn.proj.bias)
@@ -455,37 +456,3 @@ class OrigPixArtMS(nn.Module):
             x = block(x, y, t0, mask, (h, w))
         x = self.final_layer(x, temb)
         return unpatchify(x, h, w, self.patch_size, self.out_channels)
-
-
-# ---- helpers -----------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def randomize_(model: nn.Module, seed: int = 0, skip: tuple[str, ...] = ()) -> nn.Module:
-    """Re-randomise every parameter and the learned null caption, zero-initialised layers included.
-
-    Weights (ndim ≥ 2): N(0, 1/fan_in); norm scales 1 + N(0, 0.2²); biases, modulation tables and norm shifts
-    N(0, 0.2²). ``pos_embed`` stays the fixed table; names containing any of ``skip`` are left untouched (e.g. to
-    keep the Conv Avg Init of ``attn.sr``/``attn.norm``). Returns ``model``.
-    """
-    g = torch.Generator().manual_seed(seed)
-    tensors = dict(model.named_parameters())
-    tensors.update((k, v) for k, v in model.named_buffers() if k.endswith("y_embedding"))
-    for name, p in sorted(tensors.items()):
-        if name.endswith("pos_embed") or any(s in name for s in skip):
-            continue
-        noise = torch.randn(p.shape, generator=g)
-        if name.endswith("y_embedding"):
-            p.copy_(noise / p.shape[-1] ** 0.5)
-        elif p.ndim >= 2 and not name.endswith("scale_shift_table"):
-            p.copy_(noise / (p[0].numel() ** 0.5))
-        elif p.ndim == 1 and name.endswith("weight"):  # LayerNorm scale
-            p.copy_(1 + 0.2 * noise)
-        else:
-            p.copy_(0.2 * noise)
-    return model
-
-
-def state_dict_numpy(model: nn.Module) -> dict[str, np.ndarray]:
-    """``model.state_dict()`` as float32 numpy arrays (what an original checkpoint holds)."""
-    return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in model.state_dict().items()}

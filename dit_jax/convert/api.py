@@ -6,6 +6,7 @@ neither inferable nor given is one clear error naming it.
 """
 
 import dataclasses
+import importlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,20 +17,28 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from dit_jax.convert import dit, io, pixart
+from dit_jax.convert import io
 from dit_jax.convert.rules import ConversionError, export, flatten, import_
-from dit_jax.models import abstract_params, preset, set_scan
+from dit_jax.models import abstract_params, families, family_of, param_mismatches, preset, set_scan
 from dit_jax.models.registry import ModelConfig
 
 FORMATS = ("original", "diffusers")
-FAMILIES: dict[str, ModuleType] = {m.FAMILY: m for m in (dit, pixart)}
+
+
+def conversion_modules() -> dict[str, ModuleType]:
+    """Family name → its conversion module (``Family.conversion``), for every registered family that has one."""
+    return {name: importlib.import_module(f.conversion) for name, f in families().items() if f.conversion}
 
 
 def _family_of_config(config: ModelConfig) -> ModuleType:
-    for module in FAMILIES.values():
-        if isinstance(config, module.CONFIG):
-            return module
-    raise TypeError(f"no torch conversion for {type(config).__name__}; supported: {sorted(FAMILIES)}")
+    modules = conversion_modules()
+    try:
+        name = family_of(config).name
+    except TypeError:
+        name = None
+    if name not in modules:
+        raise TypeError(f"no torch conversion for {type(config).__name__}; supported: {sorted(modules)}")
+    return modules[name]
 
 
 def detect(
@@ -37,14 +46,15 @@ def detect(
 ) -> tuple[str, str]:
     """``(family, format)`` of a checkpoint from its keys (and a diffusers ``config.json`` when there is one)."""
     keys = set(state_dict)
-    found = [(name, fmt) for name, m in FAMILIES.items() if (fmt := m.detect(keys))]
+    modules = conversion_modules()
+    found = [(name, fmt) for name, m in modules.items() if (fmt := m.detect(keys))]
     if diffusers_config is not None:
-        by_config = [name for name, m in FAMILIES.items() if m.is_diffusers_config(diffusers_config)]
+        by_config = [name for name, m in modules.items() if m.is_diffusers_config(diffusers_config)]
         if not by_config:
             raise ConversionError(
                 f"{source}: config.json describes a {diffusers_config.get('_class_name')!r} "
                 f"(norm_type={diffusers_config.get('norm_type')!r}); supported: "
-                f"{[m.DIFFUSERS_CLASS for m in FAMILIES.values()]}"
+                f"{[m.DIFFUSERS_CLASS for m in modules.values()]}"
             )
         if found and found[0] != (by_config[0], "diffusers"):
             raise ConversionError(
@@ -55,7 +65,8 @@ def detect(
         sample = sorted(keys)[:8]
         raise ConversionError(
             f"{source}: cannot tell the model family and format from its keys (first keys: {sample}); expected a "
-            "DiT or PixArt checkpoint in the original or diffusers format"
+            f"checkpoint of {' or '.join(families()[n].display_name for n in modules)} in the original or diffusers "
+            "format"
         )
     return found[0]
 
@@ -117,7 +128,7 @@ def from_state_dict(
     family, fmt = detect(state_dict, diffusers_config, source=source)
     if format is not None and format != fmt:
         raise ConversionError(f"{source}: format={format!r} was requested but the checkpoint is in the {fmt} format")
-    module = FAMILIES[family]
+    module = conversion_modules()[family]
     overrides = dict(config_overrides)
     preset_name = overrides.pop("preset", None)
     _check_overrides(module, overrides)
@@ -158,13 +169,10 @@ def to_torch(config: ModelConfig, params: Mapping[str, Any], *, format: str) -> 
     module.check_export(config, format)
     if config.scan_blocks:
         config, params = set_scan(config, params, False)
-    expected = expected_shapes(config)
-    got = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
-    problems = sorted(set(expected) ^ set(got)) + sorted(k for k in expected if k in got and expected[k] != got[k])
+    problems = param_mismatches(config, params)
     if problems:
-        details = [f"{k}: expected {expected.get(k, 'nothing')}, found {got.get(k, 'nothing')}" for k in problems]
-        raise ConversionError("params do not match the config:\n  " + "\n  ".join(details))
-    table, star = module.rules(config, format, **({"for_export": True} if module is pixart else {}))
+        raise ConversionError("params do not match the config:\n  " + "\n  ".join(problems))
+    table, star = module.rules(config, format, for_export=True)
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), dict(params))
     out = export(table, params, star=star)
     out.update(module.export_extras(config, params, format))
@@ -193,7 +201,7 @@ def save_torch(
     if path.suffix == ".safetensors":
         return io.write_safetensors(path, state_dict, overwrite=overwrite)
     if path.suffix in io.TORCH_SUFFIXES:
-        wrap = "state_dict" if format == "original" and _family_of_config(config) is pixart else None
+        wrap = _family_of_config(config).TORCH_WRAP.get(format)
         return io.write_torch(path, state_dict, wrap=wrap, overwrite=overwrite)
     if path.suffix == "" and format == "diffusers":
         return io.write_diffusers_folder(path, diffusers_config(config), state_dict, overwrite=overwrite)

@@ -19,6 +19,8 @@ from dit_jax.nn.embeddings import sincos_pos_embed
 # Heads of the published widths (DiT-S/B/L/XL, PixArt-XL).
 HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}
 PE_INTERPOLATION_CANDIDATES = (0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 8.0)
+# Where checkpoints store the fixed sin-cos table (original; diffusers' PatchEmbed buffer).
+POS_EMBED_KEYS = ("pos_embed", "pos_embed.pos_embed")
 
 
 @dataclasses.dataclass
@@ -83,6 +85,18 @@ def grid_from_pos_embed(pos_shape: tuple[int, ...], width: int, source: str) -> 
     if len(pos_shape) not in (2, 3) or pos_shape[-1] != width or side * side != t:
         raise ConversionError(f"{source}: pos_embed has shape {pos_shape}; expected (1, T, {width}) with T a square")
     return side
+
+
+def stored_pos_embed(
+    state_dict: Mapping[str, np.ndarray], width: int, patch: int, inf: Inference, source: str
+) -> np.ndarray | None:
+    """The stored ``pos_embed`` with ``input_size`` from its grid, or None with ``input_size`` missing."""
+    key = next((k for k in POS_EMBED_KEYS if k in state_dict), None)
+    if key is None:
+        inf.missing["input_size"] = "the checkpoint stores no pos_embed (the training latent size)"
+        return None
+    inf.fields["input_size"] = grid_from_pos_embed(np.shape(state_dict[key]), width, source) * patch
+    return state_dict[key]
 
 
 def match_pe_interpolation(pos: np.ndarray, width: int, candidates: Iterable[float], tol: float = 1e-2) -> list[float]:

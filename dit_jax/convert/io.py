@@ -6,12 +6,9 @@ diffusers model folder (or ``None``) and a name for error messages. ``.safetenso
 """
 
 import argparse
-import contextlib
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from dit_jax.convert.rules import ConversionError
+from dit_jax.files import atomic_path, read_json
 
 Array = np.ndarray
 StateDict = dict[str, Array]
@@ -155,10 +153,9 @@ def read_torch(path: str | os.PathLike, weights: str = "ema") -> StateDict:
 def read_sharded(index: str | os.PathLike, weights: str = "ema") -> StateDict:
     """Sharded weights from a ``*.index.json`` (``{"weight_map": {key: shard_file}}``) beside its shards."""
     index = Path(index)
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ConversionError(f"{index}: not a valid shard index (expected a JSON 'weight_map'): {e}") from e
+    weight_map = read_json(index, error=ConversionError).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ConversionError(f"{index}: not a valid shard index (expected a JSON 'weight_map')")
     out: StateDict = {}
     for shard in sorted(set(weight_map.values())):
         shard_path = index.parent / shard
@@ -187,13 +184,6 @@ def read_file(path: str | os.PathLike, weights: str = "ema") -> StateDict:
         f"{path}: unknown checkpoint file type; expected .safetensors, {'/'.join(TORCH_SUFFIXES)}, "
         "a *.index.json shard index, or a diffusers model folder"
     )
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}: invalid JSON: {e}") from e
 
 
 def _is_diffusers_config(d: Mapping) -> bool:
@@ -238,7 +228,7 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "ema") -> tuple[Stat
                 f"{path}: a folder must be a diffusers model folder (config.json + diffusion_pytorch_model.*) or a "
                 f"pipeline folder with transformer/; found {sorted(p.name for p in path.iterdir())[:20]}"
             )
-        config = _read_json(config_file)
+        config = read_json(config_file, error=ConversionError)
         if not _is_diffusers_config(config):
             raise ConversionError(
                 f"{config_file}: not a diffusers config (no _class_name); a dit_jax model directory is loaded with "
@@ -250,42 +240,12 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "ema") -> tuple[Stat
     config = None
     sibling = path.parent / "config.json"
     if sibling.exists() and path.name.startswith("diffusion_pytorch_model"):
-        candidate = _read_json(sibling)
+        candidate = read_json(sibling, error=ConversionError)
         config = candidate if _is_diffusers_config(candidate) else None
     return sd, config, str(path)
 
 
 # ---- writing -----------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, *, is_dir: bool, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success rename it to ``target``, on failure remove it.
-
-    A failed write leaves nothing behind. An existing ``target`` is an error unless ``overwrite``.
-    """
-    target = Path(target).absolute()
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; remove it or pass overwrite=True")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()  # not mkdtemp: its 0700 mode would stay on a renamed model folder
-    out = tmp if is_dir else tmp / target.name
-    try:
-        yield out
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
-            os.replace(target, old)
-            os.replace(out, target)
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-        else:
-            os.replace(out, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _contiguous_f32(state_dict: Mapping[str, Any]) -> StateDict:

@@ -100,6 +100,35 @@ def rule(torch: str | tuple[str, ...], flax: str, transform=None) -> Rule:
     return Rule(torch, flax, *transform)
 
 
+def dense(torch_prefix: str, flax_prefix: str, transform=None, bias_transform=None) -> list[Rule]:
+    """``{torch_prefix}.weight/.bias`` ↔ ``{flax_prefix}/kernel`` (``transform``, default ``linear()``) ``/bias``."""
+    return [
+        rule(f"{torch_prefix}.weight", f"{flax_prefix}/kernel", transform or linear()),
+        rule(f"{torch_prefix}.bias", f"{flax_prefix}/bias", bias_transform),
+    ]
+
+
+def stacked_dense(torch_prefixes: Sequence[str], flax_prefix: str, out_shape: Sequence[int]) -> list[Rule]:
+    """n torch Linears (e.g. ``to_q/to_k/to_v``) ↔ one ``{flax_prefix}/kernel`` (in, n, *out_shape) and bias."""
+    n = len(torch_prefixes)
+    return [
+        rule(tuple(f"{p}.weight" for p in torch_prefixes), f"{flax_prefix}/kernel", stacked_linear(n, out_shape)),
+        rule(tuple(f"{p}.bias" for p in torch_prefixes), f"{flax_prefix}/bias", stacked_bias(n, out_shape)),
+    ]
+
+
+def norm(torch_prefix: str, flax_prefix: str) -> list[Rule]:
+    """LayerNorm ``{torch_prefix}.weight/.bias`` ↔ ``{flax_prefix}/scale``, ``/bias``."""
+    return [rule(f"{torch_prefix}.weight", f"{flax_prefix}/scale"), rule(f"{torch_prefix}.bias", f"{flax_prefix}/bias")]
+
+
+def mlp(torch_prefix: str, flax_prefix: str, names: tuple[str, str]) -> list[Rule]:
+    """Two Linears ``{torch_prefix}.{names[0]}``, ``.{names[1]}`` ↔ ``{flax_prefix}/linear_1``, ``/linear_2``."""
+    return [
+        r for t, f in zip(names, ("linear_1", "linear_2")) for r in dense(f"{torch_prefix}.{t}", f"{flax_prefix}/{f}")
+    ]
+
+
 # ---- the engine ------------------------------------------------------------------------------------------------
 
 

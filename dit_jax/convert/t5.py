@@ -12,7 +12,6 @@ Reading the XXL encoder (19 GB as float32) needs about twice that in host memory
 transposed kernels); a bf16 checkpoint is read as float32.
 """
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from dit_jax.convert import io
 from dit_jax.convert.api import expected_shapes
 from dit_jax.convert.rules import ConversionError, Rule, export, import_, linear, rule
 from dit_jax.encoders.t5 import T5Config
+from dit_jax.files import read_json
 
 MODEL_TYPES = ("t5", "mt5")
 _EMBED_COPY = "encoder.embed_tokens.weight"
@@ -145,10 +145,7 @@ def read_t5(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, A
         config_file = path.parent / "config.json" if (path.parent / "config.json").exists() else None
     config = None
     if config_file is not None:
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ConversionError(f"{config_file}: invalid JSON: {e}") from e
+        config = read_json(config_file, error=ConversionError)
         if "model_type" not in config and "d_model" not in config:
             config = None  # not a transformers T5 config (e.g. a diffusers one beside a bare file)
     return io.read_file(weights, "model"), config, str(weights)

@@ -1,11 +1,11 @@
 """Aspect-ratio buckets for multi-scale training (PixArt-style) and batches formed within one bucket.
 
 A bucket table lists (height, width) sizes with ratio height/width in [0.25, 4] and area about base². For 256,
-512, 1024 and 2048 they are PixArt's own tables (``ASPECT_RATIO_*``, also diffusers' resolution-binning tables,
-used by ``dit_jax.pipelines``); `bucket_table` generates one for any other base (multiples of `step`, the largest
-area not above base²). Each image goes to the bucket with the closest ratio (in log
-space, so 1:2 and 2:1 are equally far from 1:1), is resized to cover it and centre-cropped. Every batch holds
-one bucket, so shapes are static per bucket and the trainer compiles one step per bucket shape.
+512, 1024 and 2048 they are PixArt's own tables (``ASPECT_RATIO_*``, defined in `dit_jax.models.aspect_ratios`;
+also diffusers' resolution-binning tables, used by ``dit_jax.pipelines``); `bucket_table` generates one for any
+other base (multiples of `step`, the largest area not above base²). Each image goes to the bucket with the closest
+ratio (in log space, so 1:2 and 2:1 are equally far from 1:1), is resized to cover it and centre-cropped. Every
+batch holds one bucket, so shapes are static per bucket and the trainer compiles one step per bucket shape.
 
 With several processes every process must see the same shape at the same step, so the plan is global: each
 epoch, every bucket's members are shuffled and cut into *global* batches (drop remainder per bucket), the list
@@ -19,6 +19,8 @@ import math
 import threading
 
 import numpy as np
+
+from dit_jax.models.aspect_ratios import ASPECT_RATIO_256, ASPECT_RATIO_512, ASPECT_RATIO_1024, ASPECT_RATIO_2048
 
 
 def bucket_table(
@@ -37,26 +39,6 @@ def bucket_table(
     return tuple(sorted(sizes, key=lambda hw: (hw[0] / hw[1], hw[0])))
 
 
-def _by_ratio(sizes) -> tuple[tuple[int, int], ...]:
-    return tuple(sorted(sizes, key=lambda hw: (hw[0] / hw[1], hw[0])))
-
-
-#: PixArt's ASPECT_RATIO_1024 (PixArt-alpha/sigma ``diffusion/data/datasets/utils.py``; diffusers'
-#: ``ASPECT_RATIO_1024_BIN``), (height, width) in pixels; the 256/512 tables are its quarters/halves.
-ASPECT_RATIO_1024 = _by_ratio((
-    (512, 2048), (512, 1856), (576, 1792), (576, 1728), (576, 1664), (640, 1600), (640, 1536), (704, 1472),
-    (704, 1408), (704, 1344), (768, 1344), (768, 1280), (832, 1216), (832, 1152), (896, 1152), (896, 1088),
-    (960, 1088), (960, 1024), (1024, 1024), (1024, 960), (1088, 960), (1088, 896), (1152, 896), (1152, 832),
-    (1216, 832), (1280, 768), (1344, 768), (1408, 704), (1472, 704), (1536, 640), (1600, 640), (1728, 576),
-    (2048, 512),
-))  # fmt: skip
-ASPECT_RATIO_512 = tuple((h // 2, w // 2) for h, w in ASPECT_RATIO_1024)
-ASPECT_RATIO_256 = tuple((h // 4, w // 4) for h, w in ASPECT_RATIO_1024)
-#: PixArt-Σ's 2K table: the 1024 table doubled, plus 7 extreme-ratio sizes.
-ASPECT_RATIO_2048 = _by_ratio(
-    [(2 * h, 2 * w) for h, w in ASPECT_RATIO_1024]
-    + [(1024, 3968), (1024, 3840), (3328, 1152), (3584, 1152), (3712, 1024), (3840, 1024), (3968, 1024)]
-)
 BUCKET_TABLES = {256: ASPECT_RATIO_256, 512: ASPECT_RATIO_512, 1024: ASPECT_RATIO_1024, 2048: ASPECT_RATIO_2048}
 
 

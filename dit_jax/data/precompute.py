@@ -14,20 +14,21 @@ and redoes only missing or partial ones. With several processes (jax.distributed
 i, i + n, ...; `manifest.json` is written last. Unreadable images are counted and skipped.
 With `--text-encoder` (a T5 folder with its tokenizer, or a diffusers pipeline folder with text_encoder/ and
 tokenizer/; a 'folder' source of image + .txt pairs), each caption's T5 features and mask, padded to `--max-length`
-tokens, are stored beside the latents (`dit_jax.encoders.t5.TextEncoder`).
+tokens, are stored beside the latents (`dit_jax.pipelines.TextEncoder`).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import glob
 import json
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +37,9 @@ from dit_jax.data import records as records_lib
 from dit_jax.data.pipeline import build_source, validate_data_config
 from dit_jax.data.sources import SkipCounter
 from dit_jax.data.transforms import resize_center_crop, to_model_range
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +163,334 @@ class _ShardedEncoder:
         return np.concatenate(means), np.concatenate(logvars)
 
 
+def _check_arguments(
+    source_config: dict[str, Any],
+    *,
+    flip: str,
+    dtype: str,
+    batch_size: int,
+    shard_size: int,
+    num_threads: int,
+    limit: int | None,
+) -> None:
+    """Rejects bad arguments before the source is opened or anything is written."""
+    if flip not in ("none", "both"):
+        raise ValueError(f"flip: {flip!r} is not 'none' or 'both'")
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype: {dtype!r} is not 'float32' or 'float16'")
+    for key, value in (("batch_size", batch_size), ("shard_size", shard_size), ("num_threads", num_threads)):
+        if value < 1:
+            raise ValueError(f"{key}: expected a positive integer, got {value!r}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit: expected a positive integer or None, got {limit!r}")
+    if source_config.get("name") not in ("folder", "tfds"):
+        raise ValueError(f"source: precompute reads a 'folder' or 'tfds' source, got {source_config.get('name')!r}")
+
+
+def _has_captions(source: Any) -> bool:
+    return getattr(source, "layout", None) == "captions"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reader:
+    """Reads one source example cropped as training crops it: to its closest bucket, or the centre square."""
+
+    source: Any
+    skipped: SkipCounter
+    image_size: int
+    table: tuple[tuple[int, int], ...] | None
+
+    def __call__(self, index: int) -> dict[str, Any] | None:
+        """{"image": (h, w, 3) uint8, "index", and the source's extras}, or None if unreadable (counted)."""
+        got = self.source.read(index)
+        if got is None:
+            return None
+        pil, extras = got
+        h, w = (self.image_size, self.image_size)
+        if self.table is not None:
+            h, w = self.table[buckets_lib.closest_bucket(pil.size[1], pil.size[0], self.table)]
+        try:
+            arr = resize_center_crop(pil, h, w)
+        except Exception as e:
+            self.skipped.skip(self.source.describe(index), e)
+            return None
+        return {"image": arr, "index": index, **extras}
+
+
+def _open_reader(
+    source_config: dict[str, Any], split: str, image_size: int, *, buckets: bool, text_encoder: TextEncoder | None
+) -> _Reader:
+    """The source (unshuffled, unflipped) with its bucket table; a text encoder needs a source with captions."""
+    cfg = validate_data_config({**source_config, "image_size": image_size, "random_flip": False, "shuffle": False})
+    skipped = SkipCounter(f"precompute {cfg['name']}")
+    source = build_source(cfg, split, skipped)
+    table = buckets_lib.buckets_for(image_size) if buckets else None
+    if text_encoder is not None and not _has_captions(source):
+        raise ValueError("text_encoder: the source has no captions (a 'folder' of image + .txt pairs has)")
+    return _Reader(source=source, skipped=skipped, image_size=image_size, table=table)
+
+
+def _content_settings(
+    source_config: dict[str, Any],
+    source: Any,
+    encoder: LatentEncoder,
+    *,
+    split: str,
+    image_size: int,
+    flip: str,
+    dtype: str,
+    store_logvar: bool,
+    buckets: bool,
+    shard_size: int,
+    limit: int | None,
+    text_encoder_name: str | None,
+) -> dict[str, Any]:
+    """The manifest's `config`: what shapes the records (`_CONTENT_KEYS`) and what the source holds.
+
+    `text_encoder_name` is None without a text encoder."""
+    return {
+        "source": {k: v for k, v in source_config.items() if k not in ("num_threads", "prefetch_buffer_size")},
+        "split": split,
+        "image_size": image_size,
+        "flip": flip,
+        "dtype": dtype,
+        "store_logvar": store_logvar,
+        "buckets": buckets,
+        "shard_size": shard_size,
+        "limit": limit,
+        "vae": encoder.name,
+        "scaling_factor": encoder.scaling_factor,
+        "shift_factor": encoder.shift_factor,
+        "latents_mean": None if encoder.latents_mean is None else list(encoder.latents_mean),
+        "latents_std": None if encoder.latents_std is None else list(encoder.latents_std),
+        "text_encoder": text_encoder_name,
+        "has_labels": source.num_classes is not None,
+        "num_classes": source.num_classes,
+        "has_captions": _has_captions(source),
+        "has_embeddings": text_encoder_name is not None,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Output:
+    """The output directory and its plan: the manifest header and which source examples each shard holds."""
+
+    out_dir: str
+    shard_size: int
+    header: dict[str, Any]
+
+    @property
+    def manifest_path(self) -> str:
+        return os.path.join(self.out_dir, records_lib.MANIFEST)
+
+    @property
+    def num_shards(self) -> int:
+        return self.header["num_shards"]
+
+    def indices(self, k: int) -> range:
+        """The source indices of shard k."""
+        return range(k * self.shard_size, min(self.header["num_examples"], (k + 1) * self.shard_size))
+
+    def markers(self) -> list[dict[str, Any] | None]:
+        """Every shard's marker, None for the shards not done."""
+        return [_shard_done(self.out_dir, k) for k in range(self.num_shards)]
+
+
+def _plan_output(
+    out_dir: str, settings: dict[str, Any], num_records: int, *, shard_size: int, limit: int | None
+) -> _Output:
+    """Creates `out_dir` and splits the first `limit` (default all) source examples into shards of `shard_size`."""
+    os.makedirs(out_dir, exist_ok=True)
+    num_examples = num_records if limit is None else min(limit, num_records)
+    header = {"format": records_lib.FORMAT, "version": records_lib.VERSION, "complete": False, "config": settings,
+              "num_examples": num_examples, "num_shards": math.ceil(num_examples / shard_size)}  # fmt: skip
+    return _Output(out_dir=out_dir, shard_size=shard_size, header=header)
+
+
+def _check_resume(output: _Output) -> None:
+    """Refuses an `out_dir` whose manifest was written with other content settings or from another source size."""
+    if not os.path.exists(output.manifest_path):
+        return
+    with open(output.manifest_path) as f:
+        previous = json.load(f)
+    out_dir, settings, num_examples = output.out_dir, output.header["config"], output.header["num_examples"]
+    before = previous.get("config", {})
+    changed = [k for k in _CONTENT_KEYS if _canon(before.get(k)) != _canon(settings[k])]
+    if changed:
+        k = changed[0]
+        raise ValueError(
+            f"{out_dir!r} holds latents made with {k}={before.get(k)!r}, now {k}={settings[k]!r}; "
+            "use another --out directory or the same settings"
+        )
+    if previous.get("num_examples") != num_examples:
+        raise ValueError(
+            f"{out_dir!r} holds latents of {previous.get('num_examples')} source examples, but the source now "
+            f"has {num_examples}; use another --out directory"
+        )
+
+
+def _mark_incomplete(output: _Output) -> None:
+    """Writes the header as the manifest ("complete": False, so readers wait for the end) unless all shards are done."""
+    if not all(_shard_done(output.out_dir, k) for k in range(output.num_shards)):
+        records_lib.write_json_atomic(output.manifest_path, output.header)
+
+
+def _my_shards(output: _Output, process_index: int, process_count: int) -> list[int]:
+    """The shards this process still has to write: process i does shards i, i + n, ... that have no marker."""
+    shards = range(process_index, output.num_shards, process_count)
+    return [k for k in shards if _shard_done(output.out_dir, k) is None]
+
+
+def _bucket_batches(
+    read: _Reader, indices: range, pool: concurrent.futures.Executor, *, batch_size: int, bar: tqdm
+) -> Iterator[tuple[tuple[int, int], list[dict[str, Any]]]]:
+    """(bucket shape, examples) batches of `indices`, read on `pool`: each full batch as soon as it fills, then the
+    rest. Unreadable examples count on `bar` here; written ones count when written."""
+    pending: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    chunk = max(batch_size, 64)
+    for start in range(0, len(indices), chunk):
+        got = list(pool.map(read, indices[start : start + chunk]))
+        bar.update(sum(item is None for item in got))
+        for item in got:
+            if item is None:
+                continue
+            key = item["image"].shape[:2]
+            pending.setdefault(key, []).append(item)
+            if len(pending[key]) == batch_size:
+                yield key, pending.pop(key)
+    for key in list(pending):
+        yield key, pending.pop(key)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BatchEncoder:
+    """Encodes one batch of examples into latent records: the VAE posterior (also of the mirrored images with
+    flip 'both') and, with a text encoder, the captions' features and masks."""
+
+    encode: _ShardedEncoder
+    flip: str
+    store: type[np.floating]
+    store_logvar: bool
+    text_encoder: TextEncoder | None
+
+    def __call__(self, items: list[dict[str, Any]]) -> tuple[list[bytes], list[int]]:
+        """(one encoded record per example, the latent shape (h, w, channels))."""
+        images = np.stack([to_model_range(it["image"]) for it in items])
+        if self.flip == "both":
+            images = np.concatenate([images, images[:, :, ::-1]])
+        mean, logvar = self.encode(images)
+        emb = mask = None
+        if self.text_encoder is not None:
+            emb, mask = self.text_encoder([str(it["caption_text"]) for it in items])
+            emb, mask = np.asarray(emb), np.asarray(mask)
+        n, store, flipped = len(items), self.store, self.flip == "both"
+        records = []
+        for i, it in enumerate(items):
+            record = {
+                "latent_mean": mean[i].astype(store),
+                "latent_logvar": logvar[i].astype(store) if self.store_logvar else None,
+                "flipped_mean": mean[n + i].astype(store) if flipped else None,
+                "flipped_logvar": logvar[n + i].astype(store) if flipped and self.store_logvar else None,
+                "label": int(it["y"]) if "y" in it else None,
+                "caption": str(it["caption_text"]) if "caption_text" in it else None,
+                "caption_embedding": None if emb is None else emb[i].astype(store),
+                "caption_mask": None if mask is None else mask[i].astype(np.int32),
+                "source_index": it["index"],
+            }
+            records.append(records_lib.encode_latent_record(record))
+        return records, list(mean.shape[1:])
+
+
+class _ShardWriter:
+    """The files of one shard, one per bucket shape: written under temporary names, renamed when the shard is
+    complete and only then marked done by `<shard>.json`, so that a crash leaves nothing that counts as done."""
+
+    def __init__(self, out_dir: str, k: int, bucketed: bool):
+        self.out_dir, self.stem, self.bucketed = out_dir, _shard_stem(k), bucketed
+        for pattern in (self.stem + ".*", self.stem + "-*"):  # files of a partial earlier attempt
+            for stale in glob.glob(os.path.join(out_dir, pattern)):
+                os.remove(stale)
+        self._files: dict[tuple[int, int], tuple[str, str, Any]] = {}
+        self._counts: dict[tuple[int, int], int] = {}
+        self._shapes: dict[tuple[int, int], list[int]] = {}
+
+    def write(self, key: tuple[int, int], records: list[bytes], shape: list[int]) -> None:
+        """Appends encoded records to the file of bucket shape `key`, opened on first use."""
+        if key not in self._files:
+            from array_record.python.array_record_module import ArrayRecordWriter
+
+            name = f"{self.stem}-{key[0]}x{key[1]}.array_record" if self.bucketed else f"{self.stem}.array_record"
+            tmp = os.path.join(self.out_dir, f"{name}.tmp-{os.getpid()}")
+            self._files[key] = (name, tmp, ArrayRecordWriter(tmp, "group_size:1"))
+            self._counts[key] = 0
+            self._shapes[key] = shape
+        writer = self._files[key][2]
+        for record in records:
+            writer.write(record)
+        self._counts[key] += len(records)
+
+    def close(self, *, examples: int, skipped: int) -> None:
+        """Closes and renames every file, then writes the marker (files, source examples, images skipped)."""
+        files = {}
+        for key, (name, tmp, writer) in self._files.items():
+            writer.close()
+            os.replace(tmp, os.path.join(self.out_dir, name))
+            files[name] = {"records": self._counts[key], "shape": self._shapes[key]}
+        marker = {"files": files, "examples": examples, "skipped": skipped}
+        records_lib.write_json_atomic(os.path.join(self.out_dir, self.stem + ".json"), marker)
+
+
+def _write_shard(
+    output: _Output,
+    k: int,
+    read: _Reader,
+    encode_batch: _BatchEncoder,
+    pool: concurrent.futures.Executor,
+    bar: tqdm,
+    *,
+    batch_size: int,
+) -> None:
+    """Reads, encodes and writes shard k (see `_ShardWriter`); its marker counts the images skipped meanwhile."""
+    skipped_before = read.skipped.count
+    shard = _ShardWriter(output.out_dir, k, bucketed=read.table is not None)
+    for key, items in _bucket_batches(read, output.indices(k), pool, batch_size=batch_size, bar=bar):
+        records, shape = encode_batch(items)
+        shard.write(key, records, shape)
+        bar.update(len(items))
+    shard.close(examples=len(output.indices(k)), skipped=read.skipped.count - skipped_before)
+
+
+def _wait_for_all_processes() -> None:
+    """Barrier of the jax.distributed processes, so that every process's shards are written before the manifest."""
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("dit_jax.data.precompute")
+
+
+def _finish(output: _Output, *, write_manifest: bool) -> dict[str, Any] | None:
+    """The complete manifest (every shard's files and counts), written if every shard is done and `write_manifest`;
+    else None, logging the shards still to do."""
+    markers = output.markers()
+    if any(m is None for m in markers):
+        log.info("precompute: shards %s are still to do (other processes or a rerun)",
+                 [k for k, m in enumerate(markers) if m is None])  # fmt: skip
+        return None
+    if not write_manifest:
+        return None
+    files = {name: info for m in markers for name, info in m["files"].items()}
+    manifest = {
+        **output.header,
+        "complete": True,
+        "files": files,
+        "num_records": sum(info["records"] for info in files.values()),
+        "num_skipped": sum(m["skipped"] for m in markers),
+    }
+    records_lib.write_json_atomic(output.manifest_path, manifest)
+    log.info("precompute: %d records in %s (%d unreadable skipped)", manifest["num_records"], output.out_dir,
+             manifest["num_skipped"])  # fmt: skip
+    return manifest
+
+
 def precompute_latents(
     source_config: dict[str, Any],
     out_dir: str,
@@ -181,201 +513,44 @@ def precompute_latents(
     progress: bool = True,
 ) -> PrecomputeSummary:
     """Encodes a 'folder' or 'tfds' source (a data config, see `dit_jax.data.pipeline`) into `out_dir`; resumable."""
-    import concurrent.futures
-
     import jax
     from tqdm import tqdm
 
-    if flip not in ("none", "both"):
-        raise ValueError(f"flip: {flip!r} is not 'none' or 'both'")
-    if dtype not in ("float32", "float16"):
-        raise ValueError(f"dtype: {dtype!r} is not 'float32' or 'float16'")
-    for key, value in (("batch_size", batch_size), ("shard_size", shard_size), ("num_threads", num_threads)):
-        if value < 1:
-            raise ValueError(f"{key}: expected a positive integer, got {value!r}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit: expected a positive integer or None, got {limit!r}")
-    if source_config.get("name") not in ("folder", "tfds"):
-        raise ValueError(f"source: precompute reads a 'folder' or 'tfds' source, got {source_config.get('name')!r}")
-    cfg = validate_data_config({**source_config, "image_size": image_size, "random_flip": False, "shuffle": False})
-    skipped = SkipCounter(f"precompute {cfg['name']}")
-    source = build_source(cfg, split, skipped)
+    _check_arguments(source_config, flip=flip, dtype=dtype, batch_size=batch_size, shard_size=shard_size,
+                     num_threads=num_threads, limit=limit)  # fmt: skip
+    read = _open_reader(source_config, split, image_size, buckets=buckets, text_encoder=text_encoder)
     multihost = process_index is None and jax.process_count() > 1
     if process_index is None or process_count is None:
         process_index, process_count = jax.process_index(), jax.process_count()
-    table = buckets_lib.buckets_for(image_size) if buckets else None
-    has_captions = getattr(source, "layout", None) == "captions"
-    if text_encoder is not None and not has_captions:
-        raise ValueError("text_encoder: the source has no captions (a 'folder' of image + .txt pairs has)")
 
-    settings = {
-        "source": {k: v for k, v in source_config.items() if k not in ("num_threads", "prefetch_buffer_size")},
-        "split": split,
-        "image_size": image_size,
-        "flip": flip,
-        "dtype": dtype,
-        "store_logvar": store_logvar,
-        "buckets": buckets,
-        "shard_size": shard_size,
-        "limit": limit,
-        "vae": encoder.name,
-        "scaling_factor": encoder.scaling_factor,
-        "shift_factor": encoder.shift_factor,
-        "latents_mean": None if encoder.latents_mean is None else list(encoder.latents_mean),
-        "latents_std": None if encoder.latents_std is None else list(encoder.latents_std),
-        "text_encoder": text_encoder_name if text_encoder is not None else None,
-        "has_labels": source.num_classes is not None,
-        "num_classes": source.num_classes,
-        "has_captions": has_captions,
-        "has_embeddings": text_encoder is not None,
-    }
-    os.makedirs(out_dir, exist_ok=True)
-    manifest_path = os.path.join(out_dir, records_lib.MANIFEST)
-    num_examples = source.num_records if limit is None else min(limit, source.num_records)
-    num_shards = math.ceil(num_examples / shard_size)
-    if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            previous = json.load(f)
-        before = previous.get("config", {})
-        changed = [k for k in _CONTENT_KEYS if _canon(before.get(k)) != _canon(settings[k])]
-        if changed:
-            k = changed[0]
-            raise ValueError(
-                f"{out_dir!r} holds latents made with {k}={before.get(k)!r}, now {k}={settings[k]!r}; "
-                "use another --out directory or the same settings"
-            )
-        if previous.get("num_examples") != num_examples:
-            raise ValueError(
-                f"{out_dir!r} holds latents of {previous.get('num_examples')} source examples, but the source now "
-                f"has {num_examples}; use another --out directory"
-            )
-    header = {"format": records_lib.FORMAT, "version": records_lib.VERSION, "complete": False, "config": settings,
-              "num_examples": num_examples, "num_shards": num_shards}  # fmt: skip
-    if process_index == 0 and not all(_shard_done(out_dir, k) for k in range(num_shards)):
-        records_lib.write_json_atomic(manifest_path, header)  # readers see "incomplete" until the end
+    text_name = text_encoder_name if text_encoder is not None else None
+    settings = _content_settings(source_config, read.source, encoder, split=split, image_size=image_size, flip=flip,
+                                 dtype=dtype, store_logvar=store_logvar, buckets=buckets, shard_size=shard_size,
+                                 limit=limit, text_encoder_name=text_name)  # fmt: skip
+    output = _plan_output(out_dir, settings, read.source.num_records, shard_size=shard_size, limit=limit)
+    _check_resume(output)
+    if process_index == 0:
+        _mark_incomplete(output)
 
-    mine = [k for k in range(process_index, num_shards, process_count) if _shard_done(out_dir, k) is None]
-    pending = sum(min(num_examples, (k + 1) * shard_size) - k * shard_size for k in mine)
-    encode = _ShardedEncoder(encoder, batch_size * (2 if flip == "both" else 1)) if mine else None
-    store = np.float16 if dtype == "float16" else np.float32
-
-    def read(index: int) -> dict[str, Any] | None:
-        got = source.read(index)
-        if got is None:
-            return None
-        pil, extras = got
-        h, w = (image_size, image_size)
-        if table is not None:
-            h, w = table[buckets_lib.closest_bucket(pil.size[1], pil.size[0], table)]
-        try:
-            arr = resize_center_crop(pil, h, w)
-        except Exception as e:
-            skipped.skip(source.describe(index), e)
-            return None
-        return {"image": arr, "index": index, **extras}
-
-    def write_shard(k: int, pool: concurrent.futures.Executor, bar: tqdm) -> None:
-        stem = _shard_stem(k)
-        for pattern in (stem + ".*", stem + "-*"):  # files of a partial earlier attempt
-            for stale in glob.glob(os.path.join(out_dir, pattern)):
-                os.remove(stale)
-        from array_record.python.array_record_module import ArrayRecordWriter
-
-        writers: dict[tuple[int, int], tuple[str, str, Any]] = {}
-        counts: dict[tuple[int, int], int] = {}
-        shapes: dict[tuple[int, int], list[int]] = {}
-        pending_items: dict[tuple[int, int], list[dict[str, Any]]] = {}
-        skipped_before = skipped.count
-
-        def flush(key: tuple[int, int]) -> None:
-            items = pending_items.pop(key, [])
-            if not items:
-                return
-            images = np.stack([to_model_range(it["image"]) for it in items])
-            if flip == "both":
-                images = np.concatenate([images, images[:, :, ::-1]])
-            mean, logvar = encode(images)
-            emb = mask = None
-            if text_encoder is not None:
-                emb, mask = text_encoder([str(it["caption_text"]) for it in items])
-                emb, mask = np.asarray(emb), np.asarray(mask)
-            if key not in writers:
-                name = f"{stem}.array_record" if table is None else f"{stem}-{key[0]}x{key[1]}.array_record"
-                tmp = os.path.join(out_dir, f"{name}.tmp-{os.getpid()}")
-                writers[key] = (name, tmp, ArrayRecordWriter(tmp, "group_size:1"))
-                counts[key] = 0
-                shapes[key] = list(mean.shape[1:])
-            writer = writers[key][2]
-            n = len(items)
-            for i, it in enumerate(items):
-                record = {
-                    "latent_mean": mean[i].astype(store),
-                    "latent_logvar": logvar[i].astype(store) if store_logvar else None,
-                    "flipped_mean": mean[n + i].astype(store) if flip == "both" else None,
-                    "flipped_logvar": logvar[n + i].astype(store) if flip == "both" and store_logvar else None,
-                    "label": int(it["y"]) if "y" in it else None,
-                    "caption": str(it["caption_text"]) if "caption_text" in it else None,
-                    "caption_embedding": None if emb is None else emb[i].astype(store),
-                    "caption_mask": None if mask is None else mask[i].astype(np.int32),
-                    "source_index": it["index"],
-                }
-                writer.write(records_lib.encode_latent_record(record))
-            counts[key] += n
-            bar.update(n)
-
-        indices = range(k * shard_size, min(num_examples, (k + 1) * shard_size))
-        chunk = max(batch_size, 64)
-        for start in range(0, len(indices), chunk):
-            got = list(pool.map(read, indices[start : start + chunk]))
-            bar.update(sum(item is None for item in got))
-            for item in got:
-                if item is None:
-                    continue
-                key = item["image"].shape[:2]
-                pending_items.setdefault(key, []).append(item)
-                if len(pending_items[key]) == batch_size:
-                    flush(key)
-        for key in list(pending_items):
-            flush(key)
-        files = {}
-        for key, (name, tmp, writer) in writers.items():
-            writer.close()
-            os.replace(tmp, os.path.join(out_dir, name))
-            files[name] = {"records": counts[key], "shape": shapes[key]}
-        marker = {"files": files, "examples": len(indices), "skipped": skipped.count - skipped_before}
-        records_lib.write_json_atomic(os.path.join(out_dir, stem + ".json"), marker)
-
+    mine = _my_shards(output, process_index, process_count)
+    encode_batch = None
     if mine:
-        log.info("precompute: %d of %d shards to write in %s", len(mine), num_shards, out_dir)
+        encode = _ShardedEncoder(encoder, batch_size * (2 if flip == "both" else 1))
+        store = np.float16 if dtype == "float16" else np.float32
+        encode_batch = _BatchEncoder(encode, flip, store, store_logvar, text_encoder)
+        log.info("precompute: %d of %d shards to write in %s", len(mine), output.num_shards, out_dir)
+    pending = sum(len(output.indices(k)) for k in mine)
     with (
         concurrent.futures.ThreadPoolExecutor(num_threads) as pool,
         tqdm(total=pending, unit="img", desc="precompute", disable=not progress or process_index != 0) as bar,
     ):
         for k in mine:
-            write_shard(k, pool, bar)
+            _write_shard(output, k, read, encode_batch, pool, bar, batch_size=batch_size)
 
     if multihost:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("dit_jax.data.precompute")
-    markers = [_shard_done(out_dir, k) for k in range(num_shards)]
-    manifest = None
-    if all(m is not None for m in markers) and (process_index == 0 or not multihost):
-        files = {name: info for m in markers for name, info in m["files"].items()}
-        manifest = {
-            **header,
-            "complete": True,
-            "files": files,
-            "num_records": sum(info["records"] for info in files.values()),
-            "num_skipped": sum(m["skipped"] for m in markers),
-        }
-        records_lib.write_json_atomic(manifest_path, manifest)
-        log.info("precompute: %d records in %s (%d unreadable skipped)", manifest["num_records"], out_dir,
-                 manifest["num_skipped"])  # fmt: skip
-    elif not all(m is not None for m in markers):
-        log.info("precompute: shards %s are still to do (other processes or a rerun)",
-                 [k for k, m in enumerate(markers) if m is None])  # fmt: skip
-    return PrecomputeSummary(manifest=manifest, written=mine, skipped=skipped.count)
+        _wait_for_all_processes()
+    manifest = _finish(output, write_manifest=process_index == 0 or not multihost)
+    return PrecomputeSummary(manifest=manifest, written=mine, skipped=read.skipped.count)
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -411,7 +586,7 @@ def main(argv: Sequence[str] | None = None) -> PrecomputeSummary:
         source = {"name": "folder", "path": os.path.abspath(args.source), "layout": args.layout}
     text_encoder = None
     if args.text_encoder is not None:
-        from dit_jax.encoders.t5 import TextEncoder
+        from dit_jax.pipelines.text_encoder import TextEncoder
 
         if source["name"] != "folder" or args.layout == "classes":
             raise ValueError("--text-encoder: the source has no captions (a folder of image + .txt pairs has)")

@@ -16,13 +16,14 @@ latent shape, and the totals; a shard's own `<shard>.json` marks it complete, wh
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from flax import serialization
+
+from dit_jax.files import read_json, write_json
 
 MANIFEST = "manifest.json"
 FORMAT = "dit_jax.latents"
@@ -79,12 +80,7 @@ def decode_latent_record(data: bytes) -> dict[str, Any]:
 
 def write_json_atomic(path: str, obj: Any) -> None:
     """Writes JSON to `path` via a temporary name and a rename, so readers never see half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json(path, obj, indent=1, sort_keys=True)
 
 
 def read_manifest(directory: str) -> dict[str, Any]:
@@ -97,9 +93,8 @@ def read_manifest(directory: str) -> dict[str, Any]:
             f"{path} not found: {directory!r} is not a latents directory written by `python -m dit_jax.data.precompute`"
         )
     try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+        manifest = read_json(path)
+    except (OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable manifest ({e})") from e
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ValueError(

@@ -1,4 +1,5 @@
-"""Classifier-free guidance as a wrapper that turns a conditional model into the ``model_fn(x, t)`` of ``sample``.
+"""Classifier-free guidance as a wrapper that turns a conditional model into the ``model_fn(x, t)`` of ``sample``,
+and ``generate``: the guided sampler loop that training grids, the evaluator and the pipelines all run.
 
 The wrapped model runs once on the doubled batch [cond | null]; both halves see the same x (the same noise), and
 the output is uncond + scale·(cond − uncond) on the guided channels. ``guide_channels=k`` reproduces the original
@@ -11,6 +12,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from dit_jax.diffusion.samplers import sample
 
 CondModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
@@ -65,3 +68,26 @@ def cfg(
         return jnp.concatenate([g.astype(out.dtype), cond_out[..., k:]], axis=-1)
 
     return guided
+
+
+def generate(
+    model_fn: CondModelFn,
+    cond: Any,
+    null_cond: Any,
+    latents: jax.Array,
+    key: jax.Array,
+    *,
+    guidance_scale: float | jax.Array,
+    guide_channels: int | None = None,
+    **sampler: Any,
+) -> jax.Array:
+    """x₀ from noise ``latents`` with ``model_fn(x, t, cond)`` guided against ``null_cond`` (None: unguided).
+
+    ``sampler`` goes to ``dit_jax.diffusion.sample`` (``schedule``, ``method``, ``num_steps``, ``progress`` and the
+    method's options); ``key`` draws the noise of stochastic samplers.
+    """
+    if null_cond is None:
+        guided = lambda x, t: model_fn(x, t, cond)  # noqa: E731
+    else:
+        guided = cfg(model_fn, cond, null_cond, guidance_scale, guide_channels=guide_channels)
+    return sample(guided, latents, key=key, **sampler)

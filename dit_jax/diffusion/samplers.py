@@ -113,7 +113,7 @@ _OPTIONS = {
     ("flow", "dpmpp_2m"): _FLOW_DPM_OPTIONS,
 }
 _DPM_SOLVER_ONLY = ("skip_type", "t_start", "t_end")
-_DPM_DIFFUSERS_ONLY = (
+DPM_DIFFUSERS_ONLY = (
     "euler_at_final",
     "final_sigmas_type",
     "timestep_spacing",
@@ -124,7 +124,7 @@ _DPM_DIFFUSERS_ONLY = (
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class Trajectory:
     """A sampling trajectory resolved on the host: what the loop body does at each of ``len(model_t)`` model calls.
 
     ``kind`` selects the loop body, ``model_t`` (float32) are the timesteps the model sees, ``tables`` maps
@@ -160,7 +160,7 @@ def _check_choice(name: str, value, choices) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# DDPM-family plans
+# DDPM-family trajectories
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -227,7 +227,7 @@ def _ddpm_timesteps(schedule: DDPMSchedule, num_steps, o: dict, given: set) -> n
     return ts
 
 
-def _ddpm_plan(schedule: DDPMSchedule, num_steps, o: dict, given: set) -> Plan:
+def _ddpm_trajectory(schedule: DDPMSchedule, num_steps, o: dict, given: set) -> Trajectory:
     ts = _ddpm_timesteps(schedule, num_steps, o, given)
     ac = _alphas_cumprod(schedule, o)
     variance_type = o["variance_type"] or ("learned_range" if schedule.learned_sigma else "fixed_small")
@@ -252,10 +252,10 @@ def _ddpm_plan(schedule: DDPMSchedule, num_steps, o: dict, given: set) -> Plan:
         tables["std"] = np.sqrt(beta_t) if variance_type == "fixed_large" else np.sqrt(var)
     flags = (("learned_range", variance_type == "learned_range"), ("clip", o["clip_sample"]))
     tables["clip_range"] = np.full(len(ts), float(o["clip_sample_range"]))
-    return Plan("ddpm", ts.astype(np.float32), tables, schedule.prediction, flags)
+    return Trajectory("ddpm", ts.astype(np.float32), tables, schedule.prediction, flags)
 
 
-def _ddim_plan(schedule: DDPMSchedule, num_steps, o: dict, given: set) -> Plan:
+def _ddim_trajectory(schedule: DDPMSchedule, num_steps, o: dict, given: set) -> Trajectory:
     t_total = schedule.num_train_timesteps
     ac = _alphas_cumprod(schedule, o)
     final = ac.dtype.type(1.0) if o["set_alpha_to_one"] else ac[0]
@@ -290,7 +290,7 @@ def _ddim_plan(schedule: DDPMSchedule, num_steps, o: dict, given: set) -> Plan:
         ("clipped_eps", o["use_clipped_model_output"]),
         ("stochastic", eta > 0),
     )
-    return Plan("ddim", ts.astype(np.float32), tables, schedule.prediction, flags)
+    return Trajectory("ddim", ts.astype(np.float32), tables, schedule.prediction, flags)
 
 
 def _multistep_tables(alpha, sigma, orders: list[int], solver_type: str) -> dict:
@@ -349,13 +349,13 @@ def _dpm_timesteps(schedule: DDPMSchedule, n: int, o: dict) -> np.ndarray:
     return np.arange(last, 0, -t_total / n).round().astype(np.int64) - 1
 
 
-def _dpm_plan(schedule: DDPMSchedule, num_steps, o: dict, given: set) -> Plan:
+def _dpm_trajectory(schedule: DDPMSchedule, num_steps, o: dict, given: set) -> Trajectory:
     _check_choice("variant", o["variant"], ("diffusers", "dpm_solver"))
     if o["variant"] == "dpm_solver":
-        bad = sorted(given & set(_DPM_DIFFUSERS_ONLY))
+        bad = sorted(given & set(DPM_DIFFUSERS_ONLY))
         if bad:
             raise ValueError(f"option(s) {bad} apply to variant='diffusers' only")
-        return _dpm_solver_plan(schedule, num_steps, o)
+        return _dpm_solver_trajectory(schedule, num_steps, o)
     bad = sorted(given & set(_DPM_SOLVER_ONLY))
     if bad:
         raise ValueError(f"option(s) {bad} apply to variant='dpm_solver' only")
@@ -370,10 +370,10 @@ def _dpm_plan(schedule: DDPMSchedule, num_steps, o: dict, given: set) -> Plan:
     sigma = sig * alpha
     tables = _multistep_tables(alpha, sigma, _diffusers_orders(len(ts), o), o["solver_type"])
     tables["sa"], tables["s1m"] = alpha[:-1], sigma[:-1]
-    return Plan("dpm", ts.astype(np.float32), tables, schedule.prediction)
+    return Trajectory("dpm", ts.astype(np.float32), tables, schedule.prediction)
 
 
-def _dpm_solver_plan(schedule: DDPMSchedule, num_steps, o: dict) -> Plan:
+def _dpm_solver_trajectory(schedule: DDPMSchedule, num_steps, o: dict) -> Trajectory:
     """PixArt's original DPM-Solver++ (``NoiseScheduleVP('discrete')``, multistep, continuous times)."""
     n = _check_steps(num_steps)
     if o["solver_order"] not in (1, 2):
@@ -404,7 +404,7 @@ def _dpm_solver_plan(schedule: DDPMSchedule, num_steps, o: dict) -> Plan:
     tables = _multistep_tables(alpha, sigma, orders, o["solver_type"])
     tables["sa"], tables["s1m"] = alpha[:-1], sigma[:-1]
     model_t = (t[:-1] - 1.0 / total_n) * 1000.0
-    return Plan("dpm", model_t.astype(np.float32), tables, schedule.prediction)
+    return Trajectory("dpm", model_t.astype(np.float32), tables, schedule.prediction)
 
 
 def _interp_extrapolate(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
@@ -414,7 +414,7 @@ def _interp_extrapolate(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.nda
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Flow plans
+# Flow trajectories
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -456,13 +456,13 @@ def _flow_sigmas(schedule: FlowSchedule, num_steps, o: dict) -> np.ndarray:
     return np.append(np.asarray(sig, np.float64).astype(np.float32), np.float32(0.0))
 
 
-def _euler_plan(schedule: FlowSchedule, num_steps, o: dict) -> Plan:
+def _euler_trajectory(schedule: FlowSchedule, num_steps, o: dict) -> Trajectory:
     sig = _flow_sigmas(schedule, num_steps, o)
     model_t = sig[:-1] * np.float32(schedule.num_train_timesteps)
-    return Plan("euler", model_t, {"dt": sig[1:] - sig[:-1]}, "flow")
+    return Trajectory("euler", model_t, {"dt": sig[1:] - sig[:-1]}, "flow")
 
 
-def _heun_plan(schedule: FlowSchedule, num_steps, o: dict) -> Plan:
+def _heun_trajectory(schedule: FlowSchedule, num_steps, o: dict) -> Trajectory:
     sig = _flow_sigmas(schedule, num_steps, o)  # n + 1 values, last 0
     n = len(sig) - 1
     model_t, dt, second = [], [], []
@@ -473,10 +473,10 @@ def _heun_plan(schedule: FlowSchedule, num_steps, o: dict) -> Plan:
         dt.append(sig[step + 1] - sig[step])
         second.append(float(k % 2))
     tables = {"dt": np.asarray(dt, np.float32), "second": np.asarray(second)}
-    return Plan("heun", np.asarray(model_t, np.float32), tables, "flow")
+    return Trajectory("heun", np.asarray(model_t, np.float32), tables, "flow")
 
 
-def _flow_dpm_plan(schedule: FlowSchedule, num_steps, o: dict) -> Plan:
+def _flow_dpm_trajectory(schedule: FlowSchedule, num_steps, o: dict) -> Trajectory:
     """``DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")``."""
     n = _check_steps(num_steps)
     t_total = schedule.num_train_timesteps
@@ -491,28 +491,28 @@ def _flow_dpm_plan(schedule: FlowSchedule, num_steps, o: dict) -> Plan:
     alpha, sigma = 1.0 - sig, sig
     tables = _multistep_tables(alpha, sigma, _diffusers_orders(n, o), o["solver_type"])
     tables["sa"], tables["s1m"] = alpha[:-1], sigma[:-1]
-    return Plan("dpm", model_t.astype(np.float32), tables, "flow")
+    return Trajectory("dpm", model_t.astype(np.float32), tables, "flow")
 
 
-def make_plan(schedule: DDPMSchedule | FlowSchedule, method: str, num_steps: int | None, **options) -> Plan:
+def make_trajectory(schedule: DDPMSchedule | FlowSchedule, method: str, num_steps: int | None, **options) -> Trajectory:
     """Resolve the trajectory (timesteps and per-call coefficients) of ``sample`` on the host."""
     options = {k: v for k, v in options.items() if k != "progress"}
     if isinstance(schedule, DDPMSchedule):
         _check_choice("method for a DDPMSchedule", method, DDPM_METHODS)
         o, given = _resolve_options("ddpm", method, options)
-        builder = {"ddpm": _ddpm_plan, "ddim": _ddim_plan, "dpmpp_2m": _dpm_plan}[method]
+        builder = {"ddpm": _ddpm_trajectory, "ddim": _ddim_trajectory, "dpmpp_2m": _dpm_trajectory}[method]
         return builder(schedule, num_steps, o, given)
     if isinstance(schedule, FlowSchedule):
         _check_choice("method for a FlowSchedule", method, FLOW_METHODS)
         o, _ = _resolve_options("flow", method, options)
-        builder = {"euler": _euler_plan, "heun": _heun_plan, "dpmpp_2m": _flow_dpm_plan}[method]
+        builder = {"euler": _euler_trajectory, "heun": _heun_trajectory, "dpmpp_2m": _flow_dpm_trajectory}[method]
         return builder(schedule, num_steps, o)
     raise TypeError(f"schedule must be a DDPMSchedule or FlowSchedule, got {type(schedule).__name__}")
 
 
 def model_timesteps(schedule: DDPMSchedule | FlowSchedule, method: str, num_steps: int | None, **options) -> np.ndarray:
     """The timesteps ``sample`` passes to the model, one per model call (float32)."""
-    return make_plan(schedule, method, num_steps, **options).model_t
+    return make_trajectory(schedule, method, num_steps, **options).model_t
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -574,16 +574,16 @@ def sample(
     (PixArt's original DPM-Solver) for ``dpmpp_2m`` and ``schedule_dtype``. The loop carries float32; the result
     has the latents' dtype.
     """
-    plan = make_plan(schedule, method, num_steps, **options)
-    flags = dict(plan.flags)
-    stochastic = plan.kind == "ddpm" or (plan.kind == "ddim" and flags.get("stochastic"))
+    traj = make_trajectory(schedule, method, num_steps, **options)
+    flags = dict(traj.flags)
+    stochastic = traj.kind == "ddpm" or (traj.kind == "ddim" and flags.get("stochastic"))
     if stochastic and key is None:
         raise ValueError(f"method {method!r} is stochastic here; pass key=")
     learned = isinstance(schedule, DDPMSchedule) and schedule.learned_sigma
     b, c = latents.shape[0], latents.shape[-1]
-    n = plan.num_model_calls
-    model_t = jnp.asarray(plan.model_t, jnp.float32)
-    tables = {k: jnp.asarray(np.asarray(v, np.float64).astype(np.float32)) for k, v in plan.tables.items()}
+    n = traj.num_model_calls
+    model_t = jnp.asarray(traj.model_t, jnp.float32)
+    tables = {k: jnp.asarray(np.asarray(v, np.float64).astype(np.float32)) for k, v in traj.tables.items()}
     in_dtype = latents.dtype
 
     def call_model(i, x):
@@ -608,11 +608,11 @@ def sample(
     def noise(i, x):
         return step_noise(key, i, x.shape)
 
-    if plan.kind == "ddpm":
+    if traj.kind == "ddpm":
 
         def body(i, x):
             out, var = call_model(i, x)
-            x0, _ = _to_x0_eps(plan.prediction, x, out, at("sa", i), at("s1m", i), need_eps=False)
+            x0, _ = _to_x0_eps(traj.prediction, x, out, at("sa", i), at("s1m", i), need_eps=False)
             if flags["clip"]:
                 x0 = jnp.clip(x0, -at("clip_range", i), at("clip_range", i))
             mean = at("c_x0", i) * x0 + at("c_xt", i) * x
@@ -624,11 +624,11 @@ def sample(
             return mean + at("noise_on", i) * std * noise(i, x)
 
         carry = latents.astype(jnp.float32)
-    elif plan.kind == "ddim":
+    elif traj.kind == "ddim":
 
         def body(i, x):
             out, _ = call_model(i, x)
-            x0, eps = _to_x0_eps(plan.prediction, x, out, at("sa", i), at("s1m", i), need_eps=True)
+            x0, eps = _to_x0_eps(traj.prediction, x, out, at("sa", i), at("s1m", i), need_eps=True)
             if flags["clip"]:
                 x0 = jnp.clip(x0, -at("clip_range", i), at("clip_range", i))
             if flags["clipped_eps"]:
@@ -639,25 +639,25 @@ def sample(
             return x
 
         carry = latents.astype(jnp.float32)
-    elif plan.kind == "dpm":
+    elif traj.kind == "dpm":
 
         def body(i, state):
             x, d_prev = state
             out, _ = call_model(i, x)
-            d, _ = _to_x0_eps(plan.prediction, x, out, at("sa", i), at("s1m", i), need_eps=False)
+            d, _ = _to_x0_eps(traj.prediction, x, out, at("sa", i), at("s1m", i), need_eps=False)
             x = at("a", i) * x + at("b", i) * d + at("c", i) * (d - d_prev)
             return x, d
 
         x32 = latents.astype(jnp.float32)
         carry = (x32, jnp.zeros_like(x32))
-    elif plan.kind == "euler":
+    elif traj.kind == "euler":
 
         def body(i, x):
             v, _ = call_model(i, x)
             return x + at("dt", i) * v
 
         carry = latents.astype(jnp.float32)
-    elif plan.kind == "heun":
+    elif traj.kind == "heun":
 
         def body(i, state):
             x, x_saved, v_saved = state
@@ -671,9 +671,14 @@ def sample(
 
         x32 = latents.astype(jnp.float32)
         carry = (x32, x32, jnp.zeros_like(x32))
-    else:  # pragma: no cover - make_plan only builds the kinds above
-        raise AssertionError(plan.kind)
+    else:  # pragma: no cover - make_trajectory only builds the kinds above
+        raise AssertionError(traj.kind)
 
     out = jax.lax.fori_loop(0, n, body, carry)
     x = out[0] if isinstance(out, tuple) else out
     return x.astype(in_dtype)
+
+
+# earlier names (a trajectory was called a plan, which ``python -m dit_jax.plan`` also is)
+Plan = Trajectory
+make_plan = make_trajectory

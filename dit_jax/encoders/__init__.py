@@ -1,9 +1,14 @@
-"""Encoders around the diffusion model: the AutoencoderKL VAE and the T5 text encoder."""
+"""Encoders around the diffusion model: the AutoencoderKL VAE (with tiled encode/decode) and the T5 text encoder.
 
-# The model registry imports dit_jax.encoders.vae, and vae imports dit_jax.models.config: load the models package
-# first so that importing dit_jax.encoders.vae before dit_jax.models never meets a half-initialised registry.
-import dit_jax.models  # noqa: F401
-from dit_jax.encoders.t5 import T5Config, T5Encoder, TextEncoder, t5_preset
+Each registers itself as a model family (model directories, ``dit_jax.models.build``); every module of this package
+is imported here, so an encoder registers itself by being a file in it. Loading a text encoder with its tokenizer is
+``dit_jax.pipelines.TextEncoder``.
+"""
+
+import importlib as _importlib
+import pkgutil as _pkgutil
+
+from dit_jax.encoders.t5 import T5Config, T5Encoder, t5_preset
 from dit_jax.encoders.tiling import decode_tiled, encode_tiled
 from dit_jax.encoders.vae import (
     PRESETS,
@@ -20,7 +25,6 @@ __all__ = [
     "AutoencoderKL",
     "T5Config",
     "T5Encoder",
-    "TextEncoder",
     "VAEConfig",
     "decode_tiled",
     "encode_tiled",
@@ -30,3 +34,6 @@ __all__ = [
     "unscale_latents",
     "vae_preset",
 ]
+
+for _module in _pkgutil.iter_modules(__path__):
+    _importlib.import_module(f"{__name__}.{_module.name}")

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dit_jax.models.config import ExecutionConfig, check
+from dit_jax.models.family import Family, register
 from dit_jax.nn.attention import dot_product_attention
 from dit_jax.nn.layers import compute_dtype, dense, ones, partitioned, zeros
 from dit_jax.nn.stack import REMAT_POLICIES
@@ -479,3 +480,15 @@ def _check_input(x: jax.Array, channels: int, multiple: int, what: str) -> None:
         raise ValueError(f"expected {what}s of shape (B, H, W, {channels}) (NHWC), got {x.shape}")
     if x.shape[1] % multiple or x.shape[2] % multiple:
         raise ValueError(f"{what} size {x.shape[1]}x{x.shape[2]} is not a multiple of the VAE's factor {multiple}")
+
+
+class VAEFamily(Family):
+    """The AutoencoderKL as a registered family (model directories, ``build``); not a diffusion model."""
+
+    name = "vae"
+    display_name = "VAE"
+    config_class = VAEConfig
+    module_class = AutoencoderKL
+
+
+FAMILY = register(VAEFamily())

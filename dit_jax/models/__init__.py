@@ -1,6 +1,14 @@
-"""Model families (one file each) and the registry: ``build(config)``, ``preset(name)``."""
+"""Model families (one file each, registered through ``dit_jax.models.family``) and the registry helpers:
+``build(config)``, ``preset(name)``, ``family_of(config)``.
+
+Every module of this package is imported here, so a family registers itself by being a file in it.
+"""
+
+import importlib as _importlib
+import pkgutil as _pkgutil
 
 from dit_jax.models.dit import DiT, DiTConfig
+from dit_jax.models.family import Family, families, family_of, register
 from dit_jax.models.pixart import PixArt, PixArtConfig, enable_kv_compress
 from dit_jax.models.registry import (
     FAMILIES,
@@ -8,11 +16,13 @@ from dit_jax.models.registry import (
     ModelConfig,
     abstract_params,
     build,
+    check_params,
     config_from_dict,
     count_params,
     init_params,
     list_presets,
     logical_param_specs,
+    param_mismatches,
     preset,
     set_scan,
 )
@@ -22,17 +32,26 @@ __all__ = [
     "PRESETS",
     "DiT",
     "DiTConfig",
+    "Family",
     "ModelConfig",
     "PixArt",
     "PixArtConfig",
     "abstract_params",
     "build",
+    "check_params",
     "config_from_dict",
     "count_params",
     "enable_kv_compress",
+    "families",
+    "family_of",
     "init_params",
     "list_presets",
     "logical_param_specs",
+    "param_mismatches",
     "preset",
+    "register",
     "set_scan",
 ]
+
+for _module in _pkgutil.iter_modules(__path__):
+    _importlib.import_module(f"{__name__}.{_module.name}")

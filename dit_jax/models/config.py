@@ -9,15 +9,25 @@ import types
 import typing
 from typing import Any, ClassVar
 
+from dit_jax.nn.attention import available_backends
+from dit_jax.nn.layers import DTYPE_NAMES
 from dit_jax.nn.stack import REMAT_POLICIES
-
-_DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
 def check(ok: bool, field: str, value: Any, expected: str) -> None:
     """Raise one clear ``ValueError`` naming the field, the value and what was expected."""
     if not ok:
         raise ValueError(f"config field {field}={value!r} is invalid: expected {expected}")
+
+
+def check_patch_transformer(config: Any) -> None:
+    """The checks every patch-based transformer config shares: heads divide the width, sin-cos positions fit, the
+    training size is a whole number of patches."""
+    d, heads = config.hidden_size, config.num_heads
+    check(d % heads == 0, "hidden_size", d, f"a multiple of num_heads={heads}")
+    check(d % 4 == 0, "hidden_size", d, "a multiple of 4 (sin-cos positions)")
+    s, p = config.input_size, config.patch_size
+    check(s % p == 0, "input_size", s, f"a multiple of patch_size={p}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,8 +46,10 @@ class ExecutionConfig:
     attention_backend: str = "auto"
 
     def __post_init__(self):
-        check(self.dtype in _DTYPES, "dtype", self.dtype, f"one of {_DTYPES}")
+        check(self.dtype in DTYPE_NAMES, "dtype", self.dtype, f"one of {tuple(DTYPE_NAMES)}")
         check(self.remat in REMAT_POLICIES, "remat", self.remat, f"one of {sorted(REMAT_POLICIES)}")
+        backends = available_backends()
+        check(self.attention_backend in backends, "attention_backend", self.attention_backend, f"one of {backends}")
 
     def replace(self, **changes):
         """A copy with ``changes`` applied (validated)."""

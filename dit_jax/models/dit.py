@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax.models.config import ExecutionConfig, check
+from dit_jax.models.config import ExecutionConfig, check, check_patch_transformer
+from dit_jax.models.family import Family, register
 from dit_jax.nn.attention import SelfAttention
 from dit_jax.nn.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed, unpatchify
 from dit_jax.nn.layers import compute_dtype, layer_norm, modulate
@@ -46,21 +47,9 @@ class DiTConfig(ExecutionConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check(
-            self.hidden_size % self.num_heads == 0,
-            "hidden_size",
-            self.hidden_size,
-            f"a multiple of num_heads={self.num_heads}",
-        )
-        check(self.hidden_size % 4 == 0, "hidden_size", self.hidden_size, "a multiple of 4 (sin-cos positions)")
         for name in ("input_size", "patch_size", "in_channels", "depth", "num_classes"):
             check(getattr(self, name) > 0, name, getattr(self, name), "positive")
-        check(
-            self.input_size % self.patch_size == 0,
-            "input_size",
-            self.input_size,
-            f"a multiple of patch_size={self.patch_size}",
-        )
+        check_patch_transformer(self)
 
     @property
     def out_channels(self) -> int:
@@ -146,3 +135,77 @@ PRESETS: dict[str, DiTConfig] = {
     for size, (depth, width, heads) in _SIZES.items()
     for patch in (2, 4, 8)
 }
+
+
+def block_flops(d: int, mlp: int, n: int, keys: int) -> int:
+    """FLOPs of one self-attention + MLP block over ``n`` tokens attending to ``keys`` keys (a multiply-add is 2)."""
+    return n * 2 * (3 * d * d + d * d + 2 * d * mlp) + 4 * n * keys * d  # qkv, proj, mlp; logits and values
+
+
+def embed_flops(config, n: int) -> int:
+    """Patch embedding, timestep MLP and output projection of a DiT-like model over ``n`` tokens."""
+    p, d = config.patch_size, config.hidden_size
+    return 2 * n * p * p * config.in_channels * d + 2 * (256 * d + d * d) + 2 * n * d * p * p * config.out_channels
+
+
+class DiTFamily(Family):
+    """Class-conditional DiT: labels in, ``num_classes`` as the null class, DDPM with the diffusers DiT scheduler."""
+
+    name = "dit"
+    display_name = "DiT"
+    config_class = DiTConfig
+    module_class = DiT
+    presets = PRESETS
+    conversion = "dit_jax.convert.dit"
+    task = "class-to-image"
+    # diffusers' DiT converter (scripts/convert_dit_to_diffusers.py) writes this scheduler (MODELS.md §1.5);
+    # 50 steps and guidance 4.0 are DiTPipeline.__call__'s defaults.
+    scheduler_config = {
+        "_class_name": "DDIMScheduler",
+        "num_train_timesteps": 1000,
+        "beta_schedule": "linear",
+        "prediction_type": "epsilon",
+        "clip_sample": False,
+    }
+    sampling = {"num_inference_steps": 50, "guidance_scale": 4.0}
+    diffusers_pipelines = {"DiTPipeline": {}}
+
+    def condition(self, config, batch):
+        return {"y": batch["y"]}
+
+    def apply(self, module, params, x, t, condition):
+        return module.apply({"params": params}, x, t, condition["y"])
+
+    def drop_condition(self, config, condition, drop):
+        return {"y": jnp.where(drop, config.num_classes, condition["y"])}
+
+    def guidance_conditions(self, config, condition):
+        return condition, {"y": jnp.full_like(condition["y"], config.num_classes)}
+
+    def dropout_prob(self, config):
+        return config.class_dropout_prob
+
+    def label_condition(self, config, labels):
+        return {"y": labels}
+
+    def num_classes(self, config):
+        return config.num_classes
+
+    def condition_specs(self, config, batch_size):
+        return {"y": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
+    def grid_condition(self, config, sample, batch):
+        """One row per class: ``sample.labels`` or classes 0 … ``sample.num_classes`` − 1, ``per_class`` each."""
+        classes = [int(c) for c in sample.get("labels", ())]
+        classes = classes or list(range(min(int(sample["num_classes"]), config.num_classes)))
+        y = np.repeat(np.asarray(classes, np.int32), int(sample["per_class"]))
+        return {"y": y}, len(y), len(classes)
+
+    def forward_flops(self, config, height, width, text_length=None):
+        p, d = config.patch_size, config.hidden_size
+        n = (height // p) * (width // p)
+        flops = embed_flops(config, n) + 2 * d * 6 * d * config.depth + 2 * d * 2 * d  # adaLN-Zero + final
+        return int(flops + config.depth * block_flops(d, int(d * config.mlp_ratio), n, n))
+
+
+FAMILY = register(DiTFamily())

@@ -13,7 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax.models.config import ExecutionConfig, check
+from dit_jax.models import aspect_ratios
+from dit_jax.models.config import ExecutionConfig, check, check_patch_transformer
+from dit_jax.models.dit import block_flops, embed_flops
+from dit_jax.models.family import Family, register
 from dit_jax.nn.attention import CrossAttention, SelfAttention
 from dit_jax.nn.embeddings import (
     CaptionEmbedder,
@@ -63,9 +66,8 @@ class PixArtConfig(ExecutionConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_patch_transformer(self)
         d = self.hidden_size
-        check(d % self.num_heads == 0, "hidden_size", d, f"a multiple of num_heads={self.num_heads}")
-        check(d % 4 == 0, "hidden_size", d, "a multiple of 4 (sin-cos positions)")
         check(not self.micro_conditions or d % 3 == 0, "hidden_size", d, "a multiple of 3 with micro_conditions")
         check(
             self.caption_channels is not None or self.cross_attention_dim is not None,
@@ -82,12 +84,6 @@ class PixArtConfig(ExecutionConfig):
         check(self.kv_compress_ratio >= 2, "kv_compress_ratio", self.kv_compress_ratio, "an integer >= 2")
         bad = [i for i in self.kv_compress_layers if not 0 <= i < self.depth]
         check(not bad, "kv_compress_layers", self.kv_compress_layers, f"layer indices in [0, {self.depth})")
-        check(
-            self.input_size % self.patch_size == 0,
-            "input_size",
-            self.input_size,
-            f"a multiple of patch_size={self.patch_size}",
-        )
 
     @property
     def out_channels(self) -> int:
@@ -282,3 +278,150 @@ def enable_kv_compress(
             }
             flat[f"blocks_{i}"] = block
     return new, (scan_layout(flat, new.layer_kinds()) if new.scan_blocks else flat)
+
+
+# diffusers' resolution-binning tables are PixArt's aspect-ratio tables, keyed by the transformer's sample size
+# (latent side) as the diffusers pipelines pick them.
+ASPECT_RATIO_BINS: dict[int, tuple[tuple[int, int], ...]] = {
+    32: aspect_ratios.ASPECT_RATIO_256,
+    64: aspect_ratios.ASPECT_RATIO_512,
+    128: aspect_ratios.ASPECT_RATIO_1024,
+    256: aspect_ratios.ASPECT_RATIO_2048,
+}
+
+
+class PixArtFamily(Family):
+    """Text-to-image PixArt-α/Σ: T5 captions with masks, a learned null caption for dropout, micro-conditions (α-1024),
+    KV compression, and the diffusers PixArt pipelines' DPM-Solver++ defaults."""
+
+    name = "pixart"
+    display_name = "PixArt"
+    config_class = PixArtConfig
+    module_class = PixArt
+    presets = PRESETS
+    conversion = "dit_jax.convert.pixart"
+    task = "text-to-image"
+    # The diffusers PixArt-α/Σ converters write DPMSolverMultistepScheduler() (linear betas 1e-4..0.02, DPM-Solver++
+    # 2M); 20 steps and guidance 4.5 are PixArt{Alpha,Sigma}Pipeline.__call__'s defaults.
+    scheduler_config = {
+        "_class_name": "DPMSolverMultistepScheduler",
+        "num_train_timesteps": 1000,
+        "beta_schedule": "linear",
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "prediction_type": "epsilon",
+    }
+    sampling = {"num_inference_steps": 20, "guidance_scale": 4.5}
+    # diffusers pipeline classes → their max_sequence_length default
+    diffusers_pipelines = {
+        "PixArtSigmaPipeline": {"max_sequence_length": 300},
+        "PixArtAlphaPipeline": {"max_sequence_length": 120},
+    }
+    _KEYS = ("caption", "caption_mask", "resolution", "aspect_ratio")
+
+    def condition(self, config, batch):
+        cond = {"caption": batch["caption"], "caption_mask": batch.get("caption_mask")}
+        if config.micro_conditions:
+            cond.update(resolution=batch.get("resolution"), aspect_ratio=batch.get("aspect_ratio"))
+        return cond
+
+    def apply(self, module, params, x, t, condition):
+        c = condition
+        return module.apply(
+            {"params": params},
+            x,
+            t,
+            c["caption"],
+            c.get("caption_mask"),
+            c.get("resolution"),
+            c.get("aspect_ratio"),
+            drop_caption=c.get("drop"),
+        )
+
+    def drop_condition(self, config, condition, drop):
+        return dict(condition, drop=drop)
+
+    def guidance_conditions(self, config, condition):
+        """The learned null caption (``drop``) attending to every token, as the original PixArt sampling scripts."""
+        cond = dict(condition, drop=jnp.zeros(condition["caption"].shape[0], bool))
+        if cond.get("caption_mask") is not None:
+            cond["caption_mask"] = jnp.asarray(cond["caption_mask"])
+        null = dict(cond, drop=jnp.ones_like(cond["drop"]))
+        if null.get("caption_mask") is not None:
+            null["caption_mask"] = jnp.ones_like(null["caption_mask"])
+        return cond, null
+
+    def dropout_prob(self, config):
+        return config.caption_dropout_prob
+
+    def condition_specs(self, config, batch_size):
+        b, length = batch_size, config.caption_length
+        specs = {
+            "caption": jax.ShapeDtypeStruct((b, length, config.caption_width), jnp.float32),
+            "caption_mask": jax.ShapeDtypeStruct((b, length), jnp.int32),
+        }
+        if config.micro_conditions:
+            specs["resolution"] = jax.ShapeDtypeStruct((b, 2), jnp.float32)
+            specs["aspect_ratio"] = jax.ShapeDtypeStruct((b, 1), jnp.float32)
+        return specs
+
+    def grid_condition(self, config, sample, batch):
+        """The captions of the first training batch (as many as ``per_class × num_classes``), in a square grid."""
+        n = min(int(sample["per_class"]) * int(sample["num_classes"]), batch["x"].shape[0])
+        return {k: batch[k] for k in self._KEYS if k in batch}, n, max(1, int(np.sqrt(n)))
+
+    def grid_multiple(self, config):
+        return config.kv_compress_ratio if config.kv_compress_layers else 1
+
+    def grid_constraint(self, config):
+        return f"KV compression with ratio {config.kv_compress_ratio}"
+
+    def size_condition(self, config, height, width, batch):
+        if not config.micro_conditions:  # α-1024 takes the sampled size, as diffusers' α pipeline
+            return {}
+        return {
+            "resolution": np.tile(np.array([[height, width]], np.float32), (batch, 1)),
+            "aspect_ratio": np.full((batch, 1), height / width, np.float32),
+        }
+
+    def aspect_ratio_bins(self, config):
+        return ASPECT_RATIO_BINS.get(config.input_size)
+
+    def text_width(self, config):
+        return config.caption_width
+
+    def max_sequence_length(self, config):
+        """α: 120 caption tokens (its learned null caption's length when it has one), Σ: 300."""
+        if config.learned_null_caption:
+            return config.caption_length
+        return 120 if config.micro_conditions else 300
+
+    def learned_null_length(self, config):
+        return config.caption_length if config.learned_null_caption else None
+
+    def adapt_params(self, source, params, target):
+        """Weak-to-strong fine-tuning: a target with KV compression gets it enabled (Conv Avg Init)."""
+        if target.kv_compress_layers and not source.kv_compress_layers:
+            return enable_kv_compress(
+                source, params, target.kv_compress_layers, ratio=target.kv_compress_ratio, op=target.kv_compress_op
+            )
+        return source, params
+
+    def forward_flops(self, config, height, width, text_length=None):
+        p, d = config.patch_size, config.hidden_size
+        n = (height // p) * (width // p)
+        length = text_length if text_length is not None else config.caption_length
+        width_c = config.caption_width
+        flops = embed_flops(config, n) + 2 * d * 6 * d  # t_block
+        if config.caption_channels is not None:
+            flops += 2 * length * (width_c * d + d * d)  # caption projection
+            width_c = d
+        r2 = config.kv_compress_ratio**2
+        for i in range(config.depth):
+            keys = n // r2 if i in config.kv_compress_layers else n
+            flops += block_flops(d, int(d * config.mlp_ratio), n, keys)  # self-attention + MLP
+            flops += 2 * n * d * d * 2 + 2 * length * width_c * 2 * d + 4 * n * length * d  # cross-attention
+        return int(flops)
+
+
+FAMILY = register(PixArtFamily())

@@ -1,26 +1,54 @@
-"""Model families, named presets, and helpers that work on any config: build, init, layouts, counting."""
+"""Helpers that work on any registered family's config: presets by name, build, init, layouts, counting, checks.
+
+Families register themselves (``dit_jax.models.family.register``) when their module is imported; this module
+imports none of them. ``dit_jax.models`` imports the diffusion transformers, ``dit_jax.encoders`` the VAE and T5.
+"""
 
 import dataclasses
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 
-from dit_jax.encoders import t5, vae
-from dit_jax.models import dit, pixart
 from dit_jax.models.config import ExecutionConfig
+from dit_jax.models.family import families, family_named, family_of
 from dit_jax.nn.stack import scan_layout, unscan_layout
 
-ModelConfig = dit.DiTConfig | pixart.PixArtConfig | vae.VAEConfig | t5.T5Config
+ModelConfig = ExecutionConfig  # every family's config derives from it
 
-FAMILIES: dict[str, tuple[type, type]] = {
-    "dit": (dit.DiTConfig, dit.DiT),
-    "pixart": (pixart.PixArtConfig, pixart.PixArt),
-    "vae": (vae.VAEConfig, vae.AutoencoderKL),
-    "t5": (t5.T5Config, t5.T5Encoder),
-}
-PRESETS: dict[str, ExecutionConfig] = {**dit.PRESETS, **pixart.PRESETS}
+
+class _Live(Mapping):
+    """A read-only view over the registered families, current at each lookup."""
+
+    def __init__(self, view):
+        self._view = view
+
+    def _table(self) -> dict[str, Any]:
+        return self._view()
+
+    def __getitem__(self, key: str) -> Any:
+        return self._table()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+    def __repr__(self) -> str:
+        return repr(self._table())
+
+
+#: family name → (config class, module class)
+FAMILIES: Mapping[str, tuple[type, type]] = _Live(
+    lambda: {n: (f.config_class, f.module_class) for n, f in families().items()}
+)
+#: preset name → config, over every registered family
+PRESETS: Mapping[str, ExecutionConfig] = _Live(
+    lambda: {k: v for f in families().values() for k, v in f.presets.items()}
+)
 
 
 def list_presets() -> list[str]:
@@ -29,27 +57,26 @@ def list_presets() -> list[str]:
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
     """The named preset's config (e.g. ``"DiT-XL/2"``, ``"PixArt-Sigma-XL-2-1024-MS"``), with ``overrides``."""
-    if name not in PRESETS:
-        close = [p for p in PRESETS if name.lower().replace("_", "-") in p.lower()]
+    presets = dict(PRESETS)
+    if name not in presets:
+        close = [p for p in presets if name.lower().replace("_", "-") in p.lower()]
         hint = f" Did you mean {close}?" if close else ""
-        raise ValueError(f"unknown model preset {name!r}.{hint} Known presets: {list_presets()}")
-    return dataclasses.replace(PRESETS[name], **overrides) if overrides else PRESETS[name]
+        raise ValueError(f"unknown model preset {name!r}.{hint} Known presets: {sorted(presets)}")
+    return dataclasses.replace(presets[name], **overrides) if overrides else presets[name]
 
 
 def config_from_dict(d: dict[str, Any]) -> ModelConfig:
     """Inverse of ``config.to_dict()``; the ``family`` key picks the config class."""
-    family = d.get("family")
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(FAMILIES)}")
-    return FAMILIES[family][0].from_dict(d)
+    return family_named(d.get("family")).config_class.from_dict(d)
 
 
 def build(config: ModelConfig) -> nn.Module:
     """The Linen module for ``config``."""
-    for config_cls, module_cls in FAMILIES.values():
-        if isinstance(config, config_cls):
-            return module_cls(config)
-    raise TypeError(f"build() takes a model config, got {type(config).__name__}")
+    try:
+        family = family_of(config)
+    except TypeError:
+        raise TypeError(f"build() takes a model config, got {type(config).__name__}") from None
+    return family.module_class(config)
 
 
 def _init(config: ModelConfig, key: jax.Array):
@@ -75,6 +102,28 @@ def logical_param_specs(config: ModelConfig):
 
 def count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def param_shapes(params: Any) -> dict[str, tuple[int, ...]]:
+    """``{"a/b/kernel": shape}`` of a (possibly boxed or abstract) parameter tree."""
+    leaves = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(params))
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(x)) for path, x in leaves}
+
+
+def param_mismatches(config: ModelConfig, params: Any) -> list[str]:
+    """``"path: expected S, found S'"`` for every parameter that ``params`` lacks, adds or shapes otherwise than
+    ``config`` (in the config's layout); empty when they fit."""
+    want = param_shapes(abstract_params(config))
+    got = param_shapes(params)
+    bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    return [f"{k}: expected {want.get(k, 'nothing')}, found {got.get(k, 'nothing')}" for k in bad]
+
+
+def check_params(config: ModelConfig, params: Any, where: str, *, error: type[Exception] = ValueError) -> None:
+    """One ``error`` naming every parameter of ``params`` (from ``where``) that does not fit ``config``."""
+    bad = param_mismatches(config, params)
+    if bad:
+        raise error(f"{where}: the params do not match the config:\n  " + "\n  ".join(bad))
 
 
 def set_scan(config: ModelConfig, params: dict[str, Any], scan: bool) -> tuple[ModelConfig, dict[str, Any]]:

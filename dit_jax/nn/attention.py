@@ -5,11 +5,12 @@ always ``head_dim ** -0.5`` of the *true* head_dim, so kernels that need a padde
 stay exact when the padding is zeros.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dit_jax.nn.layers import LayerNorm, dense, partitioned, zeros
 from dit_jax.parallel.rules import constrain
@@ -26,6 +27,19 @@ def register_backend(name: str, fn: AttentionFn) -> None:
 
 def available_backends() -> list[str]:
     return ["auto", *sorted(_BACKENDS)]
+
+
+def joint_attention(
+    streams: Sequence[tuple[jax.Array, jax.Array, jax.Array]], *, backend: str = "auto", scale: float | None = None
+) -> list[jax.Array]:
+    """One attention over several token streams joined along the sequence (MM-DiT joint attention): ``streams`` are
+    ``(q, k, v)`` triples (B, T_i, H, D) in the order they are joined (SD3: [image, text]; Flux: [text, image]);
+    returns each stream's output (B, T_i, H, D). Positions (RoPE) are applied by the caller before."""
+    lengths = [q.shape[1] for q, _, _ in streams]
+    q, k, v = (jnp.concatenate([s[i] for s in streams], axis=1) for i in range(3))
+    out = dot_product_attention(q, k, v, backend=backend, scale=scale)
+    bounds = np.cumsum(lengths)[:-1].tolist()
+    return jnp.split(out, bounds, axis=1)
 
 
 def _xla_attention(q, k, v, mask, scale):

@@ -109,6 +109,22 @@ class LayerNorm(nn.Module):
         return y.astype(x.dtype)
 
 
+class RMSNorm(nn.Module):
+    """RMS norm ``scale · x / √(mean(x²) + eps)`` (T5's LayerNorm; SD3.5/Flux qk-norm over head_dim): no mean
+    subtraction, no bias; fp32 statistics and scale, output in ``dtype`` (None: the input's)."""
+
+    eps: float = 1e-6
+    dtype: jnp.dtype | None = jnp.float32
+    names: Names = ("embed",)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", partitioned(ones, self.names), (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+        return (y * scale).astype(self.dtype or x.dtype)
+
+
 def gelu_tanh(x: jax.Array) -> jax.Array:
     """GELU with the tanh approximation (torch ``approximate="tanh"``)."""
     return jax.nn.gelu(x, approximate=True)
@@ -121,16 +137,31 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return x * (1 + scale) + shift
 
 
+#: dtype names a config, a call or a command line may use → the canonical name
+DTYPE_NAMES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+
+
+def dtype_names(allowed: tuple[str, ...] = ("float32", "bfloat16", "float16")) -> list[str]:
+    """The names (long and short) of the ``allowed`` canonical dtypes, sorted."""
+    return sorted(k for k, v in DTYPE_NAMES.items() if v in allowed)
+
+
+def canonical_dtype(name: str, *, allowed: tuple[str, ...] = ("float32", "bfloat16", "float16"), what="dtype") -> str:
+    """``"bf16"`` → ``"bfloat16"`` etc.; a name outside ``allowed`` is one error naming ``what``."""
+    if name not in dtype_names(allowed):
+        raise ValueError(f"{what}={name!r} is invalid: expected one of {dtype_names(allowed)}")
+    return DTYPE_NAMES[name]
+
+
 def compute_dtype(name: str):
-    """Map a config dtype name (``float32``/``fp32``/``bfloat16``/``bf16``/``float16``) to a JAX dtype."""
-    table = {
-        "float32": jnp.float32,
-        "fp32": jnp.float32,
-        "bfloat16": jnp.bfloat16,
-        "bf16": jnp.bfloat16,
-        "float16": jnp.float16,
-        "fp16": jnp.float16,
-    }
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(table)}")
-    return table[name]
+    """Map a config dtype name (``float32``/``fp32``/``bfloat16``/``bf16``/``float16``/``fp16``) to a JAX dtype."""
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPE_NAMES)}")
+    return getattr(jnp, DTYPE_NAMES[name])

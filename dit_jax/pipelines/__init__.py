@@ -1,27 +1,23 @@
-"""End-to-end sampling: ``load(path)`` → a ``ClassConditionalPipeline`` (DiT + VAE + default sampler, mirroring
-diffusers ``DiTPipeline``) or a ``TextToImagePipeline`` (PixArt + VAE + T5, mirroring ``PixArtSigmaPipeline`` /
-``PixArtAlphaPipeline``); ``python -m dit_jax.sample`` is their command line."""
+"""End-to-end sampling: ``load(path)`` → a ``ClassConditionalPipeline`` (a class-conditional model + VAE + default
+sampler, e.g. DiT mirroring diffusers ``DiTPipeline``) or a ``TextToImagePipeline`` (a text-to-image model + VAE +
+T5 ``TextEncoder``, e.g. PixArt mirroring ``PixArtSigmaPipeline`` / ``PixArtAlphaPipeline``); the model's family
+says which. ``python -m dit_jax.sample`` is their command line."""
+
+from typing import Any
 
 from dit_jax.pipelines.base import SamplingPipeline, resize_and_crop
 from dit_jax.pipelines.class_conditional import OUTPUT_TYPES, ClassConditionalPipeline
 from dit_jax.pipelines.images import make_grid, save_png, to_pil, to_uint8
-from dit_jax.pipelines.loading import (
-    DIT_SCHEDULER_CONFIG,
-    PIXART_SCHEDULER_CONFIG,
-    load,
-    load_text_encoder,
-    load_vae,
-    read_scheduler_config,
-)
-from dit_jax.pipelines.text_to_image import ASPECT_RATIO_BINS, TextToImagePipeline, closest_bin
+from dit_jax.pipelines.loading import PIPELINES, load, load_text_encoder, load_vae, read_scheduler_config
+from dit_jax.pipelines.text_encoder import TextEncoder
+from dit_jax.pipelines.text_to_image import TextToImagePipeline, closest_bin
 
 __all__ = [
-    "ASPECT_RATIO_BINS",
-    "DIT_SCHEDULER_CONFIG",
     "OUTPUT_TYPES",
-    "PIXART_SCHEDULER_CONFIG",
+    "PIPELINES",
     "ClassConditionalPipeline",
     "SamplingPipeline",
+    "TextEncoder",
     "TextToImagePipeline",
     "closest_bin",
     "load",
@@ -34,3 +30,16 @@ __all__ = [
     "to_pil",
     "to_uint8",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``<FAMILY>_SCHEDULER_CONFIG`` (e.g. ``DIT_SCHEDULER_CONFIG``): the default scheduler config a family's
+    pipelines get from a model directory or a PyTorch checkpoint (``Family.scheduler_config``)."""
+    suffix = "_SCHEDULER_CONFIG"
+    if name.endswith(suffix):
+        from dit_jax.models import families
+
+        family = families().get(name[: -len(suffix)].lower())
+        if family is not None and family.scheduler_config is not None:
+            return dict(family.scheduler_config)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

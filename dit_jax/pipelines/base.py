@@ -1,10 +1,10 @@
 """What every sampling pipeline shares: sampler settings from a diffusers scheduler config, a guided sampler loop
 jitted once per configuration with the batch padded and sharded over the devices, and VAE decoding.
 
-``SamplingPipeline`` holds a model (config + params), its VAE (or None in pixel space) and the default sampler;
-subclasses say how the model reads its conditioning (``_model_fn``) and what the null conditioning of guidance is:
-``ClassConditionalPipeline`` (labels, the null class) and ``TextToImagePipeline`` (captions + masks, a negative or
-learned null caption).
+``SamplingPipeline`` holds a model (config + params), its VAE (or None in pixel space) and the default sampler; the
+model's family (``dit_jax.models.family``) feeds it its condition. Subclasses turn a request into a condition and
+the null condition of guidance: ``ClassConditionalPipeline`` (labels, the null class) and ``TextToImagePipeline``
+(text features + masks, a negative or learned null caption).
 """
 
 import dataclasses
@@ -19,16 +19,14 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dit_jax import diffusion
-from dit_jax.diffusion.samplers import _DPM_DIFFUSERS_ONLY, DDPM_METHODS, FLOW_METHODS, Plan
+from dit_jax.diffusion.policy import SCHEDULER_CLASSES  # noqa: F401  (exported by the pipelines)
+from dit_jax.diffusion.samplers import Trajectory
 from dit_jax.diffusion.schedules import DDPMSchedule, FlowSchedule
 from dit_jax.encoders.vae import VAEConfig, unscale_latents
-from dit_jax.models import build
+from dit_jax.models import build, family_of
 from dit_jax.parallel import logical_rules
 
 OUTPUT_TYPES = ("np", "pil", "latent")
-# The diffusers scheduler class of each DDPM-family method: a method other than the pipeline's default is configured
-# like ``<Class>.from_config(pipe.scheduler.config)`` in diffusers (shared keys carry over, the rest are defaults).
-SCHEDULER_CLASSES = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
 _MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -117,12 +115,24 @@ class SamplingPipeline:
         self._compiled: dict[tuple, Callable] = {}
         self._progress: Callable[[int, int], None] | None = None
 
+    task = ""  # the model-family task this pipeline drives (``dit_jax.models.family.TASKS``)
+
     def _check_model(self) -> None:
         """Raise if ``model_config`` is not a model this pipeline can drive."""
+        try:
+            task = family_of(self.model_config).task
+        except TypeError:
+            task = None
+        if task != self.task:
+            raise TypeError(
+                f"{self.source or 'model'}: a {type(self).__name__} drives {self.task} models, got "
+                f"{type(self.model_config).__name__}"
+            )
 
-    def _model_fn(self, model: nn.Module, params: Any, x: jax.Array, t: jax.Array, cond: Any) -> jax.Array:
-        """The model's output for latents ``x`` at times ``t`` under conditioning ``cond`` (a batch-leading pytree)."""
-        raise NotImplementedError
+    @property
+    def family(self):
+        """The model's family (how it reads its condition, its sizes and text settings)."""
+        return family_of(self.model_config)
 
     # ---- properties ------------------------------------------------------------------------------------------
 
@@ -152,39 +162,46 @@ class SamplingPipeline:
         ``method`` (default: the pipeline's) must suit the schedule (DDPM: ddpm, ddim, dpmpp_2m; flow: euler, heun,
         dpmpp_2m). ``options`` (sampler options, e.g. ``respacing="250"``, ``eta=``) win over the defaults.
         """
-        schedule, chosen, base = self.schedule, self.method, dict(self.options)
-        allowed = DDPM_METHODS if isinstance(schedule, DDPMSchedule) else FLOW_METHODS
-        if method is not None and method != chosen:
-            if method not in allowed:
-                raise ValueError(
-                    f"unknown method {method!r} for this pipeline's {type(schedule).__name__}; expected one of "
-                    f"{allowed}"
-                )
-            base = {}
-            if isinstance(schedule, DDPMSchedule) and self.scheduler_config is not None:
-                config = {**self.scheduler_config, "_class_name": SCHEDULER_CLASSES[method]}
-                schedule, _, base = diffusion.from_diffusers_scheduler_config(config)
-            chosen = method
-        elif chosen not in allowed:
-            raise ValueError(f"unknown method {chosen!r} for a {type(schedule).__name__}; expected one of {allowed}")
-        if isinstance(schedule, DDPMSchedule):
-            learned = self.model_config.learn_sigma
-            schedule = dataclasses.replace(schedule, learned_sigma=learned)
-            if chosen == "ddpm" and learned:
-                base["variance_type"] = "learned_range"  # the original DiT sampler; diffusers drops the variance
-        if options.get("respacing") is not None or options.get("timesteps") is not None:
-            for key in ("timestep_spacing", "steps_offset"):  # fixed by the explicit timesteps
-                base.pop(key, None)
-        if options.get("variant") == "dpm_solver":  # PixArt's original DPM-Solver has no diffusers-only options
-            for key in _DPM_DIFFUSERS_ONLY:
-                base.pop(key, None)
-        return schedule, chosen, {**base, **options}
+        return diffusion.sampler_settings(
+            self.schedule,
+            self.method,
+            self.options,
+            learned_sigma=self.model_config.learn_sigma,
+            scheduler_config=self.scheduler_config,
+            requested=method,
+            **options,
+        )
 
-    def plan(self, num_inference_steps: int | None = None, method: str | None = None, **options: Any) -> Plan:
+    def _call_settings(
+        self,
+        output_type: str,
+        num_inference_steps: int | None,
+        guidance_scale: float | None,
+        method: str | None,
+        guidance_channels: int | None,
+        sampler_options: dict[str, Any],
+    ) -> tuple[int, float, DDPMSchedule | FlowSchedule, str, dict[str, Any]]:
+        """``(steps, scale, schedule, method, options)`` of a call, every argument checked before anything compiles."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"unknown output_type {output_type!r}; expected one of {OUTPUT_TYPES}")
+        steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
+        scale = float(self.guidance_scale if guidance_scale is None else guidance_scale)
+        schedule, method, options = self.sampler_settings(method, **sampler_options)
+        diffusion.make_trajectory(schedule, method, steps, **options)  # bad steps/options: one clear error now
+        c = self.model_config.in_channels
+        if guidance_channels is not None and not (isinstance(guidance_channels, int) and 0 < guidance_channels <= c):
+            raise ValueError(f"guidance_channels={guidance_channels!r} must be in 1..{c} (the latent channels)")
+        return steps, scale, schedule, method, options
+
+    def trajectory(
+        self, num_inference_steps: int | None = None, method: str | None = None, **options: Any
+    ) -> Trajectory:
         """The sampler's trajectory (timesteps, model calls) for these settings, resolved on the host."""
         schedule, method, options = self.sampler_settings(method, **options)
         steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
-        return diffusion.make_plan(schedule, method, steps, **options)
+        return diffusion.make_trajectory(schedule, method, steps, **options)
+
+    plan = trajectory  # the earlier name
 
     # ---- latents and decoding --------------------------------------------------------------------------------
 
@@ -240,27 +257,27 @@ class SamplingPipeline:
         """The jitted sampler loop for one configuration (cached on the pipeline)."""
         if key in self._compiled:
             return self._compiled[key]
-        cfg = self.model_config
+        cfg, family = self.model_config, self.family
         model = build(cfg)
         c = cfg.in_channels
         keep_mean = isinstance(schedule, FlowSchedule) and cfg.learn_sigma  # a flow sampler wants C channels
 
         def run(params, x, cond, null_cond, scale, rng):
             def cond_model(x, t, cond):
-                out = self._model_fn(model, params, x, t, cond)
+                out = family.apply(model, params, x, t, cond)
                 return out[..., :c] if keep_mean else out
 
-            if guided:
-                model_fn = diffusion.cfg(cond_model, cond, null_cond, scale, guide_channels=guidance_channels)
-            else:
-                model_fn = lambda x, t: cond_model(x, t, cond)  # noqa: E731
-            return diffusion.sample(
-                model_fn,
+            return diffusion.generate(
+                cond_model,
+                cond,
+                null_cond if guided else None,
                 x,
+                rng,
+                guidance_scale=scale,
+                guide_channels=guidance_channels,
                 schedule=schedule,
                 method=method,
                 num_steps=steps,
-                key=rng,
                 progress=self._report if progress else None,
                 **options,
             )

@@ -16,13 +16,10 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax import diffusion
-from dit_jax.models import DiTConfig
 from dit_jax.pipelines.base import OUTPUT_TYPES, SCHEDULER_CLASSES, SamplingPipeline, as_key
 from dit_jax.pipelines.images import to_pil
 
@@ -31,29 +28,20 @@ __all__ = ["OUTPUT_TYPES", "SCHEDULER_CLASSES", "ClassConditionalPipeline"]
 
 @dataclasses.dataclass(eq=False)
 class ClassConditionalPipeline(SamplingPipeline):
-    """A DiT (config + params), its VAE (or None for pixel-space models) and the default sampler settings.
+    """A class-conditional model such as DiT (config + params), its VAE (or None for pixel-space models) and the
+    default sampler settings.
 
     Build it with ``dit_jax.pipelines.load``. ``schedule``/``method``/``options`` are what ``dit_jax.diffusion.sample``
     gets by default; ``scheduler_config`` (a diffusers scheduler config, when known) configures other methods the
     way ``from_config`` does in diffusers. ``devices`` (default: all local devices) carry the sharded batch.
     """
 
-    model_config: DiTConfig
-
-    def _check_model(self) -> None:
-        if not isinstance(self.model_config, DiTConfig):
-            raise TypeError(
-                f"{self.source or 'model'}: a class-conditional pipeline needs a DiT, got "
-                f"{type(self.model_config).__name__}"
-            )
-
-    def _model_fn(self, model: nn.Module, params: Any, x: jax.Array, t: jax.Array, labels: jax.Array) -> jax.Array:
-        return model.apply({"params": params}, x, t, labels)
+    task = "class-to-image"
 
     @property
     def num_classes(self) -> int:
         """Class ids are 0 … num_classes − 1; ``num_classes`` is the null class of guidance."""
-        return self.model_config.num_classes
+        return self.family.num_classes(self.model_config)
 
     def __call__(
         self,
@@ -78,24 +66,20 @@ class ClassConditionalPipeline(SamplingPipeline):
         ``dit_jax.diffusion.sample`` (e.g. ``respacing="250"`` for the original DiT's 250 DDPM steps, ``eta=``).
         A pixel-space pipeline (no VAE) returns the model's channels (1 for the digits quickstart).
         """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"unknown output_type {output_type!r}; expected one of {OUTPUT_TYPES}")
         labels = self.check_labels(class_labels)
-        steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
-        scale = float(self.guidance_scale if guidance_scale is None else guidance_scale)
-        schedule, method, options = self.sampler_settings(method, **sampler_options)
-        diffusion.make_plan(schedule, method, steps, **options)  # bad steps/options: one clear error before compiling
+        steps, scale, schedule, method, options = self._call_settings(
+            output_type, num_inference_steps, guidance_scale, method, guidance_channels, sampler_options
+        )
         key = as_key(seed)
         if latents is None:
             latents = self.prepare_latents(len(labels), key)
         latents = self._check_latents(latents, len(labels))
         guided = scale > 1.0
-        c = self.model_config.in_channels
-        if guidance_channels is not None and not (isinstance(guidance_channels, int) and 0 < guidance_channels <= c):
-            raise ValueError(f"guidance_channels={guidance_channels!r} must be in 1..{c} (the latent channels)")
-        null = np.full_like(labels, self.num_classes)
+        cond, null = self.family.guidance_conditions(
+            self.model_config, self.family.label_condition(self.model_config, labels)
+        )
         x0 = self._sample(
-            labels, null, latents, key, steps, scale, guided, guidance_channels, schedule, method, options, progress
+            cond, null, latents, key, steps, scale, guided, guidance_channels, schedule, method, options, progress
         )
         b = len(labels)
         if output_type == "latent":

@@ -1,10 +1,11 @@
 """Pipeline outputs: float images in [0, 1] → uint8, PIL images, grids, and PNG files written atomically."""
 
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
+
+from dit_jax.files import write_atomic
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -48,11 +49,4 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"{path}: expected a .png file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}.png"
-    try:
-        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomic(path, lambda tmp: Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp))

@@ -1,7 +1,8 @@
-"""``load(path)``: a class-conditional (DiT) or text-to-image (PixArt) pipeline from a diffusers pipeline folder, a
-model directory, a PyTorch checkpoint or a training workdir, with its VAE, text encoder and default sampler.
+"""``load(path)``: a class-conditional (e.g. DiT) or text-to-image (e.g. PixArt) pipeline from a diffusers pipeline
+folder, a model directory, a PyTorch checkpoint or a training workdir, with its VAE, text encoder and default sampler.
 
-Defaults per source (what the matching PyTorch tool does):
+The pipeline kind, the default scheduler and settings, and the diffusers pipeline classes come from the model's
+family (``dit_jax.models.family``). Defaults per source (what the matching PyTorch tool does), e.g.:
   diffusers pipeline folder  ``model_index.json`` + ``transformer/``, ``vae/``, ``scheduler/``: the scheduler config
                              picks the sampler (``DDIMScheduler`` → ddim, …); 50 steps and guidance 4.0
                              (``DiTPipeline.__call__``'s defaults). ``PixArtSigmaPipeline``/``PixArtAlphaPipeline``
@@ -19,59 +20,23 @@ the default sampler of any source.
 """
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from dit_jax import diffusion
-from dit_jax.encoders.t5 import TextEncoder
+from dit_jax.checkpoint import is_model_dir as _is_model_dir
+from dit_jax.checkpoint import load_model
 from dit_jax.encoders.vae import PRESETS as VAE_PRESETS
 from dit_jax.encoders.vae import VAEConfig
-from dit_jax.models import DiTConfig, ModelConfig, PixArtConfig, set_scan
+from dit_jax.files import read_json as _read_json
+from dit_jax.models import ModelConfig, check_params, families, family_of, set_scan
+from dit_jax.nn.layers import canonical_dtype
 from dit_jax.pipelines.class_conditional import ClassConditionalPipeline
+from dit_jax.pipelines.text_encoder import TextEncoder
 from dit_jax.pipelines.text_to_image import TextToImagePipeline
 
-# diffusers' DiT converter (scripts/convert_dit_to_diffusers.py) writes this scheduler (MODELS.md §1.5).
-DIT_SCHEDULER_CONFIG = {
-    "_class_name": "DDIMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_schedule": "linear",
-    "prediction_type": "epsilon",
-    "clip_sample": False,
-}
-DIT_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 4.0}  # DiTPipeline.__call__
-# The diffusers PixArt-α/Σ converters write DPMSolverMultistepScheduler() (linear betas 1e-4..0.02, DPM-Solver++ 2M).
-PIXART_SCHEDULER_CONFIG = {
-    "_class_name": "DPMSolverMultistepScheduler",
-    "num_train_timesteps": 1000,
-    "beta_schedule": "linear",
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "prediction_type": "epsilon",
-}
-PIXART_DEFAULTS = {"num_inference_steps": 20, "guidance_scale": 4.5}  # PixArt{Alpha,Sigma}Pipeline.__call__
-# diffusers text-to-image pipeline classes → their max_sequence_length default
-TEXT_TO_IMAGE_PIPELINES = {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": 120}
-_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from e
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(d).__name__}")
-    return d
-
-
-def _is_model_dir(path: Path) -> bool:
-    """A dit_jax model directory (``config.json`` with ``format_version``), not a diffusers folder."""
-    cfg = path / "config.json"
-    return path.is_dir() and cfg.is_file() and "format_version" in _read_json(cfg)
+PIPELINES = {"class-to-image": ClassConditionalPipeline, "text-to-image": TextToImagePipeline}
 
 
 def _is_workdir(path: Path) -> bool:
@@ -85,21 +50,6 @@ def _is_pipeline_folder(path: Path) -> bool:
 # ---- model -----------------------------------------------------------------------------------------------------
 
 
-def _check_shapes(config: ModelConfig, params: Any, source: str) -> None:
-    """The overridden config must still describe the params (e.g. only execution switches changed)."""
-    import flax.linen as nn
-
-    from dit_jax.convert.rules import flatten
-    from dit_jax.models import abstract_params
-
-    want = {k: tuple(v.shape) for k, v in flatten(nn.meta.unbox(abstract_params(config))).items()}
-    got = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
-    bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-    if bad:
-        details = "; ".join(f"{k}: expected {want.get(k, 'nothing')}, found {got.get(k, 'nothing')}" for k in bad[:8])
-        raise ValueError(f"{source}: the model overrides do not fit the params ({details})")
-
-
 def _override(config: ModelConfig, params: Any, overrides: dict[str, Any], source: str) -> tuple[ModelConfig, Any]:
     """Apply config-field overrides (``scan_blocks`` switches the parameter layout)."""
     if not overrides:
@@ -111,7 +61,7 @@ def _override(config: ModelConfig, params: Any, overrides: dict[str, Any], sourc
         raise ValueError(f"unknown {type(config).__name__} override(s) {unknown}; known fields: {sorted(known)}")
     scan = overrides.pop("scan_blocks", None)
     config = config.replace(**overrides)
-    _check_shapes(config, params, source)
+    check_params(config, params, f"{source}: the model overrides do not fit the params")
     if scan is not None:
         config, params = set_scan(config, params, bool(scan))
     return config, params
@@ -143,8 +93,6 @@ def load_vae(vae: Any) -> tuple[VAEConfig, Any]:
             "VAE checkpoint file"
         )
     if _is_model_dir(path):
-        from dit_jax.checkpoint import load_model
-
         config, params = load_model(path)
         if not isinstance(config, VAEConfig):
             raise ValueError(f"vae={str(vae)!r} is a model directory of a {type(config).__name__}, not a VAE")
@@ -185,10 +133,20 @@ def _scheduler(config: dict[str, Any], source: str) -> tuple[Any, str, dict[str,
 # ---- sources ---------------------------------------------------------------------------------------------------
 
 
+def _pipeline_family(index: dict[str, Any]):
+    """``(family, its settings for this diffusers pipeline class)`` of a ``model_index.json``, or ``(None, {})``."""
+    name = index.get("_class_name")
+    for family in families().values():
+        if name in family.diffusers_pipelines:
+            return family, dict(family.diffusers_pipelines[name])
+    return None, {}
+
+
 def _pipeline_folder(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     index = _read_json(path / "model_index.json")
     name = index.get("_class_name")
-    text = name in TEXT_TO_IMAGE_PIPELINES
+    family, settings = _pipeline_family(index)
+    text = family is not None and family.task == "text-to-image"
     parts = (
         ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
         if text
@@ -196,52 +154,46 @@ def _pipeline_folder(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     )
     for part in parts:
         if part not in index or not (path / part).is_dir():
+            known = {n: f.task for f in families().values() for n in f.diffusers_pipelines}
             kinds = (
                 f"{name} folders hold {', '.join(parts)}"
                 if text
-                else "class-conditional pipelines are DiTPipeline folders (transformer, vae, scheduler); text-to-image "
-                f"ones are {' or '.join(TEXT_TO_IMAGE_PIPELINES)} folders"
+                else "class-conditional pipelines are "
+                + " or ".join(n for n, t in known.items() if t == "class-to-image")
+                + " folders (transformer, vae, scheduler); text-to-image ones are "
+                + " or ".join(n for n, t in known.items() if t == "text-to-image")
+                + " folders"
             )
             raise ValueError(f"{path}: model_index.json ({name}) needs a {part!r} component in {path / part}; {kinds}")
     config, params = _from_torch(path / "transformer", overrides)
     scheduler_config = read_scheduler_config(path / "scheduler")
     spec = dict(config=config, params=params, vae=path / "vae", scheduler_config=scheduler_config)
+    spec.update(family_of(config).sampling)
     if text:
-        spec.update(PIXART_DEFAULTS, text_encoder=path, max_sequence_length=TEXT_TO_IMAGE_PIPELINES[name])
-    else:
-        spec.update(DIT_DEFAULTS)
+        spec.update(settings, text_encoder=path)
     return spec
 
 
 def _workdir(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    from dit_jax.train.checkpoints import host_params, load_config, load_ema_params
-    from dit_jax.train.objectives import make_schedule
-    from dit_jax.train.sampling import sample_method
+    from dit_jax.runs import host_params, load_ema_params, run_config
 
-    step, model_config, run = load_config(str(path))
+    step, model_config, run = run_config(str(path))
     _, params = load_ema_params(str(path), step)
     config, params = _override(model_config, host_params(params), overrides, f"{path} (step {step})")
     objective = run.get("objective", "flow")
     sample = run.get("sample", {}) or {}
-    schedule = make_schedule(objective, run.get("diffusion", {}) or {}, config)
+    schedule = diffusion.make_schedule(objective, run.get("diffusion", {}) or {}, learned_sigma=config.learn_sigma)
     latent = (run.get("data", {}) or {}).get("name") == "latents"
     return dict(
         config=config,
         params=params,
         vae=(sample.get("vae") or None) if latent else None,
         needs_vae=latent,
-        schedule=(schedule, sample_method(objective, sample.get("method") or None), {}),
+        schedule=(schedule, diffusion.default_method(objective, sample.get("method") or None), {}),
         num_inference_steps=int(sample.get("num_steps", 50)),
         guidance_scale=float(sample.get("guidance_scale", 1.0)),
         source_name=f"{path} (checkpoint {step}, EMA)",
     )
-
-
-def _default_max_length(config: PixArtConfig) -> int:
-    """α: 120 caption tokens (its learned null caption's length when it has one), Σ: 300."""
-    if config.learned_null_caption:
-        return config.caption_length
-    return 120 if config.micro_conditions else 300
 
 
 def load_text_encoder(text_encoder: Any, *, max_length: int = 300, dtype: str = "float32") -> TextEncoder:
@@ -263,8 +215,9 @@ def load(
     max_sequence_length: int | None = None,
     **model_overrides: Any,
 ) -> ClassConditionalPipeline | TextToImagePipeline:
-    """A ``ClassConditionalPipeline`` (DiT) or ``TextToImagePipeline`` (PixArt) from ``path``: a diffusers pipeline
-    folder (``model_index.json``: DiTPipeline, PixArtSigmaPipeline, PixArtAlphaPipeline), a model directory written
+    """A ``ClassConditionalPipeline`` (e.g. DiT) or ``TextToImagePipeline`` (e.g. PixArt) from ``path``: a diffusers
+    pipeline folder (``model_index.json`` of a class the families know, e.g. DiTPipeline, PixArtSigmaPipeline,
+    PixArtAlphaPipeline), a model directory written
     by ``dit_jax.convert``/``save_model``, a PyTorch checkpoint (``.pt``/``.pth``, ``.safetensors``, a diffusers
     transformer folder; read with ``dit_jax.convert.from_torch``) or a training workdir (latest EMA).
 
@@ -272,17 +225,16 @@ def load(
     latent models from a model directory or checkpoint, optional elsewhere (it replaces the pipeline's own).
     ``scheduler``: a diffusers scheduler config (dict, JSON file or folder) replacing the default sampler.
     ``dtype``: ``"float32"`` or ``"bfloat16"`` compute for the transformer and the VAE (params stay float32).
-    ``text_encoder`` (PixArt): a T5 folder, a pipeline folder or a ``TextEncoder``; required for a model directory
-    or checkpoint, optional for a pipeline folder (it replaces the folder's own). ``text_dtype``: the T5's compute
-    dtype (default ``dtype``). ``max_sequence_length``: caption tokens (default 300 for Σ, 120 for α).
+    ``text_encoder`` (text-to-image): a T5 folder, a pipeline folder or a ``TextEncoder``; required for a model
+    directory or checkpoint, optional for a pipeline folder (it replaces the folder's own). ``text_dtype``: the T5's
+    compute dtype (default ``dtype``). ``max_sequence_length``: text tokens (default: the family's, e.g. PixArt-Σ 300,
+    α 120).
     ``model_overrides``: model config fields (e.g. ``attention_backend="xla"``, ``scan_blocks=True``; for torch
     checkpoints anything ``from_torch`` takes, e.g. ``num_heads=16``).
     """
-    for name, value in (("dtype", dtype), ("text_dtype", text_dtype)):
-        if value is not None and value not in _DTYPES:
-            raise ValueError(f"{name}={value!r} is invalid: expected one of {sorted(_DTYPES)}")
-    dtype = _DTYPES[dtype]
-    text_dtype = dtype if text_dtype is None else _DTYPES[text_dtype]
+    allowed = ("float32", "bfloat16")
+    dtype = canonical_dtype(dtype, allowed=allowed, what="dtype")
+    text_dtype = dtype if text_dtype is None else canonical_dtype(text_dtype, allowed=allowed, what="text_dtype")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
@@ -296,8 +248,6 @@ def load(
         spec = _workdir(path, model_overrides)
     else:
         if _is_model_dir(path):
-            from dit_jax.checkpoint import load_model
-
             config, params = load_model(path)
             config, params = _override(config, params, model_overrides, str(path))
         elif path.is_dir() and not any((path / p).exists() for p in ("config.json", "transformer")):
@@ -308,21 +258,27 @@ def load(
         else:
             config, params = _from_torch(path, model_overrides)
         spec = dict(config=config, params=params, vae=None, needs_vae=None)
-        if isinstance(config, PixArtConfig):
-            spec.update(PIXART_DEFAULTS, scheduler_config=PIXART_SCHEDULER_CONFIG)
-        else:
-            spec.update(DIT_DEFAULTS, scheduler_config=DIT_SCHEDULER_CONFIG)
+        if family_of(config).task:
+            spec.update(family_of(config).sampling, scheduler_config=dict(family_of(config).scheduler_config))
 
     config = spec["config"]
+    family = family_of(config)
     source = spec.get("source_name", str(path))
-    text = isinstance(config, PixArtConfig)
-    if not text and not isinstance(config, DiTConfig):
+    if family.task not in PIPELINES:
         raise ValueError(
-            f"{source} holds a {type(config).__name__}; dit_jax.pipelines.load builds class-conditional (DiT) and "
-            "text-to-image (PixArt) pipelines"
+            f"{source} holds a {type(config).__name__}; dit_jax.pipelines.load builds "
+            + " and ".join(
+                f"{task} ({', '.join(f.display_name for f in families().values() if f.task == task)})"
+                for task in PIPELINES
+            )  # fmt: skip
+            + " pipelines"
         )
+    text = family.task == "text-to-image"
     if not text and (text_encoder is not None or max_sequence_length is not None):
-        raise ValueError(f"{source} is a class-conditional DiT: text_encoder= and max_sequence_length= do not apply")
+        raise ValueError(
+            f"{source} is a class-conditional {family.display_name}: text_encoder= and max_sequence_length= do not "
+            "apply"
+        )
 
     # VAE: the argument wins over the source's own
     vae_source = vae if vae is not None else spec.get("vae")
@@ -337,15 +293,16 @@ def load(
     if vae_source is not None and spec.get("needs_vae") is False:
         raise ValueError(f"{source} is a pixel-space model (its run did not train on latents); vae= does not apply")
 
-    # text encoder (PixArt): the argument wins over the pipeline folder's own
+    # text encoder: the argument wins over the pipeline folder's own
     encoder = None
     if text:
-        max_length = max_sequence_length or spec.get("max_sequence_length") or _default_max_length(config)
+        max_length = max_sequence_length or spec.get("max_sequence_length") or family.max_sequence_length(config)
         text_source = text_encoder if text_encoder is not None else spec.get("text_encoder")
         if text_source is None:
             raise ValueError(
-                f"{source} is a text-to-image PixArt: pass text_encoder= (a T5 folder with its tokenizer, e.g. "
-                "t5-v1_1-xxl, or a PixArt pipeline folder with text_encoder/ and tokenizer/)"
+                f"{source} is a text-to-image {family.display_name}: pass text_encoder= (a T5 folder with its "
+                f"tokenizer, e.g. t5-v1_1-xxl, or a {family.display_name} pipeline folder with text_encoder/ and "
+                "tokenizer/)"
             )
         encoder = load_text_encoder(text_source, max_length=max_length, dtype=text_dtype)
 
@@ -378,5 +335,5 @@ def load(
         source=source,
     )
     if text:
-        return TextToImagePipeline(**common, text_encoder=encoder, max_sequence_length=max_length)
-    return ClassConditionalPipeline(**common)
+        common.update(text_encoder=encoder, max_sequence_length=max_length)
+    return PIPELINES[family.task](**common)

@@ -1,6 +1,8 @@
-"""Text-to-image sampling with PixArt-α/Σ: prompts → T5 → sampler loop with classifier-free guidance → VAE decode.
+"""Text-to-image sampling: prompts → T5 → sampler loop with classifier-free guidance → VAE decode.
 
-``TextToImagePipeline.__call__`` mirrors diffusers ``PixArtSigmaPipeline``/``PixArtAlphaPipeline.__call__``:
+What the model takes (text width, micro-conditions, aspect-ratio bins, a learned null caption, token-grid multiples)
+comes from its family (``dit_jax.models.family``). For PixArt-α/Σ, ``TextToImagePipeline.__call__`` mirrors diffusers
+``PixArtSigmaPipeline``/``PixArtAlphaPipeline.__call__``:
 prompts are tokenized to ``max_sequence_length`` tokens (300 for Σ, 120 for α) and encoded with T5; guidance
 (``guidance_scale > 1``) runs the batch beside the encoded ``negative_prompt`` (default ``""``) with its own
 attention mask and guides all latent channels; a learned variance is dropped before the solver; micro-conditions
@@ -19,28 +21,15 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax import diffusion
-from dit_jax.data.buckets import ASPECT_RATIO_256, ASPECT_RATIO_512, ASPECT_RATIO_1024, ASPECT_RATIO_2048
-from dit_jax.encoders.t5 import TextEncoder
-from dit_jax.models import PixArtConfig
-from dit_jax.pipelines.base import OUTPUT_TYPES, SamplingPipeline, as_key
+from dit_jax.pipelines.base import SamplingPipeline, as_key
 from dit_jax.pipelines.images import to_pil
+from dit_jax.pipelines.text_encoder import TextEncoder
 
 NULL_CAPTIONS = ("negative", "learned")
-
-# diffusers' resolution-binning tables are PixArt's aspect-ratio tables, keyed here by the transformer's sample
-# size (latent side) as the diffusers pipelines pick them.
-ASPECT_RATIO_BINS: dict[int, tuple[tuple[int, int], ...]] = {
-    32: ASPECT_RATIO_256,
-    64: ASPECT_RATIO_512,
-    128: ASPECT_RATIO_1024,
-    256: ASPECT_RATIO_2048,
-}
 
 
 def closest_bin(height: int, width: int, bins: Sequence[tuple[int, int]]) -> tuple[int, int]:
@@ -59,15 +48,15 @@ def _as_list(prompt: Any, name: str) -> list[str]:
 
 @dataclasses.dataclass(eq=False)
 class TextToImagePipeline(SamplingPipeline):
-    """A PixArt (config + params), its VAE, a T5 ``TextEncoder`` (or None: then pass ``prompt_embeds``) and the
-    default sampler settings (diffusers: DPM-Solver++ with 20 steps, guidance 4.5).
+    """A text-to-image model such as PixArt (config + params), its VAE, a T5 ``TextEncoder`` (or None: then pass
+    ``prompt_embeds``) and the default sampler settings (PixArt in diffusers: DPM-Solver++, 20 steps, guidance 4.5).
 
-    Build it with ``dit_jax.pipelines.load``. ``max_sequence_length``: caption tokens (300 for Σ, 120 for α).
-    ``aspect_ratio_bins``: (height, width) pixel sizes for resolution binning; None takes diffusers' table for the
-    model's sample size (32, 64, 128, 256), if there is one.
+    Build it with ``dit_jax.pipelines.load``. ``max_sequence_length``: caption tokens (PixArt: 300 for Σ, 120 for α).
+    ``aspect_ratio_bins``: (height, width) pixel sizes for resolution binning; None takes the family's table for the
+    model's sample size (PixArt: diffusers' tables for 32, 64, 128, 256), if there is one.
     """
 
-    model_config: PixArtConfig
+    task = "text-to-image"
     num_inference_steps: int = 20
     guidance_scale: float = 4.5
     text_encoder: TextEncoder | None = None
@@ -75,30 +64,15 @@ class TextToImagePipeline(SamplingPipeline):
     aspect_ratio_bins: Sequence[tuple[int, int]] | None = None
 
     def _check_model(self) -> None:
-        if not isinstance(self.model_config, PixArtConfig):
-            raise TypeError(
-                f"{self.source or 'model'}: a text-to-image pipeline needs a PixArt, got "
-                f"{type(self.model_config).__name__}"
-            )
+        super()._check_model()
         if not isinstance(self.max_sequence_length, int) or self.max_sequence_length < 1:
             raise ValueError(f"max_sequence_length={self.max_sequence_length!r} must be a positive integer")
-        if self.text_encoder is not None and self.text_encoder.config.d_model != self.model_config.caption_width:
+        width = self.family.text_width(self.model_config)
+        if self.text_encoder is not None and self.text_encoder.config.d_model != width:
             raise ValueError(
                 f"the text encoder gives {self.text_encoder.config.d_model}-wide features but the model takes "
-                f"{self.model_config.caption_width}-wide captions ({self.source})"
+                f"{width}-wide captions ({self.source})"
             )
-
-    def _model_fn(self, model: nn.Module, params: Any, x: jax.Array, t: jax.Array, cond: dict) -> jax.Array:
-        return model.apply(
-            {"params": params},
-            x,
-            t,
-            cond["caption"],
-            cond["mask"],
-            cond.get("resolution"),
-            cond.get("aspect_ratio"),
-            drop_caption=cond.get("drop"),
-        )
 
     # ---- text --------------------------------------------------------------------------------------------------
 
@@ -125,7 +99,7 @@ class TextToImagePipeline(SamplingPipeline):
         if mask is None:
             raise ValueError(f"{name}_attention_mask is required with {name}_embeds (the caption's token mask)")
         embeds, mask = np.asarray(embeds, np.float32), np.asarray(mask)
-        width = self.model_config.caption_width
+        width = self.family.text_width(self.model_config)
         if embeds.ndim != 3 or embeds.shape[-1] != width:
             raise ValueError(f"{name}_embeds must be (B, L, {width}), got shape {embeds.shape}")
         if mask.shape != embeds.shape[:2]:
@@ -138,7 +112,7 @@ class TextToImagePipeline(SamplingPipeline):
         """The aspect-ratio bins of resolution binning (None if there are none for this model's sample size)."""
         if self.aspect_ratio_bins is not None:
             return self.aspect_ratio_bins
-        return ASPECT_RATIO_BINS.get(self.model_config.input_size)
+        return self.family.aspect_ratio_bins(self.model_config)
 
     def image_size(
         self, height: int | None = None, width: int | None = None, use_resolution_binning: bool | None = None
@@ -159,8 +133,7 @@ class TextToImagePipeline(SamplingPipeline):
         if use_resolution_binning and not bins:
             raise ValueError(
                 f"use_resolution_binning=True: no aspect-ratio bins for sample size {self.model_config.input_size} "
-                f"(diffusers has tables for {sorted(ASPECT_RATIO_BINS)}); pass aspect_ratio_bins= to the pipeline "
-                "or use_resolution_binning=False"
+                "of this model; pass aspect_ratio_bins= to the pipeline or use_resolution_binning=False"
             )
         binned = bool(bins) if use_resolution_binning is None else bool(use_resolution_binning)
         size = closest_bin(*out, bins) if binned else out
@@ -169,12 +142,12 @@ class TextToImagePipeline(SamplingPipeline):
             raise ValueError(
                 f"height={size[0]}, width={size[1]} must be multiples of {m} (the VAE factor {f} × the patch size {p})"
             )
-        r = self.model_config.kv_compress_ratio
+        r = self.family.grid_multiple(self.model_config)
         grid = (size[0] // m, size[1] // m)
-        if self.model_config.kv_compress_layers and (grid[0] % r or grid[1] % r):
+        if grid[0] % r or grid[1] % r:
             raise ValueError(
-                f"height={size[0]}, width={size[1]} give a {grid[0]}x{grid[1]} token grid, which KV compression with "
-                f"ratio {r} cannot divide: use multiples of {m * r} pixels"
+                f"height={size[0]}, width={size[1]} give a {grid[0]}x{grid[1]} token grid, which "
+                f"{self.family.grid_constraint(self.model_config)} cannot divide: use multiples of {m * r} pixels"
             )
         return size, out
 
@@ -204,7 +177,7 @@ class TextToImagePipeline(SamplingPipeline):
         null_caption: str | None,
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """``(cond, null)`` caption inputs of the model (one row per prompt); ``null`` is empty without guidance."""
-        cfg = self.model_config
+        cfg, family = self.model_config, self.family
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError(
                 "pass prompt or prompt_embeds, not both" if prompt is not None else "pass prompt or prompt_embeds"
@@ -214,23 +187,24 @@ class TextToImagePipeline(SamplingPipeline):
         else:
             emb, mask = self._check_embeds(prompt_embeds, prompt_attention_mask, "prompt")
         n, length = len(emb), emb.shape[1]
-        cond = {"caption": emb, "mask": mask}
+        cond = {"caption": emb, "caption_mask": mask}
         null: dict[str, Any] = {}
         if null_caption == "learned":
-            if not cfg.learned_null_caption:
+            null_length = family.learned_null_length(cfg)
+            if null_length is None:
                 raise ValueError(
                     f"null_caption='learned': {self.source or 'this model'} has no learned null caption (y_embedding; "
                     "original PixArt-α checkpoints have it, diffusers folders do not)"
                 )
             if negative_prompt_embeds is not None or negative_prompt != "":
                 raise ValueError("negative_prompt/negative_prompt_embeds do not apply with null_caption='learned'")
-            if length != cfg.caption_length:
+            if length != null_length:
                 raise ValueError(
-                    f"null_caption='learned' needs captions of {cfg.caption_length} tokens (the learned null caption's "
-                    f"length), got {length}: use max_sequence_length={cfg.caption_length}"
+                    f"null_caption='learned' needs captions of {null_length} tokens (the learned null caption's "
+                    f"length), got {length}: use max_sequence_length={null_length}"
                 )
             cond["drop"] = np.zeros(n, bool)
-            null = {"caption": emb, "mask": mask, "drop": np.ones(n, bool)}
+            null = {"caption": emb, "caption_mask": mask, "drop": np.ones(n, bool)}
         elif null_caption == "negative":
             if negative_prompt_embeds is not None:
                 neg, neg_mask = self._check_embeds(
@@ -245,7 +219,7 @@ class TextToImagePipeline(SamplingPipeline):
                 neg, neg_mask = np.repeat(neg, n, 0), np.repeat(neg_mask, n, 0)
             if neg.shape != emb.shape:
                 raise ValueError(f"negative_prompt_embeds of shape {neg.shape} do not match prompt_embeds {emb.shape}")
-            null = {"caption": neg, "mask": neg_mask}
+            null = {"caption": neg, "caption_mask": neg_mask}
         return cond, null
 
     # ---- sampling ------------------------------------------------------------------------------------------------
@@ -285,20 +259,15 @@ class TextToImagePipeline(SamplingPipeline):
         ``sampler_options`` go to ``dit_jax.diffusion.sample`` (e.g. ``variant="dpm_solver"``, ``eta=``).
         """
         cfg = self.model_config
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"unknown output_type {output_type!r}; expected one of {OUTPUT_TYPES}")
         if null_caption not in NULL_CAPTIONS:
             raise ValueError(f"null_caption={null_caption!r} is invalid: expected one of {NULL_CAPTIONS}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be a positive integer")
-        steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
-        scale = float(self.guidance_scale if guidance_scale is None else guidance_scale)
-        schedule, method, options = self.sampler_settings(method, **sampler_options)
-        diffusion.make_plan(schedule, method, steps, **options)  # bad steps/options: one clear error before compiling
+        steps, scale, schedule, method, options = self._call_settings(
+            output_type, num_inference_steps, guidance_scale, method, guidance_channels, sampler_options
+        )
         guided = scale > 1.0
         c = cfg.in_channels
-        if guidance_channels is not None and not (isinstance(guidance_channels, int) and 0 < guidance_channels <= c):
-            raise ValueError(f"guidance_channels={guidance_channels!r} must be in 1..{c} (the latent channels)")
 
         # sizes first: a bad size fails before the text encoder runs
         if latents is not None:
@@ -324,17 +293,13 @@ class TextToImagePipeline(SamplingPipeline):
         k = num_images_per_prompt
         cond, null = (jax.tree.map(lambda a: np.repeat(a, k, 0), d) for d in (cond, null))
         b = n * k
-        if cfg.micro_conditions:  # the sampled (binned) size, as diffusers' α pipeline
-            micro = {
-                "resolution": np.tile(np.array([[h, w]], np.float32), (b, 1)),
-                "aspect_ratio": np.full((b, 1), h / w, np.float32),
-            }
-            cond.update(micro)
-            null.update(micro if guided else {})
+        size_cond = self.family.size_condition(cfg, h, w, b)  # the sampled (binned) size
+        cond.update(size_cond)
+        null.update(size_cond if guided else {})
         # padded rows keep every caption token, so no attention row is fully masked
         for d in (cond, null):
-            if "mask" in d:
-                d["mask"] = np.asarray(self._pad(d["mask"], 1))
+            if "caption_mask" in d:
+                d["caption_mask"] = np.asarray(self._pad(d["caption_mask"], 1))
 
         key = as_key(seed)
         f = self.vae_scale_factor

@@ -1,8 +1,10 @@
-"""Training config: every key with its default (``base_config``), validation, and the model config it names.
+"""Training config: every key with its default (``base_config``), merging an experiment over it (``with_defaults``),
+validation, and what it names (the model config, the logical-axis rules).
 
 Experiment files in ``configs/`` start from ``base_config()`` and change what differs, so a key is spelled once.
 """
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,6 +73,45 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.export_torch_format = ""  # e.g. "original": torch export by python -m dit_jax.train.export by default
     return c
+
+
+def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The base config updated with ``config`` (so an experiment file may leave keys out)."""
+    merged = base_config()
+    with merged.unlocked():
+        _merge(merged, config)
+    return merged
+
+
+def _merge(base: ml_collections.ConfigDict, update: ml_collections.ConfigDict) -> None:
+    for key, value in update.items():
+        if isinstance(value, ml_collections.ConfigDict) and isinstance(base.get(key), ml_collections.ConfigDict):
+            if key in ("model", "data", "diffusion"):  # replaced as a whole: their keys depend on the choice
+                base[key] = value
+            else:
+                _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as plain JSON values (what checkpoints and TensorBoard store)."""
+    return json.loads(config.to_json_best_effort())
+
+
+def _axis_rule(rule: Any) -> tuple[str, str | tuple[str, ...] | None]:
+    """A logical-axis rule from a config (JSON/CLI give lists): ``(name, mesh axes or None)``."""
+    if len(rule) != 2:
+        raise ValueError(f"config.logical_axis_rules entry {rule!r} is invalid: expected (logical name, mesh axes)")
+    name, axes = rule
+    return str(name), tuple(axes) if isinstance(axes, list | tuple) else axes
+
+
+def axis_rules(config: ml_collections.ConfigDict) -> tuple:
+    """The logical-axis rules of a run: the defaults with ``config.logical_axis_rules`` applied."""
+    from dit_jax.parallel.rules import logical_rules
+
+    return logical_rules([_axis_rule(r) for r in config.logical_axis_rules])
 
 
 def _bad(key: str, value: Any, expected: str) -> ValueError:

@@ -13,6 +13,8 @@ from typing import Any
 import jax
 from absl import logging
 
+from dit_jax.files import write_atomic
+
 METRICS_FILE = "metrics.jsonl"
 
 # Dense bf16 peak FLOP/s per device (a v4 chip = one JAX device in megacore mode).
@@ -79,10 +81,7 @@ class MetricWriter:
             except json.JSONDecodeError:
                 continue  # a line cut short by a crash
         if len(kept) != len(lines):
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(kept)
-            os.replace(tmp, self.path)
+            write_atomic(self.path, lambda tmp: tmp.write_text("".join(kept)))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:

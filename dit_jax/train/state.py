@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from dit_jax.models import ModelConfig, build
 from dit_jax.parallel.mesh import fit_sharding
+from dit_jax.runs import unbox_abstract
 
 
 class TrainState(struct.PyTreeNode):
@@ -35,15 +36,6 @@ def _boxed_abstract_params(model_config: ModelConfig, batch: int) -> Any:
     model = build(model_config)
     inputs = model_config.dummy_inputs(batch)
     return jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs)["params"])
-
-
-def unbox_abstract(boxed: Any) -> Any:
-    """Strip logical-axis boxes without applying their sharding constraints (abstract values only)."""
-    return jax.tree.map(
-        lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
-        boxed,
-        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
-    )
 
 
 def param_shardings(model_config: ModelConfig, mesh: Mesh) -> tuple[Any, Any]:
@@ -113,11 +105,6 @@ def state_shardings(
         nan_total=replicated,
     )
     return abstract, shardings
-
-
-def with_shardings(abstract: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs carrying their target shardings (what orbax restores into and what ``lower`` takes)."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def create_train_state(

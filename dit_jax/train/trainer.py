@@ -1,5 +1,8 @@
 """``train_and_evaluate(config, workdir)``: the training loop (importable, e.g. from a notebook).
 
+The config resolves in ``train.setup.prepare`` (merged over ``train.config.base_config``), a fine-tuning start comes
+from ``train.init_from``, sample grids from ``train.grids``; this module runs the steps.
+
 Per run: a mesh over all devices of all processes, the train state created in its shards (or restored from the
 latest checkpoint in ``WORKDIR/checkpoints``, onto this mesh), a grain iterator feeding per-process batches that
 become global arrays, the train step compiled ahead of time with explicit shardings and a donated state, then the
@@ -28,19 +31,17 @@ from dit_jax.models.flops import forward_flops
 from dit_jax.parallel.mesh import (
     batch_sharding,
     check_batch_layout,
-    create_mesh,
     describe_mesh,
     example_order,
     global_batch,
 )
-from dit_jax.parallel.rules import logical_rules
 from dit_jax.train import config as config_lib
 from dit_jax.train.checkpoints import Checkpointer
+from dit_jax.train.init_from import initial_params
 from dit_jax.train.metrics import MetricWriter, Throughput, peak_flops_per_device
-from dit_jax.train.objectives import cond_dropout_prob, make_loss_fn, make_schedule
-from dit_jax.train.optimizers import create_optimizer
+from dit_jax.train.setup import ConfigError, Setup, prepare  # noqa: F401  (exported here too)
 from dit_jax.train.state import TrainState, create_train_state, state_shardings
-from dit_jax.train.steps import StepConfig, make_train_step
+from dit_jax.train.steps import make_train_step
 
 
 def quiet_library_logs() -> None:
@@ -103,108 +104,6 @@ class _Preemption:
     def __exit__(self, *exc):
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
-
-
-def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    return json.loads(config.to_json_best_effort())
-
-
-def _with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The base config updated with ``config`` (so an experiment file may leave keys out)."""
-    merged = config_lib.base_config()
-    with merged.unlocked():
-        _merge(merged, config)
-    return merged
-
-
-def _merge(base: ml_collections.ConfigDict, update: ml_collections.ConfigDict) -> None:
-    for key, value in update.items():
-        if isinstance(value, ml_collections.ConfigDict) and isinstance(base.get(key), ml_collections.ConfigDict):
-            if key in ("model", "data", "diffusion"):  # replaced as a whole: their keys depend on the choice
-                base[key] = value
-            else:
-                _merge(base[key], value)
-        else:
-            base[key] = value
-
-
-def _initial_params(
-    config: ml_collections.ConfigDict, model_config: ModelConfig, abstract: TrainState, shardings: TrainState
-) -> Any:
-    """Params of ``config.init_from`` (a workdir's EMA/raw weights or a model directory) in their shards, or None."""
-    src = config.init_from
-    if not (src.get("workdir") or src.get("model_dir")):
-        return None
-    from dit_jax.models import enable_kv_compress, set_scan
-    from dit_jax.train.checkpoints import host_params, load_config, load_ema_params
-
-    if src.get("workdir"):
-        step = None if src.get("step", -1) < 0 else int(src.step)
-        item = "ema_params" if src.get("use_ema", True) else "params"
-        _, src_config, _ = load_config(src.workdir, step)
-        same_layout = (
-            type(src_config) is type(model_config)
-            and src_config.scan_blocks == model_config.scan_blocks
-            and src_config.layer_kinds() == model_config.layer_kinds()
-        )
-        if same_layout:  # restore straight into this run's shards, never whole on one device
-            try:
-                _, params = load_ema_params(src.workdir, step, shardings=shardings.params, item=item)
-            except ValueError as e:
-                raise ValueError(
-                    f"config.init_from {src.workdir}: cannot load into {config.model.to_dict()}: {e}"
-                ) from e
-            logging.info("init_from: parameters from %s", src.workdir)
-            return params
-        src_config, params = load_ema_params(src.workdir, step, item=item)
-        where = src.workdir
-    else:
-        from dit_jax.checkpoint import load_model
-
-        src_config, params = load_model(src.model_dir)
-        where = src.model_dir
-    params = host_params(params)
-    if type(src_config) is not type(model_config):
-        raise ValueError(
-            f"config.init_from {where} holds a {type(src_config).__name__}, not a {type(model_config).__name__}"
-        )
-    src_config, params = set_scan(src_config, params, False)
-    if getattr(model_config, "kv_compress_layers", ()) and not src_config.kv_compress_layers:
-        src_config, params = enable_kv_compress(
-            src_config,
-            params,
-            model_config.kv_compress_layers,
-            ratio=model_config.kv_compress_ratio,
-            op=model_config.kv_compress_op,
-        )
-        logging.info("init_from: KV compression (Conv Avg Init) on layers %s", model_config.kv_compress_layers)
-    _, params = set_scan(src_config, params, model_config.scan_blocks)
-    want = jax.tree_util.tree_structure(abstract.params)
-    if want != jax.tree_util.tree_structure(params):
-        raise ValueError(
-            f"config.init_from {where}: its parameter tree does not match the model {config.model.to_dict()}"
-        )
-    for (path, a), x in zip(jax.tree_util.tree_leaves_with_path(abstract.params), jax.tree.leaves(params)):
-        if tuple(a.shape) != tuple(np.shape(x)):
-            raise ValueError(
-                f"config.init_from {where}: parameter {jax.tree_util.keystr(path)} has shape {np.shape(x)}, the "
-                f"model {config.model.to_dict()} expects {tuple(a.shape)}"
-            )
-
-    def place(x, s):
-        x = np.asarray(x, np.float32)
-        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
-
-    logging.info("init_from: parameters from %s", where)
-    return jax.tree.map(place, params, shardings.params)
-
-
-def _rule(rule: Any) -> tuple[str, str | tuple[str, ...] | None]:
-    """A logical-axis rule from a config (JSON/CLI give lists): ``(name, mesh axes or None)``."""
-    if len(rule) != 2:
-        raise ValueError(f"config.logical_axis_rules entry {rule!r} is invalid: expected (logical name, mesh axes)")
-    name, axes = rule
-    return str(name), tuple(axes) if isinstance(axes, list | tuple) else axes
 
 
 class _StepCache:
@@ -279,66 +178,6 @@ def _check_batch(batch: dict[str, np.ndarray], model_config: ModelConfig, per_pr
         )
 
 
-class ConfigError(ValueError):
-    """A bad config value found before training starts (the command line prints it as one line)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-    """What a config resolves to before any state exists: model, mesh, optimizer, objective, step config."""
-
-    config: ml_collections.ConfigDict
-    model_config: ModelConfig
-    mesh: Any
-    rules: tuple
-    tx: Any
-    schedule: Any
-    step_cfg: StepConfig
-    per_process: int
-
-
-def prepare(config: ml_collections.ConfigDict, devices: list | None = None) -> Setup:
-    """Validate ``config`` and resolve it (mesh over all devices, or ``devices``; optimizer; loss).
-
-    A bad value raises ``ConfigError``. ``devices`` lets ``dit_jax.plan`` lay the mesh over compile-only devices of
-    a TPU topology.
-    """
-    try:
-        config = _with_defaults(config)
-        config_lib.validate(config)
-        model_config = config_lib.model_config_from(config.model)
-        mesh = create_mesh(config.mesh, config.dcn_mesh, devices=devices)
-        rules = logical_rules([_rule(r) for r in config.logical_axis_rules])
-        tx, lr_schedule = create_optimizer(config.optimizer, config.total_steps)
-        schedule = make_schedule(config.objective, config.diffusion, model_config)
-        step_cfg = StepConfig(
-            model_config=model_config,
-            loss_fn=make_loss_fn(config.objective, config.diffusion, schedule, model_config.patch_size),
-            tx=tx,
-            lr_schedule=lr_schedule,
-            objective=config.objective,
-            ema_decay=float(config.ema_decay),
-            ema_warmup=bool(config.ema_warmup),
-            accum_steps=config.grad_accum_steps,
-            cond_dropout_prob=cond_dropout_prob(config.cfg_dropout_prob, model_config),
-        )
-        if config.batch_size % jax.process_count():
-            raise ValueError(
-                f"config.batch_size={config.batch_size} is not divisible by {jax.process_count()} processes"
-            )
-        batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-        if (config.batch_size // config.grad_accum_steps) % batch_shards:
-            raise ValueError(
-                f"config.batch_size={config.batch_size} / grad_accum_steps={config.grad_accum_steps} is not divisible "
-                f"by the {batch_shards} batch shards of the mesh (data × fsdp)"
-            )
-    except ConfigError:
-        raise
-    except (ValueError, TypeError, KeyError) as e:
-        raise ConfigError(str(e).strip("'\"")) from e
-    return Setup(config, model_config, mesh, rules, tx, schedule, step_cfg, config.batch_size // jax.process_count())
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train (or resume) the run of ``config`` in ``workdir``; returns the last logged metrics."""
     from dit_jax import data as data_lib
@@ -350,7 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     main = jax.process_index() == 0
     if main:
         os.makedirs(workdir, exist_ok=True)
-    config_json = _config_dict(config)
+    config_json = config_lib.config_dict(config)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         check_batch_layout(mesh)
@@ -373,7 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             logging.info("resumed from %s at step %d", checkpointer.manager.directory, start)
         else:
             state = create_train_state(
-                model_config, tx, shardings, config.seed, _initial_params(config, model_config, abstract, shardings)
+                model_config, tx, shardings, config.seed, initial_params(config, model_config, abstract, shardings)
             )
         n_params = count_params(abstract.params)
         logging.info("model %s: %s parameters (%.1fM)", config.model.name, f"{n_params:,}", n_params / 1e6)
@@ -398,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
         sampler = None
         if config.sample.enabled:
-            from dit_jax.train.sampling import GridSampler
+            from dit_jax.train.grids import GridSampler
 
             sampler = GridSampler(config, model_config, schedule, mesh, shardings.ema_params, batch)
 

@@ -1,0 +1,200 @@
+"""``TextEncoder``: captions → T5 features, with the tokenizer, the weights sharded over the local devices, and
+loading from transformers T5 folders, diffusers pipeline folders or model directories.
+
+The architecture is ``dit_jax.encoders.t5``; conversion of transformers weights is ``dit_jax.convert.t5``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from dit_jax.encoders.t5 import T5Config, T5Encoder
+from dit_jax.nn.layers import compute_dtype
+
+_TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).exists() for f in _TOKENIZER_FILES)
+
+
+def _locate(path: Path, tokenizer: str | os.PathLike | None) -> tuple[Path, Path]:
+    """(model folder, tokenizer folder) of a T5 folder, a pipeline folder (text_encoder/ + tokenizer/), or a
+    dit_jax model directory with the tokenizer beside it (``tokenizer/``) or given."""
+    if not path.exists():
+        raise FileNotFoundError(f"text encoder {path} does not exist")
+    model = path / "text_encoder" if (path / "text_encoder").is_dir() else path
+    if tokenizer is not None:
+        tok = Path(tokenizer)
+        if not tok.exists():
+            raise FileNotFoundError(f"tokenizer {tok} does not exist")
+        return model, tok
+    for candidate in (path / "tokenizer", model, model.parent / "tokenizer", path):
+        if candidate.is_dir() and _has_tokenizer(candidate):
+            return model, candidate
+    raise FileNotFoundError(
+        f"{path}: no tokenizer found: expected one of {list(_TOKENIZER_FILES)} in {path}, {path / 'tokenizer'} "
+        f"or {model}; pass tokenizer=PATH"
+    )
+
+
+def _local_mesh():
+    from jax.sharding import AxisType
+
+    devices = np.array(jax.local_devices()).reshape(1, -1, 1)
+    return jax.sharding.Mesh(devices, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+
+
+def _param_shardings(config: T5Config, params: Any, mesh, rules) -> Any:
+    """Per-parameter ``NamedSharding`` from the logical names; an axis whose size the mesh does not divide stays
+    replicated (e.g. a vocabulary of 32100)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    abstract = jax.eval_shape(lambda k: T5Encoder(config).init(k, *config.dummy_inputs(1))["params"], jax.random.key(0))
+    specs = nn.get_partition_spec(abstract)
+    mesh_specs = jax.tree.map(lambda s: nn.logical_to_mesh_axes(tuple(s), rules), specs,
+                              is_leaf=lambda s: isinstance(s, PartitionSpec))  # fmt: skip
+
+    def fit(spec: PartitionSpec, x: Any) -> NamedSharding:
+        axes = []
+        for dim, ax in zip(np.shape(x), tuple(spec) + (None,) * (np.ndim(x) - len(spec))):
+            names = (ax,) if isinstance(ax, str) else tuple(ax or ())
+            size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+            axes.append(ax if dim % size == 0 else None)
+        return NamedSharding(mesh, PartitionSpec(*axes))
+
+    return jax.tree.map(fit, mesh_specs, params, is_leaf=lambda s: isinstance(s, PartitionSpec))
+
+
+class TextEncoder:
+    """Captions → ``(embeddings float32 (b, max_length, d_model), mask int32 (b, max_length))``: PixArt's T5 features.
+
+    PixArt semantics: captions are tokenized with the folder's tokenizer, truncated and padded to ``max_length``
+    (120 for PixArt-α, 300 for Σ), with the tokenizer's special tokens (T5: ``</s>`` at the end) and its attention
+    mask; padded positions keep the encoder's output. The encoder is jitted once for ``(batch_size, max_length)``
+    (calls are cut into and padded to that batch), with the batch and the weights sharded over the local devices.
+    This is exactly the ``text_encoder`` hook of ``dit_jax.data.precompute``.
+    """
+
+    def __init__(
+        self,
+        config: T5Config,
+        params: Any,
+        tokenizer: Any,
+        *,
+        max_length: int = 300,
+        batch_size: int = 16,
+        param_dtype: str | None = None,
+        name: str = "",
+    ):
+        from dit_jax.parallel.rules import DEFAULT_RULES
+
+        if max_length < 1:
+            raise ValueError(f"max_length: expected a positive integer, got {max_length!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        self.config, self.tokenizer, self.max_length, self.name = config, tokenizer, max_length, name
+        self.mesh = _local_mesh()
+        n = self.mesh.size
+        self.batch_size = math.ceil(batch_size / n) * n
+        store = compute_dtype(param_dtype or config.dtype)
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, x: np.asarray(x).astype(store) if path[-1].key == "kernel" else np.asarray(x), params
+        )  # matmul kernels are cast to the compute dtype before use anyway: storing them so changes nothing
+        self.rules = DEFAULT_RULES
+        shardings = _param_shardings(config, params, self.mesh, self.rules)
+        self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+        self.params = jax.device_put(params, shardings)
+        model = T5Encoder(config)
+        self._encode = jax.jit(
+            lambda p, ids, mask: model.apply({"params": p}, ids, mask),
+            in_shardings=(shardings, self.batch_sharding, self.batch_sharding),
+            out_shardings=self.batch_sharding,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        max_length: int = 300,
+        dtype: str = "bfloat16",
+        batch_size: int = 16,
+        param_dtype: str | None = None,
+        tokenizer: str | os.PathLike | None = None,
+    ) -> TextEncoder:
+        """Load a transformers T5 folder, a diffusers pipeline folder (``text_encoder/`` + ``tokenizer/``) or a
+        dit_jax model directory; the tokenizer comes from ``tokenizer`` or the folder (``AutoTokenizer``)."""
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        model_dir, tok_dir = _locate(path, tokenizer)
+        if (model_dir / "params").is_dir():
+            from dit_jax.checkpoint import load_model
+
+            config, params = load_model(model_dir)
+            if not isinstance(config, T5Config):
+                raise ValueError(f"{model_dir} holds a {config.family!r} model, not a T5 encoder")
+        else:
+            from dit_jax.convert.t5 import t5_from_torch
+
+            config, params = t5_from_torch(model_dir)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(tok_dir))
+        except Exception as e:  # missing sentencepiece, corrupt tokenizer.json, …
+            hint = (
+                " (a folder with only spiece.model needs `pip install sentencepiece`)"
+                if not (tok_dir / "tokenizer.json").exists()
+                else ""
+            )
+            raise ValueError(f"{tok_dir}: cannot load the tokenizer{hint}: {e}") from e
+        if len(tok) > config.vocab_size:
+            raise ValueError(f"{tok_dir}: the tokenizer has {len(tok)} tokens, the encoder only {config.vocab_size}")
+        name = f"{path.absolute()} (max_length={max_length}, dtype={dtype})"
+        return cls(config.replace(dtype=dtype), params, tok, max_length=max_length, batch_size=batch_size,
+                   param_dtype=param_dtype, name=name)  # fmt: skip
+
+    def tokenize(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(input_ids, attention_mask)`` int32 (b, max_length): truncated, padded to max_length."""
+        if isinstance(captions, str):
+            raise TypeError("captions: expected a list of strings, got one string")
+        out = self.tokenizer(list(captions), max_length=self.max_length, padding="max_length", truncation=True,
+                             add_special_tokens=True, return_tensors="np")  # fmt: skip
+        return out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)
+
+    def encode_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Token ids and mask (b, L) → features (b, L, d_model) float32, in fixed-size sharded batches."""
+        from dit_jax.parallel.rules import logical_rules
+
+        ids, mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)
+        outs = []
+        for start in range(0, len(ids), self.batch_size):
+            chunk_ids, chunk_mask = ids[start : start + self.batch_size], mask[start : start + self.batch_size]
+            pad = self.batch_size - len(chunk_ids)
+            if pad:  # padded rows: one token, so no row is fully masked
+                chunk_ids = np.concatenate([chunk_ids, np.zeros((pad, ids.shape[1]), np.int32)])
+                chunk_mask = np.concatenate([chunk_mask, np.ones((pad, ids.shape[1]), np.int32)])
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(logical_rules(self.rules)):
+                out = self._encode(self.params, jax.device_put(chunk_ids, self.batch_sharding),
+                                   jax.device_put(chunk_mask, self.batch_sharding))  # fmt: skip
+            outs.append(np.asarray(out)[: self.batch_size - pad])
+        if not outs:
+            return np.zeros((0, ids.shape[1] if ids.ndim == 2 else self.max_length, self.config.d_model), np.float32)
+        return np.concatenate(outs)
+
+    def __call__(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Captions → ``(embeddings float32 (b, max_length, d_model), mask int32 (b, max_length))``."""
+        if not len(captions):
+            return np.zeros((0, self.max_length, self.config.d_model), np.float32), np.zeros(
+                (0, self.max_length), np.int32
+            )
+        ids, mask = self.tokenize(captions)
+        return self.encode_ids(ids, mask), mask

@@ -1,0 +1,110 @@
+"""Reading a training run (``WORKDIR/checkpoints/<step>/``, written by ``dit_jax.train``): its configs and weights.
+
+What pipelines, the evaluator and exports need from a run, without the trainer: ``run_config(workdir)`` gives the
+step, model config and training config of a checkpoint, ``load_ema_params(workdir)`` its EMA (or raw) weights onto
+any shardings. Model directories (``config.json`` + ``params/``) are ``dit_jax.checkpoint``'s.
+"""
+
+import logging as py_logging
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dit_jax.files import read_json
+from dit_jax.models import ModelConfig, abstract_params, config_from_dict
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def _quiet_read_only(record: py_logging.LogRecord) -> bool:
+    """Drop orbax's notices that a manager opened for reading is read-only (that is the point)."""
+    msg = str(record.msg)
+    return "read_only=True" not in msg and "is read only" not in msg
+
+
+def _manager(workdir: str, *, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
+    absl_logger = py_logging.getLogger("absl")
+    if read_only and _quiet_read_only not in absl_logger.filters:
+        absl_logger.addFilter(_quiet_read_only)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=not read_only,
+        read_only=read_only,
+        enable_async_checkpointing=not read_only,
+        cleanup_tmp_directories=not read_only,
+    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def unbox_abstract(boxed: Any) -> Any:
+    """Strip logical-axis boxes without applying their sharding constraints (abstract values only)."""
+    return jax.tree.map(
+        lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
+        boxed,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+    )
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying their target shardings (what orbax restores into and what ``lower`` takes)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """Steps with a complete checkpoint, ascending."""
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        return []
+    return sorted(_manager(workdir, read_only=True).all_steps())
+
+
+def run_config(workdir: str, step: int | None = None) -> tuple[int, ModelConfig, dict[str, Any]]:
+    """``(step, model_config, training config as a dict)`` of checkpoint ``step`` (default: the latest)."""
+    step = _pick_step(workdir, step)
+    base = os.path.join(checkpoint_dir(workdir), str(step))
+    model_config = config_from_dict(read_json(os.path.join(base, "model_config", "metadata")))
+    return step, model_config, read_json(os.path.join(base, "config", "metadata"))
+
+
+def _pick_step(workdir: str, step: int | None) -> int:
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(f"no training checkpoint under {checkpoint_dir(workdir)}")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} under {checkpoint_dir(workdir)}; available: {steps}")
+    return step
+
+
+def load_ema_params(
+    workdir: str, step: int | None = None, *, shardings: Any = None, item: str = "ema_params"
+) -> tuple[ModelConfig, Any]:
+    """``(model_config, params)``: the EMA weights of a training workdir's checkpoint (default: the latest).
+
+    ``shardings`` is a pytree of shardings matching the params or one sharding for all leaves; by default every
+    array lands on the first local device. ``item="params"`` gives the raw (non-EMA) weights instead.
+    """
+    step, model_config, _ = run_config(workdir, step)
+    abstract = unbox_abstract(abstract_params(model_config))
+    if shardings is None:
+        shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, abstract)
+    target = with_shardings(abstract, shardings)
+    manager = _manager(workdir, read_only=True)
+    restored = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))
+    manager.close()
+    return model_config, restored[item]
+
+
+def host_params(params: Any) -> Any:
+    """Params as numpy arrays on the host (fully replicated or single-device arrays)."""
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
