@@ -1,5 +1,5 @@
-"""Command line: sample class-conditional (DiT) or text-to-image (PixArt) images and write a PNG grid or one PNG per
-image.
+"""Command line: sample class-conditional (DiT) or text-to-image (PixArt, SD3/SD3.5, Flux) images and write a PNG
+grid or one PNG per image.
 
     python -m dit_jax.sample --pipeline DIR --classes 207,360,387 --steps 250 --method ddpm --guidance 4.0 \\
         --seed 0 --out grid.png
@@ -9,11 +9,18 @@ image.
         --out grid.png
     python -m dit_jax.sample --model PIXART_MODEL --vae VAE_DIR --text-encoder T5_DIR --prompts-file prompts.txt \\
         --out-dir samples/
+    python -m dit_jax.sample --pipeline SD3.5_MEDIUM_DIR --prompt "a cat" --prompt-3 "a cat, photo" \\
+        --skip-guidance-layers 7,8,9 --out grid.png
+    python -m dit_jax.sample --pipeline FLUX_DEV_DIR --prompt "a cat" --guidance 3.5 --height 768 --out cat.png
 
 The source is a diffusers pipeline folder (``--pipeline``), a model directory or PyTorch checkpoint with a VAE
-(``--model``, ``--vae``; a PixArt also ``--text-encoder``), or a training run (``--workdir``, latest EMA params).
+(``--model``, ``--vae``; a text-to-image model also ``--text-encoder``: a T5 folder for PixArt, a pipeline folder
+holding the text encoders for SD3/Flux), or a training run (``--workdir``, latest EMA params).
 Class-conditional models take ``--classes``, text-to-image ones ``--prompt`` (repeatable) and/or ``--prompts-file``
-(one prompt per line). Unset sampler flags take the source's defaults (``dit_jax.pipelines.load``).
+(one prompt per line); ``--prompt-2``/``--prompt-3`` give the second/third text encoder one prompt for every image
+(SD3: CLIP-G/T5, Flux: T5; default: each image's prompt). ``--guidance`` is classifier-free guidance (PixArt, SD3)
+or the embedded guidance of guidance-distilled models (Flux-dev), whose classifier-free guidance is ``--true-cfg``
+with ``--negative-prompt``. Unset sampler flags take the source's defaults (``dit_jax.pipelines.load``).
 ``--respacing adm`` selects the original DiT/ADM timesteps for ``ddpm``/``ddim`` (250 DDPM steps as in the paper).
 Initial noise is drawn once for all images from ``--seed``
 (``jax.random``), so ``--batch-size`` does not change the images of deterministic samplers; batch j of a
@@ -83,8 +90,8 @@ def sampler_options(args: argparse.Namespace, method: str, steps: int) -> dict[s
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dit_jax.sample",
-        description="Sample class-conditional (DiT) or text-to-image (PixArt) images from a diffusers pipeline, a "
-        "model directory or a training run.",
+        description="Sample class-conditional (DiT) or text-to-image (PixArt, SD3, Flux) images from a diffusers "
+        "pipeline, a model directory or a training run.",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pipeline", help="diffusers pipeline folder (model_index.json, transformer/, vae/, scheduler/)")
@@ -92,18 +99,40 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--workdir", help="training run directory (latest checkpoint's EMA params)")
     p.add_argument("--vae", help="VAE: diffusers folder, VAE model directory or checkpoint (needed with --model)")
     p.add_argument("--scheduler", help="diffusers scheduler config (scheduler_config.json or a folder) to sample with")
-    p.add_argument("--text-encoder", help="T5 folder or PixArt pipeline folder (needed with --model for PixArt)")
+    p.add_argument(
+        "--text-encoder",
+        help="text encoder(s) for --model: a T5 folder or pipeline folder (PixArt), a "
+        "pipeline folder holding the text encoders (SD3, Flux)",
+    )
     p.add_argument("--classes", help="comma-separated class ids, one image each, e.g. 207,360,387 (DiT)")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt, one image each (PixArt; repeatable)")
-    p.add_argument("--prompts-file", help="text file with one prompt per line (PixArt)")
-    p.add_argument("--negative-prompt", default="", help="negative prompt of guidance (PixArt; default '')")
-    p.add_argument("--height", type=int, help="image height in pixels (PixArt; default: the model's size)")
-    p.add_argument("--width", type=int, help="image width in pixels (PixArt; default: the model's size)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt, one image each (text-to-image; repeatable)")
+    p.add_argument("--prompts-file", help="text file with one prompt per line (text-to-image)")
+    p.add_argument("--prompt-2", help="the second text encoder's prompt for every image (SD3: CLIP-G, Flux: T5)")
+    p.add_argument("--prompt-3", help="the third text encoder's prompt for every image (SD3: T5)")
+    p.add_argument("--negative-prompt", help="negative prompt of guidance (text-to-image; default '')")
+    p.add_argument("--negative-prompt-2", help="the second text encoder's negative prompt (default: --negative-prompt)")
+    p.add_argument("--negative-prompt-3", help="the third text encoder's negative prompt (default: --negative-prompt)")
+    p.add_argument(
+        "--max-sequence-length", type=int, help="T5 tokens (default: PixArt-Σ 300, α 120, SD3 256, Flux 512)"
+    )
+    p.add_argument(
+        "--true-cfg",
+        type=float,
+        help="classifier-free guidance of embedded-guidance models (Flux; needs --negative-prompt)",
+    )
+    p.add_argument("--skip-guidance-layers", help="skip-layer guidance blocks, e.g. 7,8,9 (SD3.5-medium)")
+    p.add_argument("--height", type=int, help="image height in pixels (text-to-image; default: the model's size)")
+    p.add_argument("--width", type=int, help="image width in pixels (text-to-image; default: the model's size)")
     p.add_argument("--no-resolution-binning", action="store_true", help="sample at the exact size (PixArt)")
-    p.add_argument("--text-dtype", choices=_DTYPES, help="compute dtype of the T5 text encoder (default: --dtype)")
-    p.add_argument("--steps", type=int, help="sampler steps (default: the source's, 50 for DiT, 20 for PixArt)")
+    p.add_argument("--text-dtype", choices=_DTYPES, help="compute dtype of the text encoders (default: --dtype)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the source's: DiT 50, PixArt 20, SD3/Flux 28)")
     p.add_argument("--method", help="sampler: ddpm, ddim, dpmpp_2m (DDPM models); euler, heun, dpmpp_2m (flow)")
-    p.add_argument("--guidance", type=float, help="guidance scale (on when > 1; default 4.0 for DiT, 4.5 for PixArt)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        help="guidance scale (classifier-free when > 1; Flux: the embedded "
+        "guidance; default DiT 4.0, PixArt 4.5, SD3 7.0, Flux 3.5)",
+    )
     p.add_argument("--guidance-channels", type=int, help="guide only the first K latent channels (original DiT: 3)")
     p.add_argument("--respacing", help="ADM timestep respacing: 'adm' (original DiT/ADM steps) or a spec ('250')")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="sampler option (e.g. eta=1)")
@@ -129,6 +158,38 @@ def _check_outputs(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch-size {args.batch_size}: expected a positive integer")
 
 
+_TEXT_FLAGS = ("--height", "--width", "--text-encoder", "--prompt-2", "--prompt-3", "--negative-prompt",
+               "--negative-prompt-2", "--negative-prompt-3", "--max-sequence-length", "--true-cfg",
+               "--skip-guidance-layers")  # fmt: skip
+
+
+def parse_layers(text: str) -> list[int]:
+    """``"7,8,9"`` → ``[7, 8, 9]`` (one clear error for anything else)."""
+    try:
+        layers = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--skip-guidance-layers {text!r}: expected comma-separated block indices, e.g. 7,8,9"
+        ) from None
+    if not layers:
+        raise ValueError(f"--skip-guidance-layers {text!r}: no block indices given")
+    return layers
+
+
+def _text_call(args: argparse.Namespace, binning: bool | None) -> dict[str, Any]:
+    """The text-to-image call arguments the flags set (unset flags are left to the pipeline)."""
+    call = dict(height=args.height, width=args.width, use_resolution_binning=binning)
+    for name in ("prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3",
+                 "max_sequence_length"):  # fmt: skip
+        if getattr(args, name) is not None:
+            call[name] = getattr(args, name)
+    if args.true_cfg is not None:
+        call["true_cfg_scale"] = args.true_cfg
+    if args.skip_guidance_layers is not None:
+        call["skip_guidance_layers"] = parse_layers(args.skip_guidance_layers)
+    return call
+
+
 def _check_inputs(args: argparse.Namespace, text: bool, kind: str) -> list:
     """Class ids or prompts, whichever the source takes (one clear error for the other); ``kind`` names the model
     family for messages."""
@@ -139,7 +200,7 @@ def _check_inputs(args: argparse.Namespace, text: bool, kind: str) -> list:
             )
         return read_prompts(args.prompt, args.prompts_file)
     given = [f for f, v in (("--prompt", args.prompt), ("--prompts-file", args.prompts_file)) if v]
-    given += [f for f in ("--height", "--width", "--text-encoder") if getattr(args, f[2:].replace("-", "_"))]
+    given += [f for f in _TEXT_FLAGS if getattr(args, f[2:].replace("-", "_")) is not None]
     if given:
         verb = "does" if len(given) == 1 else "do"
         raise ValueError(
@@ -170,14 +231,18 @@ def run(args: argparse.Namespace) -> list[Path]:
         binning = False if args.no_resolution_binning else None
         size = dict(height=args.height, width=args.width)
         pipe.image_size(use_resolution_binning=binning, **size)  # a bad size fails before any compile
-        call = dict(negative_prompt=args.negative_prompt, use_resolution_binning=binning, **size)
+        call = _text_call(args, binning)
+        if args.true_cfg is not None and not pipe.uses_true_cfg:
+            name = pipe.family.display_name
+            raise ValueError(f"--true-cfg applies to models with embedded guidance (Flux); use --guidance for {name}")
+        where = dict(size, use_resolution_binning=binning)  # the trajectory depends on the size (Flux's shift)
     else:
         pipe.check_labels(items)  # out-of-range ids fail before any compile
-        call = {}
+        call, where = {}, {}
     steps = pipe.num_inference_steps if args.steps is None else args.steps
     _, method, _ = pipe.sampler_settings(args.method)
     options = sampler_options(args, method, steps)
-    calls = pipe.trajectory(steps, method, **options).num_model_calls
+    calls = pipe.trajectory(steps, method, **where, **options).num_model_calls
 
     n = len(items)
     size = args.batch_size or n

@@ -326,6 +326,33 @@ def test_diffusers_folder_and_pipeline_folder(tmp_path):
     assert config_to_diffusers(config)["shift_factor"] == 0.0609
 
 
+def test_generic_from_torch_and_to_torch_handle_the_vae(tmp_path):
+    """``dit_jax.convert.from_torch`` / ``to_torch`` / ``save_torch`` and the convert CLI take a VAE like any family."""
+    from dit_jax import convert
+    from dit_jax.checkpoint import load_model
+    from dit_jax.convert.__main__ import main as convert_main
+
+    model, sd, config, params = reference("sd3_16ch")
+    model.save_pretrained(tmp_path / "vae_only")
+    config2, params2 = convert.from_torch(tmp_path / "vae_only")
+    assert config2 == config
+    assert_trees_equal(params2, params)
+    assert_bit_exact(convert.to_torch(config2, params2, format="diffusers"), sd)
+    ldm = convert.to_torch(config2, params2, format="original")
+    assert_bit_exact(ldm, vae_to_torch(config, params, "ldm"))
+    prefixed = {f"first_stage_model.{k}": v for k, v in ldm.items()}
+    config3, params3 = convert.from_state_dict(prefixed, preset="sd3", norm_num_groups=config.norm_num_groups)
+    assert_trees_equal(params3, params)
+    sd3 = PRESETS["sd3"]
+    assert (config3.scaling_factor, config3.shift_factor) == (sd3.scaling_factor, sd3.shift_factor)
+    out = convert.save_torch(tmp_path / "vae_export", config2, params2, format="diffusers")
+    assert_bit_exact(convert.to_torch(*convert.from_torch(out), format="diffusers"), sd)
+    assert convert_main([str(tmp_path / "vae_only"), str(tmp_path / "vae_dir")]) == 0
+    config4, params4 = load_model(tmp_path / "vae_dir")
+    assert config4 == config
+    assert_trees_equal(params4, params)
+
+
 def test_config_inferred_from_ldm_keys_matches_config_json():
     _, sd, config, params = reference("realistic")
     ldm = vae_to_torch(config, params, "ldm")

@@ -23,6 +23,15 @@ from dit_jax.models import abstract_params, families, family_of, param_mismatche
 from dit_jax.models.registry import ModelConfig
 
 FORMATS = ("original", "diffusers")
+# Stability single files hold the diffusion model under this prefix (beside first_stage_model. and text encoders).
+SINGLE_FILE_PREFIX = "model.diffusion_model."
+
+
+def model_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The diffusion model's part of a Stability single file (``model.diffusion_model.*``, prefix removed), or the
+    whole state dict when it has no such keys."""
+    sub = {k[len(SINGLE_FILE_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(SINGLE_FILE_PREFIX)}
+    return sub or dict(state_dict)
 
 
 def conversion_modules() -> dict[str, ModuleType]:
@@ -124,11 +133,13 @@ def from_state_dict(
     """A torch state dict (numpy arrays or tensors) → ``(config, params)``; see ``from_torch``."""
     if format not in (None, *FORMATS):
         raise ValueError(f"format={format!r} is invalid: expected None (detect), 'original' or 'diffusers'")
-    state_dict = {k: io.to_float32(v) for k, v in state_dict.items()}
+    state_dict = model_keys({k: io.to_float32(v) for k, v in state_dict.items()})
     family, fmt = detect(state_dict, diffusers_config, source=source)
     if format is not None and format != fmt:
         raise ConversionError(f"{source}: format={format!r} was requested but the checkpoint is in the {fmt} format")
     module = conversion_modules()[family]
+    if hasattr(module, "import_checkpoint"):  # a family that converts without a rule table of this module's kind
+        return module.import_checkpoint(state_dict, diffusers_config, fmt, source, **config_overrides)
     overrides = dict(config_overrides)
     preset_name = overrides.pop("preset", None)
     _check_overrides(module, overrides)
@@ -155,6 +166,9 @@ def from_torch(
     ``"original"`` or ``"diffusers"``. ``config_overrides``: config fields the checkpoint cannot tell (e.g.
     ``num_heads``), ``preset="DiT-XL/2"`` for defaults, ``scan_blocks=True`` for the scanned layout.
     """
+    for module in conversion_modules().values():  # folders of their own layout (transformers text encoders)
+        if hasattr(module, "claims_folder") and module.claims_folder(Path(path)):
+            return module.import_path(Path(path), **config_overrides)
     state_dict, diffusers_config, source = io.read_checkpoint(path, weights)
     return from_state_dict(
         state_dict, format=format, diffusers_config=diffusers_config, source=source, **config_overrides
@@ -166,6 +180,8 @@ def to_torch(config: ModelConfig, params: Mapping[str, Any], *, format: str) -> 
     if format not in FORMATS:
         raise ValueError(f"format={format!r} is invalid: expected 'original' or 'diffusers'")
     module = _family_of_config(config)
+    if hasattr(module, "export_checkpoint"):
+        return module.export_checkpoint(config, params, format)
     module.check_export(config, format)
     if config.scan_blocks:
         config, params = set_scan(config, params, False)
@@ -204,6 +220,9 @@ def save_torch(
         wrap = _family_of_config(config).TORCH_WRAP.get(format)
         return io.write_torch(path, state_dict, wrap=wrap, overwrite=overwrite)
     if path.suffix == "" and format == "diffusers":
+        module = _family_of_config(config)
+        if hasattr(module, "write_folder"):  # its own folder layout (transformers text encoders)
+            return module.write_folder(path, config, params, overwrite=overwrite)
         return io.write_diffusers_folder(path, diffusers_config(config), state_dict, overwrite=overwrite)
     raise ValueError(
         f"{path}: expected a .safetensors or .pt file"

@@ -190,6 +190,32 @@ def _is_diffusers_config(d: Mapping) -> bool:
     return "_class_name" in d or "_diffusers_version" in d
 
 
+def transformers_model_type(path: str | os.PathLike, subfolders: tuple[str, ...] = ("text_encoder",)) -> str | None:
+    """The ``model_type`` of a transformers folder's ``config.json`` (or of the first of ``subfolders`` that has
+    one, e.g. a pipeline folder's ``text_encoder/``); None for anything else."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    for folder in (path, *(path / s for s in subfolders)):
+        config = folder / "config.json"
+        if config.is_file():
+            d = read_json(config, error=ConversionError)
+            return None if _is_diffusers_config(d) else d.get("model_type")
+    return None
+
+
+def write_transformers_folder(
+    path: str | os.PathLike, config: Mapping[str, Any], state_dict: Mapping[str, Any], *, overwrite: bool = False
+) -> Path:
+    """Write a transformers model folder: ``config.json`` + ``model.safetensors`` (float32), atomically."""
+    from safetensors.numpy import save_file
+
+    with atomic_path(path, is_dir=True, overwrite=overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+        save_file(_contiguous_f32(state_dict), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    return Path(path)
+
+
 def _diffusers_weights(folder: Path) -> Path:
     for name in _DIFFUSERS_NAMES:
         for candidate in (folder / f"{name}.index.json", folder / name):

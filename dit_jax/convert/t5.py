@@ -189,3 +189,48 @@ def t5_to_torch(config: T5Config, params: Mapping[str, Any], *, tied_copy: bool 
     if tied_copy:
         sd[_EMBED_COPY] = sd["shared.weight"]
     return sd
+
+
+# ---- the conversion interface of convert/api.py (``from_torch``/``to_torch``/``save_torch`` for every family) ----
+# A text encoder has one layout (transformers'); both of api's format names mean it.
+
+FAMILY = "t5"
+DIFFUSERS_CLASS = "T5EncoderModel"
+TORCH_WRAP: dict[str, str] = {}
+
+
+def detect(keys) -> str | None:
+    """``"diffusers"`` (transformers keys) for a T5EncoderModel state dict, else None."""
+    return "diffusers" if any(k.endswith("encoder.block.0.layer.0.SelfAttention.q.weight") for k in keys) else None
+
+
+def is_diffusers_config(d: Mapping[str, Any]) -> bool:
+    return d.get("model_type") in MODEL_TYPES
+
+
+def claims_folder(path: Path) -> bool:
+    """A transformers folder of this encoder (or a pipeline folder whose ``text_encoder/`` is one)."""
+    return io.transformers_model_type(path) in MODEL_TYPES
+
+
+def import_path(path: Path, **overrides: Any):
+    return t5_from_torch(path, **overrides)
+
+
+def import_checkpoint(state_dict, transformers_config, fmt: str, source: str, **overrides: Any):
+    if transformers_config:
+        return t5_from_torch(state_dict, config=config_from_transformers(transformers_config, **overrides))
+    return t5_from_torch(state_dict, **overrides)
+
+
+def export_checkpoint(config, params, fmt: str) -> dict[str, np.ndarray]:
+    return t5_to_torch(config, params)
+
+
+def write_folder(path: Path, config, params, *, overwrite: bool = False) -> Path:
+    return io.write_transformers_folder(
+        path, config_to_transformers(config), t5_to_torch(config, params), overwrite=overwrite
+    )
+
+
+diffusers_config = config_to_transformers

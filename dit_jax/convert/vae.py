@@ -333,3 +333,48 @@ def vae_from_torch(
 def vae_to_torch(config: VAEConfig, params: Mapping[str, Any], format: str = "diffusers") -> dict[str, np.ndarray]:
     """Export params to a torch state dict (numpy) with ``diffusers`` or ``ldm`` keys (no prefix)."""
     return export(vae_rules(config, format), params)
+
+
+# ---- the conversion interface of convert/api.py (``from_torch``/``to_torch`` for every family) -------------------
+
+FAMILY = "vae"
+DIFFUSERS_CLASS = "AutoencoderKL"
+TORCH_WRAP: dict[str, str] = {}
+_API_FORMATS = {"original": "ldm", "diffusers": "diffusers"}  # api's format names → this module's
+
+
+def detect(keys) -> str | None:
+    """``"original"`` (LDM keys) / ``"diffusers"`` for an AutoencoderKL state dict (optionally under
+    ``first_stage_model.``/``vae.``), else None."""
+    sd = strip_prefix(dict.fromkeys(keys))
+    if "decoder.conv_in.weight" not in sd or "encoder.conv_in.weight" not in sd:
+        return None
+    try:
+        return "original" if detect_format(sd) == "ldm" else "diffusers"
+    except ConversionError:
+        return None
+
+
+def is_diffusers_config(d: Mapping[str, Any]) -> bool:
+    return d.get("_class_name") == DIFFUSERS_CLASS
+
+
+def import_checkpoint(
+    state_dict: Mapping[str, Any], diffusers_config: Mapping[str, Any] | None, fmt: str, source: str, **overrides: Any
+) -> tuple[VAEConfig, dict[str, Any]]:
+    """``convert.from_torch`` of a VAE: the config from ``config.json`` when there is one, else from the weights."""
+    config = None
+    if diffusers_config is not None:
+        config = config_from_diffusers(
+            diffusers_config, **{**_preset_fields(overrides.pop("preset", None)), **overrides}
+        )
+        overrides = {}
+    return vae_from_torch(state_dict, config=config, **overrides)
+
+
+def export_checkpoint(config: VAEConfig, params: Mapping[str, Any], fmt: str) -> dict[str, np.ndarray]:
+    """``convert.to_torch`` of a VAE: LDM keys for ``"original"``, diffusers keys for ``"diffusers"``."""
+    return vae_to_torch(config, params, _API_FORMATS[fmt])
+
+
+diffusers_config = config_to_diffusers

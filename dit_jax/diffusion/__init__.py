@@ -18,7 +18,16 @@ from dit_jax.diffusion.ddpm import (
 from dit_jax.diffusion.flow import density_transform, flow_loss, flow_loss_weight, sample_flow_sigmas
 from dit_jax.diffusion.guidance import cfg, generate
 from dit_jax.diffusion.policy import default_method, make_schedule, sampler_settings, split_options
-from dit_jax.diffusion.samplers import Plan, Trajectory, make_plan, make_trajectory, model_timesteps, sample, step_noise
+from dit_jax.diffusion.samplers import (
+    Plan,
+    Trajectory,
+    make_plan,
+    make_trajectory,
+    model_timesteps,
+    sample,
+    sd3_reference_sigmas,
+    step_noise,
+)
 from dit_jax.diffusion.scheduler_config import from_diffusers_scheduler_config
 from dit_jax.diffusion.schedules import (
     FLUX_DYNAMIC_SHIFT,
@@ -58,6 +67,7 @@ __all__ = [
     "q_sample",
     "sample",
     "sampler_settings",
+    "sd3_reference_sigmas",
     "step_noise",
     "sample_flow_sigmas",
     "space_timesteps",

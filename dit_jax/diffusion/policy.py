@@ -10,7 +10,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from dit_jax.diffusion.samplers import DDPM_METHODS, DPM_DIFFUSERS_ONLY, FLOW_METHODS
+from dit_jax.diffusion.samplers import DDPM_METHODS, DPM_DIFFUSERS_ONLY, FLOW_DPM_DIFFUSERS_ONLY, FLOW_METHODS
 from dit_jax.diffusion.scheduler_config import from_diffusers_scheduler_config
 from dit_jax.diffusion.schedules import DDPMSchedule, FlowSchedule
 
@@ -75,7 +75,8 @@ def sampler_settings(
 
     A learned-sigma model's variance is used by ``ddpm`` (learned-range, as the original DiT) and dropped by the
     other methods; explicit timesteps drop the scheduler's spacing; PixArt's original DPM-Solver
-    (``variant="dpm_solver"``) drops the diffusers-only options.
+    (``variant="dpm_solver"``) and SD3's reference DPM++ 2M (``variant="k_diffusion"``) drop the diffusers-only
+    options.
     """
     base = dict(base)
     allowed = DDPM_METHODS if isinstance(schedule, DDPMSchedule) else FLOW_METHODS
@@ -100,5 +101,8 @@ def sampler_settings(
             base.pop(key, None)
     if options.get("variant") == "dpm_solver":  # PixArt's original DPM-Solver has no diffusers-only options
         for key in DPM_DIFFUSERS_ONLY:
+            base.pop(key, None)
+    if options.get("variant") == "k_diffusion":  # SD3's reference DPM++ 2M neither
+        for key in FLOW_DPM_DIFFUSERS_ONLY:
             base.pop(key, None)
     return schedule, method, {**base, **options}

@@ -23,12 +23,24 @@ Methods and options (defaults = the diffusers scheduler's, except ``clip_sample=
                              solver_type, lower_order_final
                schedule_dtype (ddpm/ddim/dpmpp_2m): "float32" = diffusers' float32 ᾱ and step arithmetic (the
                              default), "float64" = exact (ADM; the default with ``respacing``)
-  FlowSchedule ``euler``     ``FlowMatchEulerDiscreteScheduler``: sigmas=[...] (base sigmas before the shift, e.g.
-                             Flux's ``linspace(1, 1/n, n)``), image_seq_len or mu (with ``dynamic_shift``),
-                             shift_terminal
+  FlowSchedule ``euler``     ``FlowMatchEulerDiscreteScheduler`` (``set_timesteps(n, sigmas=, mu=, timesteps=)`` and
+                             its config): sigmas=[...] (base sigmas before the shift, e.g. Flux's
+                             ``linspace(1, 1/n, n)``), timesteps=[...] (model timesteps as given), image_seq_len or mu
+                             (μ of ``dynamic_shift``; ``image_seq_len`` is ignored without it), shift_terminal,
+                             use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas, invert_sigmas,
+                             stochastic_sampling (x₀ = x − σ·v re-noised to σ_next; needs ``key``)
                ``heun``      ``FlowMatchHeunDiscreteScheduler`` (2·n − 1 model calls): sigmas, image_seq_len, mu
                ``dpmpp_2m``  ``DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")``:
-                             solver_order, solver_type, lower_order_final, euler_at_final, image_seq_len or mu
+                             solver_order, solver_type, lower_order_final, euler_at_final, image_seq_len or mu;
+                             variant="k_diffusion": Stability's SD3 reference sampler (``sd3_infer.py``:
+                             k-diffusion ``sample_dpmpp_2m`` on ``get_sigmas``, see ``sd3_reference_sigmas``; a
+                             constant shift only; the diffusers-only options above are rejected)
+  How the pipelines pass the flow options (reproducing diffusers exactly):
+    SD3/SD3.5   ``sample(..., method="euler", num_steps=n)``; nothing else (image_seq_len = (h/p)·(w/p) may be
+                passed, it only matters with a dynamic-shift config). ``dpmpp_2m, variant="k_diffusion"`` is SAI's.
+    Flux        ``sample(..., method="euler", num_steps=n, sigmas=np.linspace(1, 1/n, n),
+                image_seq_len=(h/2)·(w/2))`` (the packed token count; dev's dynamic shift μ is computed from it, as
+                ``calculate_shift`` does; schnell's constant shift 1 ignores it).
 Every method takes ``progress=callable(i, n)``.
 """
 
@@ -45,6 +57,7 @@ from dit_jax.diffusion.schedules import (
     DDPMSchedule,
     FlowSchedule,
     float32_alphas_cumprod,
+    linspace_float32,
     space_timesteps,
     time_shift,
 )
@@ -94,8 +107,22 @@ _DPM_OPTIONS = {
     "t_start": None,
     "t_end": None,
 }
-_FLOW_OPTIONS = {"sigmas": None, "image_seq_len": None, "mu": None, "shift_terminal": None}
+_FLOW_OPTIONS = {
+    "sigmas": None,
+    "timesteps": None,
+    "image_seq_len": None,
+    "mu": None,
+    "shift_terminal": None,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "invert_sigmas": False,
+    "stochastic_sampling": False,
+}
+_FLOW_HEUN_OPTIONS = {"sigmas": None, "image_seq_len": None, "mu": None}
+FLOW_DPM_VARIANTS = ("diffusers", "k_diffusion")
 _FLOW_DPM_OPTIONS = {
+    "variant": "diffusers",
     "solver_order": 2,
     "solver_type": "midpoint",
     "lower_order_final": True,
@@ -109,7 +136,7 @@ _OPTIONS = {
     ("ddpm", "ddim"): _DDIM_OPTIONS,
     ("ddpm", "dpmpp_2m"): _DPM_OPTIONS,
     ("flow", "euler"): _FLOW_OPTIONS,
-    ("flow", "heun"): {k: v for k, v in _FLOW_OPTIONS.items() if k != "shift_terminal"},
+    ("flow", "heun"): _FLOW_HEUN_OPTIONS,
     ("flow", "dpmpp_2m"): _FLOW_DPM_OPTIONS,
 }
 _DPM_SOLVER_ONLY = ("skip_type", "t_start", "t_end")
@@ -121,6 +148,15 @@ DPM_DIFFUSERS_ONLY = (
     "lambda_min_clipped",
     "schedule_dtype",
 )
+# flow dpmpp_2m options that only the diffusers variant has (variant="k_diffusion" rejects them)
+FLOW_DPM_DIFFUSERS_ONLY = (
+    "solver_order",
+    "solver_type",
+    "lower_order_final",
+    "euler_at_final",
+    "final_sigmas_type",
+    "mu",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +165,8 @@ class Trajectory:
 
     ``kind`` selects the loop body, ``model_t`` (float32) are the timesteps the model sees, ``tables`` maps
     coefficient names to per-call float32 arrays, ``prediction`` is how the mean output is read (epsilon,
-    v_prediction, sample, flow) and ``flags`` holds static switches of the body.
+    v_prediction, sample, flow) and ``flags`` holds static switches of the body. Flow trajectories also keep
+    ``sigmas``: the n + 1 float32 sigmas of the schedule (the scheduler's ``sigmas``, ending in 0).
     """
 
     kind: str
@@ -137,6 +174,7 @@ class Trajectory:
     tables: dict
     prediction: str
     flags: tuple = ()
+    sigmas: np.ndarray | None = None
 
     @property
     def num_model_calls(self) -> int:
@@ -419,10 +457,15 @@ def _interp_extrapolate(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.nda
 
 
 def _flow_shift_fn(schedule: FlowSchedule, o: dict):
-    """σ ↦ shifted σ for sampling: the constant shift, or the time shift with μ from ``mu``/``image_seq_len``."""
+    """σ ↦ shifted σ for sampling: the constant shift, or the time shift with μ from ``mu``/``image_seq_len``.
+
+    ``image_seq_len`` describes the latents, so a pipeline may always pass it: without ``dynamic_shift`` it is ignored
+    (diffusers' Flux pipeline passes μ to the schnell scheduler, which ignores it). ``mu`` asks for the time shift
+    and needs ``dynamic_shift``.
+    """
     if schedule.dynamic_shift is None:
-        if o.get("mu") is not None or o.get("image_seq_len") is not None:
-            raise ValueError("mu/image_seq_len given but the FlowSchedule has no dynamic_shift")
+        if o.get("mu") is not None:
+            raise ValueError("mu= given but the FlowSchedule has no dynamic_shift (its shift is the constant `shift`)")
         return lambda s: schedule.shift_sigmas(s)
     if o.get("mu") is not None and o.get("image_seq_len") is not None:
         raise ValueError("give one of mu= and image_seq_len=")
@@ -432,38 +475,112 @@ def _flow_shift_fn(schedule: FlowSchedule, o: dict):
     return lambda s: time_shift(mu, s, schedule.time_shift_type)
 
 
-def _flow_sigmas(schedule: FlowSchedule, num_steps, o: dict) -> np.ndarray:
-    """``FlowMatchEulerDiscreteScheduler.set_timesteps``: n shifted sigmas (float32) followed by 0."""
+def _shift_float32(shift: float, t: np.ndarray) -> np.ndarray:
+    """The constant shift s·t / (1 + (s − 1)·t) in float32 arithmetic (as torch evaluates it on float32 tensors)."""
+    f32 = np.float32
+    t = np.asarray(t, np.float32)
+    return f32(shift) * t / (f32(1.0) + f32(shift - 1.0) * t)
+
+
+def _train_sigma_ends(schedule: FlowSchedule) -> tuple[float, float]:
+    """(σ_max, σ_min) of ``FlowMatchEulerDiscreteScheduler``'s training table: σ = t/T for t = T … 1 in float32,
+    shifted in float32 by the constant shift (not by a dynamic one). For shifts such as 0.1 σ_max is not exactly 1."""
+    t_total = schedule.num_train_timesteps
+    ends = np.array([t_total, 1], np.float32) / np.float32(t_total)
+    if schedule.dynamic_shift is None:
+        ends = _shift_float32(schedule.shift, ends)
+    return float(ends[0]), float(ends[1])
+
+
+_SIGMA_SPACINGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+
+def _respace_sigmas(sig: np.ndarray, o: dict) -> np.ndarray:
+    """diffusers' ``use_karras_sigmas``/``use_exponential_sigmas``/``use_beta_sigmas``: n new sigmas (float64)
+    between the shifted schedule's first and last values (σ_max, σ_min).
+
+    Karras et al. 2022 (ρ = 7): (σ_max^{1/ρ} + r·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, r = 0 … 1; exponential:
+    exp(linspace(log σ_max, log σ_min)); beta (Lee et al. 2024, α = β = 0.6): σ_min + F⁻¹(1 − r)·(σ_max − σ_min)
+    with F the Beta(0.6, 0.6) CDF.
+    """
+    chosen = [k for k in _SIGMA_SPACINGS if o.get(k)]
+    if len(chosen) > 1:
+        raise ValueError(f"give at most one of {_SIGMA_SPACINGS}, got {chosen}")
+    if not chosen:
+        return sig
+    n = len(sig)
+    s_max, s_min = float(sig[0]), float(sig[-1])
+    ramp = np.linspace(0.0, 1.0, n)
+    if chosen[0] == "use_karras_sigmas":
+        rho = 7.0
+        hi, lo = s_max ** (1.0 / rho), s_min ** (1.0 / rho)
+        return (hi + ramp * (lo - hi)) ** rho
+    if chosen[0] == "use_exponential_sigmas":
+        return np.exp(np.linspace(math.log(s_max), math.log(s_min), n))
+    import scipy.stats  # noqa: PLC0415 - only this option needs scipy
+
+    ppf = np.array([scipy.stats.beta.ppf(u, 0.6, 0.6) for u in 1.0 - ramp], np.float64)
+    return np.array([s_min + p * (s_max - s_min) for p in ppf], np.float64)
+
+
+def _flow_sigmas(schedule: FlowSchedule, num_steps, o: dict) -> tuple[np.ndarray, np.ndarray]:
+    """``FlowMatchEulerDiscreteScheduler.set_timesteps``: (n + 1 sigmas (float32, the last 0, or 1 with
+    ``invert_sigmas``), n model timesteps (float32)).
+
+    Without ``sigmas``/``timesteps`` the base sigmas are linspace(T·σ_max, T·σ_min, n)/T in float64 from the ends of
+    the (constantly shifted) training table, and they are shifted again (SD3's double shift). Given ``sigmas`` (Flux:
+    ``linspace(1, 1/n, n)``) are rounded to float32 and shifted in float32; given ``timesteps`` (without ``sigmas``)
+    become the model timesteps as they are and sigmas timesteps/T (float32), shifted. Then ``shift_terminal``
+    stretches 1 − σ so that the last σ is ``shift_terminal``, and one of the sigma spacings may replace the sigmas.
+    """
     t_total = schedule.num_train_timesteps
     shift = _flow_shift_fn(schedule, o)
+    given_t = None
+    if o.get("timesteps") is not None:
+        given_t = np.asarray(o["timesteps"], np.float64).astype(np.float32)
+        if given_t.ndim != 1 or len(given_t) == 0 or (num_steps is not None and len(given_t) != num_steps):
+            raise ValueError(f"timesteps must be 1-D with num_steps={num_steps} entries, got shape {given_t.shape}")
     if o.get("sigmas") is not None:  # shifted in float32, as diffusers does with given sigmas
         base = np.asarray(o["sigmas"], np.float64).astype(np.float32)
-        if base.ndim != 1 or (num_steps is not None and len(base) != num_steps):
+        if base.ndim != 1 or len(base) == 0 or (num_steps is not None and len(base) != num_steps):
             raise ValueError(f"sigmas must be 1-D with num_steps={num_steps} entries, got shape {base.shape}")
+        if given_t is not None and len(given_t) != len(base):
+            raise ValueError(f"{len(base)} sigmas but {len(given_t)} timesteps given")
+    elif given_t is not None:
+        base = given_t / np.float32(t_total)
     else:
         n = _check_steps(num_steps)
-        # the training sigmas' ends: shifted by the constant shift unless the shift is dynamic
-        ends = np.array([1.0, 1.0 / t_total], np.float64)
-        if schedule.dynamic_shift is None:
-            ends = schedule.shift_sigmas(ends)
-        ends = ends.astype(np.float32).astype(np.float64)
-        base = np.linspace(ends[0] * t_total, ends[1] * t_total, n) / t_total
+        s_max, s_min = _train_sigma_ends(schedule)
+        base = np.linspace(s_max * t_total, s_min * t_total, n) / t_total
     with np.errstate(divide="ignore"):
         sig = shift(base)
     if o.get("shift_terminal"):
+        terminal = float(o["shift_terminal"])
+        if not 0.0 <= terminal < 1.0:
+            raise ValueError(f"shift_terminal must be in [0, 1), got {terminal!r}")
         one_minus = 1.0 - sig
-        sig = 1.0 - one_minus / (one_minus[-1] / (1.0 - o["shift_terminal"]))
-    return np.append(np.asarray(sig, np.float64).astype(np.float32), np.float32(0.0))
+        sig = 1.0 - one_minus / (one_minus[-1] / (1.0 - terminal))
+    sig = np.asarray(_respace_sigmas(np.asarray(sig), o), np.float64).astype(np.float32)
+    if not np.all(np.isfinite(sig)):
+        raise ValueError(f"the flow sigmas are not finite: {sig.tolist()} (check sigmas/timesteps/mu)")
+    model_t = sig * np.float32(t_total) if given_t is None else given_t
+    if o.get("invert_sigmas"):
+        sig = np.float32(1.0) - sig
+        return np.append(sig, np.float32(1.0)), sig * np.float32(t_total)
+    return np.append(sig, np.float32(0.0)), model_t
 
 
 def _euler_trajectory(schedule: FlowSchedule, num_steps, o: dict) -> Trajectory:
-    sig = _flow_sigmas(schedule, num_steps, o)
-    model_t = sig[:-1] * np.float32(schedule.num_train_timesteps)
-    return Trajectory("euler", model_t, {"dt": sig[1:] - sig[:-1]}, "flow")
+    sig, model_t = _flow_sigmas(schedule, num_steps, o)
+    tables = {"dt": sig[1:] - sig[:-1]}
+    if o["stochastic_sampling"]:  # x₀ = x − σ·v re-noised to σ_next with fresh noise
+        tables.update(sigma=sig[:-1], sigma_next=sig[1:])
+    flags = (("stochastic", bool(o["stochastic_sampling"])),)
+    return Trajectory("euler", model_t, tables, "flow", flags, sigmas=sig)
 
 
 def _heun_trajectory(schedule: FlowSchedule, num_steps, o: dict) -> Trajectory:
-    sig = _flow_sigmas(schedule, num_steps, o)  # n + 1 values, last 0
+    sig, _ = _flow_sigmas(schedule, num_steps, o)  # n + 1 values, last 0
     n = len(sig) - 1
     model_t, dt, second = [], [], []
     for k in range(2 * n - 1):
@@ -473,11 +590,18 @@ def _heun_trajectory(schedule: FlowSchedule, num_steps, o: dict) -> Trajectory:
         dt.append(sig[step + 1] - sig[step])
         second.append(float(k % 2))
     tables = {"dt": np.asarray(dt, np.float32), "second": np.asarray(second)}
-    return Trajectory("heun", np.asarray(model_t, np.float32), tables, "flow")
+    return Trajectory("heun", np.asarray(model_t, np.float32), tables, "flow", sigmas=sig)
 
 
-def _flow_dpm_trajectory(schedule: FlowSchedule, num_steps, o: dict) -> Trajectory:
-    """``DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")``."""
+def _flow_dpm_trajectory(schedule: FlowSchedule, num_steps, o: dict, given: set) -> Trajectory:
+    """``DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")``, or with
+    ``variant="k_diffusion"`` the DPM++ 2M of k-diffusion on SD3's sigmas (Stability's ``sd3_infer.py``)."""
+    _check_choice("variant", o["variant"], FLOW_DPM_VARIANTS)
+    if o["variant"] == "k_diffusion":
+        bad = sorted(given & set(FLOW_DPM_DIFFUSERS_ONLY))
+        if bad:
+            raise ValueError(f"option(s) {bad} apply to variant='diffusers' only")
+        return _k_diffusion_dpm_trajectory(schedule, num_steps)
     n = _check_steps(num_steps)
     t_total = schedule.num_train_timesteps
     if o["final_sigmas_type"] != "zero":
@@ -491,7 +615,52 @@ def _flow_dpm_trajectory(schedule: FlowSchedule, num_steps, o: dict) -> Trajecto
     alpha, sigma = 1.0 - sig, sig
     tables = _multistep_tables(alpha, sigma, _diffusers_orders(n, o), o["solver_type"])
     tables["sa"], tables["s1m"] = alpha[:-1], sigma[:-1]
-    return Trajectory("dpm", model_t.astype(np.float32), tables, "flow")
+    return Trajectory("dpm", model_t.astype(np.float32), tables, "flow", sigmas=sig.astype(np.float32))
+
+
+def sd3_reference_sigmas(shift: float, num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
+    """The sigmas of Stability's ``sd3_infer.py`` (``get_sigmas``), n + 1 float32 values ending in 0.
+
+    The training table is σ(t) = s·(t/T) / (1 + (s − 1)·t/T) for t = 1 … T; the sampling timesteps are
+    ``torch.linspace(T·σ(T), T·σ(1), n)`` in float32 and each goes through σ(·) again (the same double shift as
+    diffusers' ``FlowMatchEulerDiscreteScheduler``, in float32 instead of float64: they differ by ≤ 2 float32 ulps).
+    """
+    n = _check_steps(num_steps)
+    f32 = np.float32
+    t_total = f32(num_train_timesteps)
+    table_ends = np.array([num_train_timesteps, 1], np.float32) / t_total
+    if shift != 1.0:
+        table_ends = _shift_float32(shift, table_ends)
+    t = linspace_float32(table_ends[0] * t_total, table_ends[1] * t_total, n) / t_total
+    sig = t if shift == 1.0 else _shift_float32(shift, t)
+    return np.append(sig.astype(np.float32), f32(0.0))
+
+
+def _k_diffusion_dpm_trajectory(schedule: FlowSchedule, num_steps) -> Trajectory:
+    """k-diffusion's ``sample_dpmpp_2m`` with SD3's ``ModelSamplingDiscreteFlow``: D = x − σ·v, t = −log σ,
+    h = t_{i+1} − t_i; x ← (σ_{i+1}/σ_i)·x − expm1(−h)·D', where D' = D on the first step and
+    D' = (1 + 1/(2r))·D − 1/(2r)·D_prev with r = h_{i−1}/h_i otherwise; the last step (σ = 0) returns D. The model
+    sees σ·T (float, not truncated). The coefficients are exact (float64, from the float32 sigmas); the reference
+    evaluates them on float32 tensors, which is within float32 noise of these."""
+    if schedule.dynamic_shift is not None:
+        raise ValueError("variant='k_diffusion' follows SD3's constant shift; the FlowSchedule has a dynamic_shift")
+    sig = sd3_reference_sigmas(schedule.shift, num_steps, schedule.num_train_timesteps)
+    s = sig.astype(np.float64)
+    n = len(s) - 1
+    a, b, c = np.zeros(n), np.zeros(n), np.zeros(n)
+    for i in range(n):
+        if s[i + 1] == 0.0:  # the final step: x = D
+            b[i] = 1.0
+            continue
+        h = math.log(s[i]) - math.log(s[i + 1])
+        a[i] = s[i + 1] / s[i]
+        b[i] = -math.expm1(-h)
+        if i > 0:
+            r = (math.log(s[i - 1]) - math.log(s[i])) / h
+            c[i] = b[i] / (2.0 * r)  # b·D' = b·D + (b/(2r))·(D − D_prev)
+    tables = {"a": a, "b": b, "c": c, "sa": 1.0 - s[:-1], "s1m": s[:-1]}
+    model_t = sig[:-1] * np.float32(schedule.num_train_timesteps)
+    return Trajectory("dpm", model_t, tables, "flow", sigmas=sig)
 
 
 def make_trajectory(schedule: DDPMSchedule | FlowSchedule, method: str, num_steps: int | None, **options) -> Trajectory:
@@ -504,9 +673,10 @@ def make_trajectory(schedule: DDPMSchedule | FlowSchedule, method: str, num_step
         return builder(schedule, num_steps, o, given)
     if isinstance(schedule, FlowSchedule):
         _check_choice("method for a FlowSchedule", method, FLOW_METHODS)
-        o, _ = _resolve_options("flow", method, options)
-        builder = {"euler": _euler_trajectory, "heun": _heun_trajectory, "dpmpp_2m": _flow_dpm_trajectory}[method]
-        return builder(schedule, num_steps, o)
+        o, given = _resolve_options("flow", method, options)
+        if method == "dpmpp_2m":
+            return _flow_dpm_trajectory(schedule, num_steps, o, given)
+        return {"euler": _euler_trajectory, "heun": _heun_trajectory}[method](schedule, num_steps, o)
     raise TypeError(f"schedule must be a DDPMSchedule or FlowSchedule, got {type(schedule).__name__}")
 
 
@@ -564,19 +734,24 @@ def sample(
     """Run a sampler from ``latents`` (pure noise at the first timestep) to x₀, in one ``lax.fori_loop``.
 
     ``model_fn(x, t)`` gets ``t`` of shape (B,) float32 with the values diffusers passes to the model (DDPM family:
-    the scheduler's integer timesteps; flow: σ·1000; flow ``dpmpp_2m``: int(σ·1000) as diffusers) and returns the
+    the scheduler's integer timesteps; flow: σ·1000; flow ``dpmpp_2m``: int(σ·1000) as diffusers, σ·1000 with
+    ``variant="k_diffusion"``) and returns the
     model output; with ``schedule.learned_sigma`` it has 2·C channels (last axis) and only ``ddpm`` uses the
-    variance half. ``key`` is needed by the stochastic samplers (``ddpm``, ``ddim`` with ``eta > 0``): the noise
+    variance half. ``key`` is needed by the stochastic samplers (``ddpm``, ``ddim`` with ``eta > 0``, ``euler``
+    with ``stochastic_sampling``): the noise
     of step i is ``step_noise(key, i, shape)``, drawn per example, so a sample does not depend on the batch size.
     ``progress(i, n)`` (optional) is called on the host after each model
     call through ``jax.debug.callback``. ``options`` are the diffusers scheduler config fields of the method
     (listed in this module's docstring), plus ``respacing=`` (ADM) for ``ddpm``/``ddim``, ``variant="dpm_solver"``
-    (PixArt's original DPM-Solver) for ``dpmpp_2m`` and ``schedule_dtype``. The loop carries float32; the result
+    (PixArt's original DPM-Solver) for ``dpmpp_2m``, ``variant="k_diffusion"`` (SD3's reference DPM++ 2M) for flow
+    ``dpmpp_2m`` and ``schedule_dtype``. The flow options ``sigmas``/``timesteps``/``mu``/``image_seq_len`` are the
+    arguments of diffusers' ``set_timesteps`` (see the module docstring for what the SD3 and Flux pipelines pass).
+    The loop carries float32; the result
     has the latents' dtype.
     """
     traj = make_trajectory(schedule, method, num_steps, **options)
     flags = dict(traj.flags)
-    stochastic = traj.kind == "ddpm" or (traj.kind == "ddim" and flags.get("stochastic"))
+    stochastic = traj.kind == "ddpm" or (traj.kind in ("ddim", "euler") and flags.get("stochastic"))
     if stochastic and key is None:
         raise ValueError(f"method {method!r} is stochastic here; pass key=")
     learned = isinstance(schedule, DDPMSchedule) and schedule.learned_sigma
@@ -654,6 +829,9 @@ def sample(
 
         def body(i, x):
             v, _ = call_model(i, x)
+            if flags["stochastic"]:
+                x0 = x - at("sigma", i) * v
+                return (1.0 - at("sigma_next", i)) * x0 + at("sigma_next", i) * noise(i, x)
             return x + at("dt", i) * v
 
         carry = latents.astype(jnp.float32)

@@ -102,9 +102,13 @@ def from_diffusers_scheduler_config(config: dict) -> tuple[DDPMSchedule | FlowSc
 
     Supported ``_class_name``: DDPMScheduler → ``ddpm``, DDIMScheduler → ``ddim``, DPMSolverMultistepScheduler →
     ``dpmpp_2m`` (VP or, with ``use_flow_sigmas``, flow), FlowMatchEulerDiscreteScheduler → ``euler``,
-    FlowMatchHeunDiscreteScheduler → ``heun``. ``learned_sigma`` is set where the config says so
-    (``variance_type`` learned_range); DDIM configs do not, so set it from the model
-    (``dataclasses.replace(schedule, learned_sigma=True)``) when the model predicts its variance.
+    FlowMatchHeunDiscreteScheduler → ``heun``. FlowMatchEulerDiscreteScheduler: ``shift``, the dynamic shift
+    (``use_dynamic_shifting`` with ``base/max_image_seq_len``, ``base/max_shift``, ``time_shift_type``) go to the
+    ``FlowSchedule``; ``shift_terminal``, ``use_karras/exponential/beta_sigmas``, ``invert_sigmas`` and
+    ``stochastic_sampling`` become ``euler`` options (only when set); μ (``mu``/``image_seq_len``) and Flux's explicit
+    ``sigmas`` are per-call options of ``sample``, as they are arguments of diffusers' ``set_timesteps``.
+    ``learned_sigma`` is set where the config says so (``variance_type`` learned_range); DDIM configs do not, so set
+    it from the model (``dataclasses.replace(schedule, learned_sigma=True)``) when the model predicts its variance.
     """
     cls = config.get("_class_name")
     if cls not in _DEFAULTS:
@@ -150,19 +154,28 @@ def from_diffusers_scheduler_config(config: dict) -> tuple[DDPMSchedule | FlowSc
         return schedule, "dpmpp_2m", options
 
     if cls == "FlowMatchEulerDiscreteScheduler":
-        for key in ("invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
-            _require(cfg, key, False, cls)
-        _require(cfg, "stochastic_sampling", False, cls)
+        spacings = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if cfg[k]]
+        if len(spacings) > 1:
+            raise ValueError(f"{cls} config sets {spacings}: at most one of them can be used")
         dynamic = None
         if cfg["use_dynamic_shifting"]:
-            dynamic = (cfg["base_image_seq_len"], cfg["base_shift"], cfg["max_image_seq_len"], cfg["max_shift"])
+            keys = ("base_image_seq_len", "base_shift", "max_image_seq_len", "max_shift")
+            missing = [k for k in keys if cfg[k] is None]
+            if missing:
+                raise ValueError(f"{cls} config use_dynamic_shifting=True needs {missing} (got None)")
+            dynamic = tuple(cfg[k] for k in keys)
+        if cfg["time_shift_type"] not in ("exponential", "linear"):
+            raise ValueError(f"{cls} config time_shift_type={cfg['time_shift_type']!r} is not supported")
         schedule = FlowSchedule(
             shift=float(cfg["shift"]),
             dynamic_shift=dynamic,
             num_train_timesteps=int(cfg["num_train_timesteps"]),
             time_shift_type=cfg["time_shift_type"],
         )
-        options = {"shift_terminal": cfg["shift_terminal"]} if cfg["shift_terminal"] else {}
+        # sampler options: only those that differ from the defaults (shift_terminal None/0 is off, as in diffusers)
+        options = {k: True for k in (*spacings, "invert_sigmas", "stochastic_sampling") if cfg[k]}
+        if cfg["shift_terminal"]:
+            options["shift_terminal"] = float(cfg["shift_terminal"])
         return schedule, "euler", options
 
     schedule = FlowSchedule(shift=float(cfg["shift"]), num_train_timesteps=int(cfg["num_train_timesteps"]))

@@ -48,10 +48,12 @@ def make_betas(beta_schedule: str, num_train_timesteps: int, beta_start: float, 
     return _readonly(betas)
 
 
-def _linspace_float32(start: float, end: float, n: int) -> np.ndarray:
+def linspace_float32(start: float, end: float, n: int) -> np.ndarray:
     """``torch.linspace(start, end, n, dtype=float32)`` bit for bit: a float32 step, the first half fused-multiply-
     added from ``start`` and the second half from ``end`` (one rounding each, emulated in float64)."""
     start, end = np.float32(start), np.float32(end)
+    if n == 1:
+        return np.array([start], np.float32)
     step = np.float64((end - start) / np.float32(n - 1))
     i = np.arange(n)
     lo = (np.float64(start) + step * i).astype(np.float32)
@@ -68,9 +70,9 @@ def float32_alphas_cumprod(beta_schedule: str, num_train_timesteps: int, beta_st
     makes the diffusers-parity samplers agree with the diffusers loops to float32 rounding.
     """
     if beta_schedule == "linear":
-        betas = _linspace_float32(beta_start, beta_end, num_train_timesteps)
+        betas = linspace_float32(beta_start, beta_end, num_train_timesteps)
     elif beta_schedule == "scaled_linear":
-        betas = _linspace_float32(beta_start**0.5, beta_end**0.5, num_train_timesteps) ** 2
+        betas = linspace_float32(beta_start**0.5, beta_end**0.5, num_train_timesteps) ** 2
     else:
         betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end).astype(np.float32)
     alphas = (np.float32(1.0) - betas).astype(np.float64)

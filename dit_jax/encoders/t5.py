@@ -245,6 +245,7 @@ class T5Family(Family):
     display_name = "T5 encoder"
     config_class = T5Config
     module_class = T5Encoder
+    conversion = "dit_jax.convert.t5"
     presets = {}  # T5 presets are named by t5_preset(), apart from the diffusion-model presets
 
 

@@ -489,6 +489,7 @@ class VAEFamily(Family):
     display_name = "VAE"
     config_class = VAEConfig
     module_class = AutoencoderKL
+    conversion = "dit_jax.convert.vae"
 
 
 FAMILY = register(VAEFamily())

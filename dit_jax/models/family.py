@@ -11,6 +11,7 @@ Conditions are dicts of batch-leading arrays, one key per model input (DiT: ``{"
 ``input_size``, ``patch_size``, ``in_channels``, ``out_channels`` and ``learn_sigma``.
 """
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -19,6 +20,24 @@ import jax
 Condition = dict[str, Any]
 
 TASKS = ("class-to-image", "text-to-image")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSlot:
+    """One text encoder a text-to-image family reads prompts with.
+
+    ``name`` keys its features in ``Family.text_condition``; ``encoder``/``tokenizer`` are its components in a
+    diffusers pipeline folder; ``prompt`` says which prompt it reads (1: ``prompt``, 2: ``prompt_2``, 3: ``prompt_3``,
+    each falling back to ``prompt``); ``max_length`` is its token count (None: the pipeline's
+    ``max_sequence_length``); ``use_mask=False`` encodes without the padding mask (SD3, Flux).
+    """
+
+    name: str
+    encoder: str = "text_encoder"
+    tokenizer: str = "tokenizer"
+    prompt: int = 1
+    max_length: int | None = None
+    use_mask: bool = True
 
 
 class Family:
@@ -111,6 +130,45 @@ class Family:
     def max_sequence_length(self, config: Any) -> int:
         """Text-to-image families: the default number of text tokens."""
         raise ValueError(f"a {self.name!r} model takes no text")
+
+    def text_slots(self, config: Any) -> tuple[TextSlot, ...]:
+        """Text-to-image families: the text encoders the model reads prompts with (default: one T5 with masks)."""
+        return (TextSlot("t5"),)
+
+    def text_condition(
+        self, config: Any, features: Mapping[str, Mapping[str, Any]], max_sequence_length: int | None = None
+    ) -> Condition:
+        """Text-to-image families: the condition of encoded prompts. ``features[slot.name]`` holds the slot's
+        ``dit_jax.pipelines.TextEncoder.features`` (``hidden``, ``mask``; CLIP also ``penultimate``, ``pooled``,
+        ``text_embeds``), one row per prompt, for the slots that have an encoder; ``max_sequence_length`` is the
+        request's text length (for features a missing encoder leaves as zeros)."""
+        raise ValueError(f"a {self.name!r} model takes no text")
+
+    def scheduler_config_for(self, config: Any) -> Mapping[str, Any] | None:
+        """The diffusers scheduler config of the family's reference pipeline for this model (default:
+        ``scheduler_config``; e.g. Flux-schnell differs from Flux-dev)."""
+        return self.scheduler_config
+
+    def sampling_for(self, config: Any) -> Mapping[str, Any]:
+        """``num_inference_steps`` and ``guidance_scale`` of the reference pipeline for this model (default:
+        ``sampling``)."""
+        return self.sampling
+
+    def embedded_guidance(self, config: Any) -> bool:
+        """Whether the model takes the guidance scale as an input (guidance-distilled, e.g. Flux-dev) instead of
+        classifier-free guidance; the condition then carries ``"guidance"`` (B,)."""
+        return False
+
+    def true_cfg(self, config: Any) -> bool:
+        """Whether ``guidance_scale`` is never classifier-free guidance for this model (it is the embedded guidance
+        of guidance-distilled models, ignored by their undistilled siblings) and CFG runs only with
+        ``true_cfg_scale > 1`` and a negative prompt, as diffusers' ``FluxPipeline``."""
+        return False
+
+    def sampler_options(self, config: Any, num_steps: int, image_seq_len: int) -> dict[str, Any]:
+        """Options of ``dit_jax.diffusion.sample`` the family's reference pipeline sets for a request (e.g. Flux's
+        explicit sigmas and resolution-dependent shift); ``image_seq_len`` is the number of image tokens."""
+        return {}
 
     def learned_null_length(self, config: Any) -> int | None:
         """Text-to-image families: the token count of a learned null caption, or None if it has none."""

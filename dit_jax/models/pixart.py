@@ -396,6 +396,9 @@ class PixArtFamily(Family):
             return config.caption_length
         return 120 if config.micro_conditions else 300
 
+    def text_condition(self, config, features, max_sequence_length=None):
+        return {"caption": features["t5"]["hidden"], "caption_mask": features["t5"]["mask"]}
+
     def learned_null_length(self, config):
         return config.caption_length if config.learned_null_caption else None
 

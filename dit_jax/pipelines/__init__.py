@@ -1,7 +1,8 @@
 """End-to-end sampling: ``load(path)`` → a ``ClassConditionalPipeline`` (a class-conditional model + VAE + default
 sampler, e.g. DiT mirroring diffusers ``DiTPipeline``) or a ``TextToImagePipeline`` (a text-to-image model + VAE +
-T5 ``TextEncoder``, e.g. PixArt mirroring ``PixArtSigmaPipeline`` / ``PixArtAlphaPipeline``); the model's family
-says which. ``python -m dit_jax.sample`` is their command line."""
+one ``TextEncoder`` per text slot of its family: PixArt's T5 mirroring ``PixArtSigmaPipeline`` /
+``PixArtAlphaPipeline``, SD3's CLIP-L, CLIP-G and T5 mirroring ``StableDiffusion3Pipeline``, Flux's CLIP and T5
+mirroring ``FluxPipeline``); the model's family says which. ``python -m dit_jax.sample`` is their command line."""
 
 from typing import Any
 

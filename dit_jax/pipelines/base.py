@@ -74,6 +74,41 @@ def resize_and_crop(images: jax.Array, height: int, width: int) -> jax.Array:
     return rows[:, :, x0] * (1 - lx) + rows[:, :, x1] * lx
 
 
+def _layer_guided(
+    cond_model: Callable,
+    cond: Any,
+    null_cond: Any,
+    scale: jax.Array,
+    guidance_channels: int | None,
+    layers: tuple[int, ...],
+    layer_scale: float,
+    active_t: tuple[float, ...],
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """Classifier-free guidance plus skip-layer guidance (SD3.5, diffusers ``skip_guidance_layers``): on the model
+    timesteps in ``active_t`` the guided output also gets ``layer_scale · (cond − cond without layers)``, where the
+    second term runs the model on the conditional batch with the blocks ``layers`` skipped (the condition's
+    ``skip_layers``, read by the family's ``apply``). Off those steps the extra pass is not run (``lax.cond``)."""
+    active = jnp.asarray(active_t, jnp.float32)
+
+    def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
+        b, c = x.shape[0], x.shape[-1]
+        k = c if guidance_channels is None else guidance_channels
+        both = jax.tree.map(lambda u, v: jnp.concatenate([u, v.astype(u.dtype)], 0), cond, null_cond)
+        out = cond_model(jnp.concatenate([x, x], 0), jnp.concatenate([t, t], 0), both)
+        pair = out.reshape((2, b) + out.shape[1:])
+        cond_out, uncond_out = pair[0], pair[1]
+        g = uncond_out[..., :k] + scale * (cond_out[..., :k] - uncond_out[..., :k])
+        g = g if k == out.shape[-1] else jnp.concatenate([g, cond_out[..., k:]], axis=-1)
+
+        def with_skip() -> jax.Array:
+            skipped = cond_model(x, t, {**cond, "skip_layers": layers})
+            return (g + layer_scale * (cond_out - skipped)).astype(out.dtype)
+
+        return jax.lax.cond(jnp.any(t[0] == active), with_skip, lambda: g.astype(out.dtype))
+
+    return model_fn
+
+
 @dataclasses.dataclass(eq=False)
 class SamplingPipeline:
     """A diffusion model (config + params), its VAE (or None for pixel-space models) and the default sampler.
@@ -253,8 +288,20 @@ class SamplingPipeline:
         if self._progress is not None:
             self._progress(i, n)
 
-    def _sampler_fn(self, key: tuple, schedule, method, steps, options, guided, guidance_channels, progress: bool):
-        """The jitted sampler loop for one configuration (cached on the pipeline)."""
+    def _sampler_fn(
+        self,
+        key: tuple,
+        schedule,
+        method,
+        steps,
+        options,
+        guided,
+        guidance_channels,
+        progress: bool,
+        layer_guidance: tuple | None = None,
+    ):
+        """The jitted sampler loop for one configuration (cached on the pipeline). ``layer_guidance``: ``(skipped
+        layers, scale, model timesteps where it is on)`` of skip-layer guidance (see ``_layer_guided``)."""
         if key in self._compiled:
             return self._compiled[key]
         cfg, family = self.model_config, self.family
@@ -267,6 +314,18 @@ class SamplingPipeline:
                 out = family.apply(model, params, x, t, cond)
                 return out[..., :c] if keep_mean else out
 
+            if layer_guidance is not None and guided:
+                guided_fn = _layer_guided(cond_model, cond, null_cond, scale, guidance_channels, *layer_guidance)
+                return diffusion.sample(
+                    guided_fn,
+                    x,
+                    key=rng,
+                    schedule=schedule,
+                    method=method,
+                    num_steps=steps,
+                    progress=self._report if progress else None,
+                    **options,
+                )
             return diffusion.generate(
                 cond_model,
                 cond,
@@ -301,6 +360,7 @@ class SamplingPipeline:
         method: str,
         options: dict[str, Any],
         progress: Callable[[int, int], None] | None,
+        layer_guidance: tuple | None = None,
     ) -> jax.Array:
         """Run the sampler on the padded, sharded batch; ``cond``/``null_cond`` are batch-leading pytrees (padded
         with zeros unless already padded). Returns the padded final latents."""
@@ -317,9 +377,18 @@ class SamplingPipeline:
             guided,
             guidance_channels if guided else None,
             progress is not None,
+            layer_guidance if guided else None,
         )
         fn = self._sampler_fn(
-            cache_key, schedule, method, steps, options, guided, guidance_channels, progress is not None
+            cache_key,
+            schedule,
+            method,
+            steps,
+            options,
+            guided,
+            guidance_channels,
+            progress is not None,
+            layer_guidance if guided else None,
         )
         params = self._put("model", self.params)
         rng = jax.random.fold_in(key, 1)

@@ -1,5 +1,6 @@
-"""``load(path)``: a class-conditional (e.g. DiT) or text-to-image (e.g. PixArt) pipeline from a diffusers pipeline
-folder, a model directory, a PyTorch checkpoint or a training workdir, with its VAE, text encoder and default sampler.
+"""``load(path)``: a class-conditional (e.g. DiT) or text-to-image (e.g. PixArt, SD3, Flux) pipeline from a diffusers
+pipeline folder, a model directory, a PyTorch checkpoint or a training workdir, with its VAE, text encoders and default
+sampler.
 
 The pipeline kind, the default scheduler and settings, and the diffusers pipeline classes come from the model's
 family (``dit_jax.models.family``). Defaults per source (what the matching PyTorch tool does), e.g.:
@@ -7,7 +8,11 @@ family (``dit_jax.models.family``). Defaults per source (what the matching PyTor
                              picks the sampler (``DDIMScheduler`` → ddim, …); 50 steps and guidance 4.0
                              (``DiTPipeline.__call__``'s defaults). ``PixArtSigmaPipeline``/``PixArtAlphaPipeline``
                              folders add ``text_encoder/`` + ``tokenizer/`` (T5): 20 steps, guidance 4.5, 300 (Σ) or
-                             120 (α) caption tokens
+                             120 (α) caption tokens. Other text-to-image folders hold one encoder + tokenizer per
+                             text slot of the family (``StableDiffusion3Pipeline``: CLIP-L, CLIP-G, T5 in
+                             ``text_encoder{,_2,_3}``/``tokenizer{,_2,_3}``, T5 optional; ``FluxPipeline``: CLIP, T5)
+                             with the family's defaults (SD3: 28 steps, CFG 7, 256 T5 tokens; Flux: 28 steps,
+                             embedded guidance 3.5, 512 T5 tokens)
   model directory / torch    ``vae=`` is required for a latent model; the sampler is the DDIM scheduler that the
                              diffusers DiT converter writes (linear betas, ε, no clipping): 50 steps, guidance 4.0.
                              A PixArt also needs ``text_encoder=`` (a T5 folder or a pipeline folder) and gets the
@@ -21,6 +26,7 @@ the default sampler of any source.
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -142,16 +148,28 @@ def _pipeline_family(index: dict[str, Any]):
     return None, {}
 
 
+def _absent(index: dict[str, Any], part: str) -> bool:
+    """A component the pipeline was saved without (``"text_encoder_3": [null, null]``, e.g. SD3 without T5)."""
+    entry = index.get(part, ())
+    return isinstance(entry, (list, tuple)) and len(entry) > 0 and all(e is None for e in entry)
+
+
 def _pipeline_folder(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     index = _read_json(path / "model_index.json")
     name = index.get("_class_name")
     family, settings = _pipeline_family(index)
     text = family is not None and family.task == "text-to-image"
-    parts = (
-        ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-        if text
-        else ("transformer", "vae", "scheduler")
-    )
+    config, params = None, None
+    slots: tuple = ()
+    if text:
+        config, params = (
+            _from_torch(path / "transformer", overrides) if (path / "transformer").is_dir() else (None, None)
+        )
+        slots = tuple(family.text_slots(config)) if config is not None else ()
+    # the text components the folder holds (a slot saved as null is left out: the family decides without it)
+    present = [s for s in slots if not (_absent(index, s.encoder) and _absent(index, s.tokenizer))]
+    text_parts = tuple(p for s in present for p in (s.encoder, s.tokenizer))
+    parts = ("transformer", "vae", *text_parts, "scheduler") if text else ("transformer", "vae", "scheduler")
     for part in parts:
         if part not in index or not (path / part).is_dir():
             known = {n: f.task for f in families().values() for n in f.diffusers_pipelines}
@@ -165,12 +183,13 @@ def _pipeline_folder(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
                 + " folders"
             )
             raise ValueError(f"{path}: model_index.json ({name}) needs a {part!r} component in {path / part}; {kinds}")
-    config, params = _from_torch(path / "transformer", overrides)
+    if config is None:
+        config, params = _from_torch(path / "transformer", overrides)
     scheduler_config = read_scheduler_config(path / "scheduler")
     spec = dict(config=config, params=params, vae=path / "vae", scheduler_config=scheduler_config)
-    spec.update(family_of(config).sampling)
+    spec.update(family_of(config).sampling)  # the diffusers pipeline class's call defaults, whatever the model
     if text:
-        spec.update(settings, text_encoder=path)
+        spec.update(settings, text_folders={s.name: (path / s.encoder, path / s.tokenizer) for s in present})
     return spec
 
 
@@ -196,12 +215,71 @@ def _workdir(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def load_text_encoder(text_encoder: Any, *, max_length: int = 300, dtype: str = "float32") -> TextEncoder:
-    """A ``TextEncoder`` from a T5 folder (transformers, with its tokenizer), a diffusers pipeline folder
-    (``text_encoder/`` + ``tokenizer/``), a T5 model directory, or an already built ``TextEncoder``."""
+def load_text_encoder(
+    text_encoder: Any, *, max_length: int = 300, dtype: str = "float32", tokenizer: Any = None
+) -> TextEncoder:
+    """A ``TextEncoder`` from a T5 or CLIP folder (transformers, with its tokenizer or ``tokenizer=``), a diffusers
+    pipeline folder (``text_encoder/`` + ``tokenizer/``), a text-encoder model directory, or an already built
+    ``TextEncoder``."""
     if isinstance(text_encoder, TextEncoder):
         return text_encoder
-    return TextEncoder.from_pretrained(text_encoder, max_length=max_length, dtype=dtype)
+    return TextEncoder.from_pretrained(text_encoder, max_length=max_length, dtype=dtype, tokenizer=tokenizer)
+
+
+def _text_sources(
+    family: Any,
+    config: ModelConfig,
+    spec: dict[str, Any],
+    text_encoder: Any,
+    text_encoders: Mapping[str, Any] | None,
+    source: str,
+) -> dict[str, tuple[Any, Any]]:
+    """``{slot name: (encoder source, tokenizer folder or None)}``: the folder's own components, replaced by
+    ``text_encoder`` (one-slot families: a text-encoder folder or pipeline folder; others: a pipeline folder holding
+    the slots' components) and then by ``text_encoders`` (per slot)."""
+    slots = tuple(family.text_slots(config))
+    names = [s.name for s in slots]
+    sources: dict[str, tuple[Any, Any]] = dict(spec.get("text_folders") or {})
+    if text_encoder is not None:
+        if len(slots) == 1:
+            sources = {slots[0].name: (text_encoder, None)}
+        else:
+            folder = Path(text_encoder) if not isinstance(text_encoder, TextEncoder) else None
+            if folder is None or not folder.is_dir():
+                raise ValueError(
+                    f"text_encoder={text_encoder!r}: a {family.display_name} model reads prompts with {len(slots)} "
+                    f"text encoders {names}; pass a {family.display_name} pipeline folder or text_encoders="
+                    "{slot name: folder or TextEncoder}"
+                )
+            sources = {}
+            for slot in slots:
+                model_dir, tok_dir = folder / slot.encoder, folder / slot.tokenizer
+                if model_dir.is_dir() != tok_dir.is_dir():
+                    missing = tok_dir if model_dir.is_dir() else model_dir
+                    raise FileNotFoundError(f"text_encoder={str(folder)!r}: {missing} does not exist")
+                if model_dir.is_dir():
+                    sources[slot.name] = (model_dir, tok_dir)
+            if not sources:
+                parts = ", ".join(f"{s.encoder}/ + {s.tokenizer}/" for s in slots)
+                raise ValueError(f"text_encoder={str(folder)!r} holds none of the text components {parts}")
+    for name, value in (text_encoders or {}).items():
+        if name not in names:
+            raise ValueError(f"text_encoders: {name!r} is not a text slot of a {family.display_name} model: {names}")
+        sources[name] = (value, None)
+    if not sources:
+        if len(slots) == 1:
+            hint = (
+                f"pass text_encoder= (a T5 folder with its tokenizer, e.g. t5-v1_1-xxl, or a {family.display_name} "
+                f"pipeline folder with {slots[0].encoder}/ and {slots[0].tokenizer}/)"
+            )
+        else:
+            parts = ", ".join(f"{s.encoder}/ + {s.tokenizer}/" for s in slots)
+            hint = (
+                f"pass text_encoder= (a {family.display_name} pipeline folder with {parts}) or text_encoders="
+                f"{{slot: folder}} for the slots {names}"
+            )
+        raise ValueError(f"{source} is a text-to-image {family.display_name}: {hint}")
+    return sources
 
 
 def load(
@@ -211,6 +289,7 @@ def load(
     scheduler: Any = None,
     dtype: str = "float32",
     text_encoder: Any = None,
+    text_encoders: Mapping[str, Any] | None = None,
     text_dtype: str | None = None,
     max_sequence_length: int | None = None,
     **model_overrides: Any,
@@ -225,10 +304,14 @@ def load(
     latent models from a model directory or checkpoint, optional elsewhere (it replaces the pipeline's own).
     ``scheduler``: a diffusers scheduler config (dict, JSON file or folder) replacing the default sampler.
     ``dtype``: ``"float32"`` or ``"bfloat16"`` compute for the transformer and the VAE (params stay float32).
-    ``text_encoder`` (text-to-image): a T5 folder, a pipeline folder or a ``TextEncoder``; required for a model
-    directory or checkpoint, optional for a pipeline folder (it replaces the folder's own). ``text_dtype``: the T5's
-    compute dtype (default ``dtype``). ``max_sequence_length``: text tokens (default: the family's, e.g. PixArt-Σ 300,
-    α 120).
+    ``text_encoder`` (text-to-image): for one-encoder families (PixArt) a T5 folder, a pipeline folder or a
+    ``TextEncoder``; for families with several text encoders (SD3: CLIP-L, CLIP-G, T5; Flux: CLIP, T5) a pipeline
+    folder holding their components. ``text_encoders``: ``{slot name: folder or TextEncoder}`` per text slot of the
+    family (``family.text_slots``, e.g. ``{"t5": ...}``), replacing those of the other sources. Text encoders are
+    required for a model directory or checkpoint, optional for a pipeline folder (they replace the folder's own); a
+    pipeline folder saved without a component (SD3 without T5: ``text_encoder_3`` null) leaves that slot empty.
+    ``text_dtype``: the text encoders' compute dtype (default ``dtype``). ``max_sequence_length``: text tokens
+    (default: the family's, e.g. PixArt-Σ 300, α 120, SD3 256, Flux 512).
     ``model_overrides``: model config fields (e.g. ``attention_backend="xla"``, ``scan_blocks=True``; for torch
     checkpoints anything ``from_torch`` takes, e.g. ``num_heads=16``).
     """
@@ -259,7 +342,8 @@ def load(
             config, params = _from_torch(path, model_overrides)
         spec = dict(config=config, params=params, vae=None, needs_vae=None)
         if family_of(config).task:
-            spec.update(family_of(config).sampling, scheduler_config=dict(family_of(config).scheduler_config))
+            family = family_of(config)
+            spec.update(family.sampling_for(config), scheduler_config=dict(family.scheduler_config_for(config)))
 
     config = spec["config"]
     family = family_of(config)
@@ -274,10 +358,10 @@ def load(
             + " pipelines"
         )
     text = family.task == "text-to-image"
-    if not text and (text_encoder is not None or max_sequence_length is not None):
+    if not text and (text_encoder is not None or text_encoders is not None or max_sequence_length is not None):
         raise ValueError(
-            f"{source} is a class-conditional {family.display_name}: text_encoder= and max_sequence_length= do not "
-            "apply"
+            f"{source} is a class-conditional {family.display_name}: text_encoder(s)= and max_sequence_length= do "
+            "not apply"
         )
 
     # VAE: the argument wins over the source's own
@@ -293,18 +377,13 @@ def load(
     if vae_source is not None and spec.get("needs_vae") is False:
         raise ValueError(f"{source} is a pixel-space model (its run did not train on latents); vae= does not apply")
 
-    # text encoder: the argument wins over the pipeline folder's own
-    encoder = None
+    # text encoders: the arguments win over the pipeline folder's own
+    encoders: dict[str, TextEncoder] = {}
     if text:
         max_length = max_sequence_length or spec.get("max_sequence_length") or family.max_sequence_length(config)
-        text_source = text_encoder if text_encoder is not None else spec.get("text_encoder")
-        if text_source is None:
-            raise ValueError(
-                f"{source} is a text-to-image {family.display_name}: pass text_encoder= (a T5 folder with its "
-                f"tokenizer, e.g. t5-v1_1-xxl, or a {family.display_name} pipeline folder with text_encoder/ and "
-                "tokenizer/)"
-            )
-        encoder = load_text_encoder(text_source, max_length=max_length, dtype=text_dtype)
+        lengths = {s.name: s.max_length or max_length for s in family.text_slots(config)}
+        for name, (src, tok) in _text_sources(family, config, spec, text_encoder, text_encoders, source).items():
+            encoders[name] = load_text_encoder(src, max_length=lengths[name], dtype=text_dtype, tokenizer=tok)
 
     vae_config = vae_params = None
     if vae_source is not None:
@@ -335,5 +414,9 @@ def load(
         source=source,
     )
     if text:
-        common.update(text_encoder=encoder, max_sequence_length=max_length)
+        common.update(max_sequence_length=max_length)
+        if len(family.text_slots(config)) == 1:
+            common.update(text_encoder=next(iter(encoders.values())))
+        else:
+            common.update(text_encoders=encoders)
     return PIPELINES[family.task](**common)

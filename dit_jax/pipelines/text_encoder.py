@@ -1,7 +1,8 @@
-"""``TextEncoder``: captions → T5 features, with the tokenizer, the weights sharded over the local devices, and
-loading from transformers T5 folders, diffusers pipeline folders or model directories.
+"""``TextEncoder``: prompts → text features (T5 or CLIP), with the tokenizer, the weights sharded over the local
+devices, and loading from transformers folders, diffusers pipeline folders or model directories.
 
-The architecture is ``dit_jax.encoders.t5``; conversion of transformers weights is ``dit_jax.convert.t5``.
+The architectures are ``dit_jax.encoders.t5`` and ``dit_jax.encoders.clip``; conversion of transformers weights is
+``dit_jax.convert.t5`` / ``dit_jax.convert.clip``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,21 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from dit_jax.encoders.t5 import T5Config, T5Encoder
+from dit_jax.models import build
 from dit_jax.nn.layers import compute_dtype
 
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+
+
+TEXT_FAMILIES = ("t5", "clip")
+
+
+def _is_clip_folder(folder: Path) -> bool:
+    """A transformers CLIP text folder (its config.json says so), rather than a T5 one."""
+    from dit_jax.files import read_json
+
+    config = folder / "config.json"
+    return config.is_file() and "clip" in str(read_json(config).get("model_type", "")).lower()
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -53,12 +65,12 @@ def _local_mesh():
     return jax.sharding.Mesh(devices, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
 
 
-def _param_shardings(config: T5Config, params: Any, mesh, rules) -> Any:
+def _param_shardings(config: Any, params: Any, mesh, rules) -> Any:
     """Per-parameter ``NamedSharding`` from the logical names; an axis whose size the mesh does not divide stays
     replicated (e.g. a vocabulary of 32100)."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    abstract = jax.eval_shape(lambda k: T5Encoder(config).init(k, *config.dummy_inputs(1))["params"], jax.random.key(0))
+    abstract = jax.eval_shape(lambda k: build(config).init(k, *config.dummy_inputs(1))["params"], jax.random.key(0))
     specs = nn.get_partition_spec(abstract)
     mesh_specs = jax.tree.map(lambda s: nn.logical_to_mesh_axes(tuple(s), rules), specs,
                               is_leaf=lambda s: isinstance(s, PartitionSpec))  # fmt: skip
@@ -74,19 +86,25 @@ def _param_shardings(config: T5Config, params: Any, mesh, rules) -> Any:
     return jax.tree.map(fit, mesh_specs, params, is_leaf=lambda s: isinstance(s, PartitionSpec))
 
 
-class TextEncoder:
-    """Captions → ``(embeddings float32 (b, max_length, d_model), mask int32 (b, max_length))``: PixArt's T5 features.
+def _width(config: Any) -> int:
+    return getattr(config, "d_model", None) or config.hidden_size
 
-    PixArt semantics: captions are tokenized with the folder's tokenizer, truncated and padded to ``max_length``
-    (120 for PixArt-α, 300 for Σ), with the tokenizer's special tokens (T5: ``</s>`` at the end) and its attention
-    mask; padded positions keep the encoder's output. The encoder is jitted once for ``(batch_size, max_length)``
-    (calls are cut into and padded to that batch), with the batch and the weights sharded over the local devices.
-    This is exactly the ``text_encoder`` hook of ``dit_jax.data.precompute``.
+
+class TextEncoder:
+    """Captions → text features of a T5 or CLIP encoder, tokenized with the folder's tokenizer.
+
+    ``__call__(captions)`` gives ``(embeddings float32 (b, max_length, width), mask int32 (b, max_length))``, PixArt's
+    T5 features: captions truncated and padded to ``max_length`` (120 for PixArt-α, 300 for Σ) with the tokenizer's
+    special tokens (T5: ``</s>`` at the end) and its attention mask; padded positions keep the encoder's output (the
+    ``text_encoder`` hook of ``dit_jax.data.precompute``). ``features(captions)`` gives every output by name
+    (``hidden``, ``mask``; CLIP also ``penultimate``, ``pooled``, ``text_embeds``), with or without the padding mask
+    (SD3 and Flux encode without one). The encoder is jitted once per ``(batch_size, length)`` (calls are cut into
+    and padded to that batch), with the batch and the weights sharded over the local devices.
     """
 
     def __init__(
         self,
-        config: T5Config,
+        config: Any,
         params: Any,
         tokenizer: Any,
         *,
@@ -113,7 +131,7 @@ class TextEncoder:
         shardings = _param_shardings(config, params, self.mesh, self.rules)
         self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
         self.params = jax.device_put(params, shardings)
-        model = T5Encoder(config)
+        model = build(config)
         self._encode = jax.jit(
             lambda p, ids, mask: model.apply({"params": p}, ids, mask),
             in_shardings=(shardings, self.batch_sharding, self.batch_sharding),
@@ -131,8 +149,9 @@ class TextEncoder:
         param_dtype: str | None = None,
         tokenizer: str | os.PathLike | None = None,
     ) -> TextEncoder:
-        """Load a transformers T5 folder, a diffusers pipeline folder (``text_encoder/`` + ``tokenizer/``) or a
-        dit_jax model directory; the tokenizer comes from ``tokenizer`` or the folder (``AutoTokenizer``)."""
+        """Load a transformers T5 or CLIP text folder, a diffusers pipeline folder (``text_encoder/`` +
+        ``tokenizer/``) or a dit_jax model directory; the tokenizer comes from ``tokenizer`` or the folder
+        (``AutoTokenizer``)."""
         from transformers import AutoTokenizer
 
         path = Path(path)
@@ -141,8 +160,12 @@ class TextEncoder:
             from dit_jax.checkpoint import load_model
 
             config, params = load_model(model_dir)
-            if not isinstance(config, T5Config):
-                raise ValueError(f"{model_dir} holds a {config.family!r} model, not a T5 encoder")
+            if config.family not in TEXT_FAMILIES:
+                raise ValueError(f"{model_dir} holds a {config.family!r} model, not a text encoder {TEXT_FAMILIES}")
+        elif _is_clip_folder(model_dir):
+            from dit_jax.convert.clip import clip_from_torch
+
+            config, params = clip_from_torch(model_dir)
         else:
             from dit_jax.convert.t5 import t5_from_torch
 
@@ -170,8 +193,9 @@ class TextEncoder:
                              add_special_tokens=True, return_tensors="np")  # fmt: skip
         return out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)
 
-    def encode_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """Token ids and mask (b, L) → features (b, L, d_model) float32, in fixed-size sharded batches."""
+    def encode_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> Any:
+        """Token ids and mask (b, L) → the encoder's output in float32, in fixed-size sharded batches: T5 features
+        (b, L, d_model); CLIP a ``CLIPTextOutput``."""
         from dit_jax.parallel.rules import logical_rules
 
         ids, mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)
@@ -185,16 +209,41 @@ class TextEncoder:
             with jax.set_mesh(self.mesh), nn.logical_axis_rules(logical_rules(self.rules)):
                 out = self._encode(self.params, jax.device_put(chunk_ids, self.batch_sharding),
                                    jax.device_put(chunk_mask, self.batch_sharding))  # fmt: skip
-            outs.append(np.asarray(out)[: self.batch_size - pad])
+            keep = self.batch_size - pad
+            outs.append(jax.tree.map(lambda a, keep=keep: np.asarray(a)[:keep], out))
         if not outs:
-            return np.zeros((0, ids.shape[1] if ids.ndim == 2 else self.max_length, self.config.d_model), np.float32)
-        return np.concatenate(outs)
+            length = ids.shape[1] if ids.ndim == 2 else self.max_length
+            return np.zeros((0, length, _width(self.config)), np.float32)
+        return jax.tree.map(lambda *a: np.concatenate(a), *outs)
+
+    def features(
+        self, captions: Sequence[str], *, max_length: int | None = None, use_mask: bool = True
+    ) -> dict[str, np.ndarray]:
+        """Captions → ``{"hidden", "mask"}`` (T5) or ``{"hidden", "mask", "penultimate", "pooled", "text_embeds"}``
+        (CLIP; ``text_embeds`` with a projection), tokenized to ``max_length`` (default: the encoder's).
+        ``use_mask=False`` encodes without the padding mask (the pad tokens attend and are attended to), as SD3
+        and Flux do; ``mask`` is the tokenizer's either way."""
+        if isinstance(captions, str):
+            raise TypeError("captions: expected a list of strings, got one string")
+        length = self.max_length if max_length is None else int(max_length)
+        out = self.tokenizer(list(captions), max_length=length, padding="max_length", truncation=True,
+                             add_special_tokens=True, return_tensors="np")  # fmt: skip
+        ids, mask = out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)
+        enc = self.encode_ids(ids, mask if use_mask else np.ones_like(mask))
+        if isinstance(enc, np.ndarray):
+            return {"hidden": enc, "mask": mask}
+        feats = {"hidden": enc.last_hidden_state, "mask": mask, "penultimate": enc.penultimate}
+        feats["pooled"] = enc.pooler_output
+        if enc.text_embeds is not None:
+            feats["text_embeds"] = enc.text_embeds
+        return feats
 
     def __call__(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Captions → ``(embeddings float32 (b, max_length, d_model), mask int32 (b, max_length))``."""
         if not len(captions):
-            return np.zeros((0, self.max_length, self.config.d_model), np.float32), np.zeros(
+            return np.zeros((0, self.max_length, _width(self.config)), np.float32), np.zeros(
                 (0, self.max_length), np.int32
             )
         ids, mask = self.tokenize(captions)
-        return self.encode_ids(ids, mask), mask
+        enc = self.encode_ids(ids, mask)
+        return (enc if isinstance(enc, np.ndarray) else enc.last_hidden_state), mask

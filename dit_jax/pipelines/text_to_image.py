@@ -1,35 +1,51 @@
-"""Text-to-image sampling: prompts → T5 → sampler loop with classifier-free guidance → VAE decode.
+"""Text-to-image sampling: prompts → the family's text encoders → sampler loop with guidance → VAE decode.
 
-What the model takes (text width, micro-conditions, aspect-ratio bins, a learned null caption, token-grid multiples)
-comes from its family (``dit_jax.models.family``). For PixArt-α/Σ, ``TextToImagePipeline.__call__`` mirrors diffusers
-``PixArtSigmaPipeline``/``PixArtAlphaPipeline.__call__``:
-prompts are tokenized to ``max_sequence_length`` tokens (300 for Σ, 120 for α) and encoded with T5; guidance
-(``guidance_scale > 1``) runs the batch beside the encoded ``negative_prompt`` (default ``""``) with its own
-attention mask and guides all latent channels; a learned variance is dropped before the solver; micro-conditions
-``resolution = [h, w]`` and ``aspect_ratio = [h / w]`` go to models that have them (α-1024); with resolution
-binning the requested size is mapped to the closest aspect-ratio bin of diffusers' tables, sampled there, decoded
-and resized (bilinear) and centre-cropped back. The original PixArt behaviours are options: ``null_caption=
-"learned"`` (α's learned null caption ``y_embedding``, the unconditional branch reusing the prompt's mask),
-``guidance_channels=3`` (``forward_with_cfg``), and the original DPM-Solver (``method="dpmpp_2m",
-variant="dpm_solver"``). The batch is padded to a multiple of the device count and sharded; each (shape, method,
-steps, options) compiles once.
+What the model takes comes from its family (``dit_jax.models.family``): its text slots (which encoder reads which
+prompt, at which length, with or without the padding mask), how their features become the model's condition, text
+width, micro-conditions, aspect-ratio bins, a learned null caption, token-grid multiples, embedded guidance and the
+sampler options its reference pipeline sets per request. ``TextToImagePipeline.__call__`` mirrors diffusers:
+
+* PixArt-α/Σ (``PixArtSigmaPipeline``/``PixArtAlphaPipeline``): one T5 slot; prompts are tokenized to
+  ``max_sequence_length`` tokens (300 for Σ, 120 for α) and encoded with their mask; guidance (``guidance_scale >
+  1``) runs the batch beside the encoded ``negative_prompt`` (default ``""``) with its own mask and guides all
+  latent channels; micro-conditions ``resolution = [h, w]`` and ``aspect_ratio = [h / w]`` go to models that have
+  them (α-1024); with resolution binning the requested size is mapped to the closest aspect-ratio bin of diffusers'
+  tables, sampled there, decoded and resized (bilinear) and centre-cropped back. The original PixArt behaviours are
+  options: ``null_caption="learned"`` (α's learned null caption ``y_embedding``, the unconditional branch reusing the
+  prompt's mask), ``guidance_channels=3`` (``forward_with_cfg``), and the original DPM-Solver (``method="dpmpp_2m",
+  variant="dpm_solver"``).
+* SD3/SD3.5 (``StableDiffusion3Pipeline``): CLIP-L reads ``prompt``, CLIP-G ``prompt_2``, T5 ``prompt_3`` (each
+  falling back to ``prompt``; negatives likewise, default ``""``), without padding masks, T5 at
+  ``max_sequence_length`` (256); classifier-free guidance at ``guidance_scale`` (7.0); Euler on the shifted flow
+  sigmas; skip-layer guidance (SD3.5-medium) with ``skip_guidance_layers``.
+* Flux (``FluxPipeline``): CLIP reads ``prompt``, T5 ``prompt_2`` (512 tokens); a guidance-distilled model (dev)
+  takes ``guidance_scale`` as an input and runs no classifier-free guidance; true CFG only with ``true_cfg_scale > 1``
+  and a negative prompt; explicit sigmas ``linspace(1, 1/n, n)`` shifted by μ of the packed image token count.
+
+Latents are NHWC (B, h, w, C) at the VAE's resolution (Flux: unpacked; the model packs them). The batch is padded to
+a multiple of the device count and sharded; each (shape, method, steps, options) compiles once.
 
 Random latents come from ``jax.random`` (``seed``): pass ``latents=`` (NHWC) to compare with PyTorch.
 """
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dit_jax import diffusion
+from dit_jax.diffusion.schedules import FlowSchedule
 from dit_jax.pipelines.base import SamplingPipeline, as_key
 from dit_jax.pipelines.images import to_pil
 from dit_jax.pipelines.text_encoder import TextEncoder
 
 NULL_CAPTIONS = ("negative", "learned")
+PROMPT_NAMES = {1: "prompt", 2: "prompt_2", 3: "prompt_3"}
+# StableDiffusion3Pipeline's skip-layer guidance defaults (used when skip_guidance_layers is given)
+SKIP_LAYER_GUIDANCE = {"scale": 2.8, "start": 0.01, "stop": 0.2}
 
 
 def closest_bin(height: int, width: int, bins: Sequence[tuple[int, int]]) -> tuple[int, int]:
@@ -46,14 +62,36 @@ def _as_list(prompt: Any, name: str) -> list[str]:
     return items
 
 
+def _rows(tree: Mapping[str, Any]) -> int:
+    """The common leading (batch) size of a condition's arrays."""
+    sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in tree.items()}
+    if not sizes or None in sizes.values() or len(set(sizes.values())) != 1:
+        shapes = {k: np.shape(v) for k, v in tree.items()}
+        raise ValueError(f"a condition needs arrays with one common leading batch size, got shapes {shapes}")
+    return next(iter(sizes.values()))
+
+
+def _repeat_rows(tree: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """A one-row condition repeated to ``n`` rows (others unchanged)."""
+    if n > 1 and _rows(tree) == 1:
+        return {k: np.repeat(v, n, 0) for k, v in tree.items()}
+    return tree
+
+
 @dataclasses.dataclass(eq=False)
 class TextToImagePipeline(SamplingPipeline):
-    """A text-to-image model such as PixArt (config + params), its VAE, a T5 ``TextEncoder`` (or None: then pass
-    ``prompt_embeds``) and the default sampler settings (PixArt in diffusers: DPM-Solver++, 20 steps, guidance 4.5).
+    """A text-to-image model such as PixArt, SD3 or Flux (config + params), its VAE, its text encoders and the
+    default sampler settings (e.g. PixArt in diffusers: DPM-Solver++, 20 steps, guidance 4.5).
 
-    Build it with ``dit_jax.pipelines.load``. ``max_sequence_length``: caption tokens (PixArt: 300 for Σ, 120 for α).
-    ``aspect_ratio_bins``: (height, width) pixel sizes for resolution binning; None takes the family's table for the
-    model's sample size (PixArt: diffusers' tables for 32, 64, 128, 256), if there is one.
+    Build it with ``dit_jax.pipelines.load``. ``text_encoders`` maps the family's text slots (``family.text_slots``,
+    e.g. SD3: ``clip_l``, ``clip_g``, ``t5``) to ``TextEncoder``s; a missing slot is left to the family (SD3 without
+    T5: zero T5 features). One-slot families (PixArt) may pass ``text_encoder`` instead; with no encoder at all pass
+    ``prompt_embeds`` (one slot) or ``condition=``. ``max_sequence_length``: the text tokens of slots without their
+    own length (PixArt: 300 for Σ, 120 for α; SD3 256, Flux 512). ``aspect_ratio_bins``: (height, width) pixel sizes
+    for resolution binning; None takes the family's table for the model's sample size (PixArt), if there is one.
+    ``true_cfg``: whether ``guidance_scale`` is the embedded guidance and classifier-free guidance is
+    ``true_cfg_scale`` with a negative prompt, as in ``FluxPipeline``; None: so for guidance-distilled models and
+    for families that have guidance-distilled presets (Flux-schnell follows Flux-dev's pipeline).
     """
 
     task = "text-to-image"
@@ -62,38 +100,147 @@ class TextToImagePipeline(SamplingPipeline):
     text_encoder: TextEncoder | None = None
     max_sequence_length: int = 300
     aspect_ratio_bins: Sequence[tuple[int, int]] | None = None
+    text_encoders: Mapping[str, TextEncoder] | None = None
+    true_cfg: bool | None = None
 
     def _check_model(self) -> None:
         super()._check_model()
         if not isinstance(self.max_sequence_length, int) or self.max_sequence_length < 1:
             raise ValueError(f"max_sequence_length={self.max_sequence_length!r} must be a positive integer")
-        width = self.family.text_width(self.model_config)
-        if self.text_encoder is not None and self.text_encoder.config.d_model != width:
-            raise ValueError(
-                f"the text encoder gives {self.text_encoder.config.d_model}-wide features but the model takes "
-                f"{width}-wide captions ({self.source})"
-            )
+        cfg, family = self.model_config, self.family
+        slots = tuple(family.text_slots(cfg))
+        names = [s.name for s in slots]
+        if self.text_encoder is not None and self.text_encoders is not None:
+            raise ValueError("give text_encoder (one-slot families) or text_encoders (by slot name), not both")
+        if self.text_encoder is not None:
+            if len(slots) != 1:
+                raise ValueError(
+                    f"a {family.display_name} model reads prompts with {len(slots)} text encoders {names}: pass "
+                    "text_encoders={slot name: TextEncoder} instead of text_encoder="
+                )
+            encoders = {slots[0].name: self.text_encoder}
+        else:
+            encoders = dict(self.text_encoders or {})
+        unknown = sorted(set(encoders) - set(names))
+        if unknown:
+            raise ValueError(f"text_encoders {unknown} are not text slots of a {family.display_name} model: {names}")
+        for name, enc in encoders.items():
+            if not isinstance(enc, TextEncoder):
+                raise TypeError(f"text_encoders[{name!r}] must be a TextEncoder, got {type(enc).__name__}")
+        if len(slots) == 1 and slots[0].name in encoders:
+            enc_config = encoders[slots[0].name].config
+            got = getattr(enc_config, "d_model", None) or enc_config.hidden_size
+            width = family.text_width(cfg)
+            if got != width:
+                raise ValueError(
+                    f"the text encoder gives {got}-wide features but the model takes {width}-wide captions "
+                    f"({self.source})"
+                )
+        self._slots = slots
+        self._encoders = encoders
 
     # ---- text --------------------------------------------------------------------------------------------------
+
+    @property
+    def slots(self) -> tuple:
+        """The family's text slots (``TextSlot``: name, components, prompt, length, mask)."""
+        return self._slots
+
+    @property
+    def encoders(self) -> dict[str, TextEncoder]:
+        """The text encoders by slot name (a slot may have none)."""
+        return dict(self._encoders)
+
+    @property
+    def uses_true_cfg(self) -> bool:
+        """Whether ``guidance_scale`` is the embedded guidance and classifier-free guidance ``true_cfg_scale`` with
+        a negative prompt (``FluxPipeline``), rather than classifier-free guidance at ``guidance_scale``."""
+        if self.family.embedded_guidance(self.model_config):
+            return True
+        if self.true_cfg is not None:
+            return bool(self.true_cfg)
+        return self.family.true_cfg(self.model_config)
+
+    def _one_slot(self, what: str):
+        if len(self._slots) != 1:
+            raise ValueError(
+                f"{what} applies to one-encoder models; a {self.family.display_name} model reads "
+                f"{[s.name for s in self._slots]}: pass condition= (e.g. from text_condition(...)) instead"
+            )
+        return self._slots[0]
+
+    def _length(self, max_sequence_length: int | None) -> int:
+        length = self.max_sequence_length if max_sequence_length is None else max_sequence_length
+        if not isinstance(length, (int, np.integer)) or isinstance(length, bool) or length < 1:
+            raise ValueError(f"max_sequence_length={max_sequence_length!r} must be a positive integer")
+        return int(length)
 
     def encode_prompt(
         self, prompt: str | Sequence[str], max_sequence_length: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Prompts → ``(embeddings float32 (B, L, C), attention mask int32 (B, L))``: T5 features of the prompts
-        tokenized, truncated and padded to ``L = max_sequence_length`` (default: the pipeline's)."""
+        """One-encoder models (PixArt): prompts → ``(embeddings float32 (B, L, C), attention mask int32 (B, L))``,
+        the features of the prompts tokenized, truncated and padded to ``L = max_sequence_length`` (default: the
+        pipeline's). Several encoders: use ``text_condition``."""
         prompts = _as_list(prompt, "prompt")
-        if self.text_encoder is None:
+        slot = self._one_slot("encode_prompt")
+        encoder = self._encoders.get(slot.name)
+        if encoder is None:
             raise ValueError(
                 f"{self.source or 'this pipeline'} has no text encoder: pass prompt_embeds= and "
                 "prompt_attention_mask= (or load it with text_encoder=)"
             )
-        length = self.max_sequence_length if max_sequence_length is None else int(max_sequence_length)
-        if length < 1:
-            raise ValueError(f"max_sequence_length={max_sequence_length!r} must be a positive integer")
-        tokens = self.text_encoder.tokenizer(prompts, max_length=length, padding="max_length", truncation=True,
-                                             add_special_tokens=True, return_tensors="np")  # fmt: skip
-        ids, mask = tokens["input_ids"].astype(np.int32), tokens["attention_mask"].astype(np.int32)
-        return self.text_encoder.encode_ids(ids, mask), mask
+        length = slot.max_length or self._length(max_sequence_length)
+        feats = encoder.features(prompts, max_length=length, use_mask=slot.use_mask)
+        return feats["hidden"], feats["mask"]
+
+    def text_condition(
+        self,
+        prompt: str | Sequence[str],
+        prompt_2: str | Sequence[str] | None = None,
+        prompt_3: str | Sequence[str] | None = None,
+        *,
+        max_sequence_length: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Prompts → the model's text condition, one row per prompt (e.g. SD3 ``{"context", "pooled"}``): each slot
+        encodes its prompt (``prompt_2``/``prompt_3`` default to ``prompt``; a single string or one-entry list is
+        used for every prompt) and ``family.text_condition`` joins the features."""
+        given = {1: _as_list(prompt, "prompt")}
+        n = len(given[1])
+        for k, p in ((2, prompt_2), (3, prompt_3)):
+            items = given[1] if p is None else _as_list(p, PROMPT_NAMES[k])
+            if len(items) not in (1, n):
+                raise ValueError(f"{PROMPT_NAMES[k]} has {len(items)} entries for {n} prompts")
+            given[k] = items * n if len(items) == 1 and n > 1 else items
+        if not self._encoders:
+            hint = (
+                "pass prompt_embeds= and prompt_attention_mask= (or load it with text_encoder=)"
+                if len(self._slots) == 1
+                else "pass condition= (or load it with text_encoders=)"
+            )
+            raise ValueError(f"{self.source or 'this pipeline'} has no text encoder: {hint}")
+        length = self._length(max_sequence_length)
+        features = {}
+        for slot in self._slots:
+            encoder = self._encoders.get(slot.name)
+            if encoder is not None:
+                prompts = given.get(slot.prompt, given[1])
+                features[slot.name] = encoder.features(
+                    prompts, max_length=slot.max_length or length, use_mask=slot.use_mask
+                )
+        return self._join(features, length)
+
+    def _join(self, features: dict[str, dict[str, np.ndarray]], length: int) -> dict[str, np.ndarray]:
+        """``family.text_condition`` of the slots' features, as float32/int32 numpy arrays."""
+        try:
+            cond = self.family.text_condition(self.model_config, features, max_sequence_length=length)
+        except KeyError as e:
+            missing = [s for s in self._slots if s.name not in features]
+            raise ValueError(
+                f"{self.source or 'this pipeline'}: the {self.family.display_name} model needs text features {e} "
+                f"that no text encoder gives (slots without an encoder: "
+                f"{[f'{s.name} ({s.encoder})' for s in missing]})"
+            ) from None
+        return {k: np.asarray(v) for k, v in cond.items()}
 
     def _check_embeds(self, embeds: Any, mask: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
         if mask is None:
@@ -105,6 +252,18 @@ class TextToImagePipeline(SamplingPipeline):
         if mask.shape != embeds.shape[:2]:
             raise ValueError(f"{name}_attention_mask must be {embeds.shape[:2]} (B, L), got shape {mask.shape}")
         return embeds, mask.astype(np.int32)
+
+    def _check_condition(self, condition: Any, name: str) -> dict[str, np.ndarray]:
+        if not isinstance(condition, Mapping) or not condition:
+            raise ValueError(f"{name} must be a non-empty dict of the model's text inputs, got {type(condition)}")
+        cond = {k: np.asarray(v) for k, v in condition.items()}
+        _rows(cond)
+        specs = self.family.condition_specs(self.model_config, 1)
+        for k, v in cond.items():
+            spec = specs.get(k)
+            if spec is not None and (v.ndim != len(spec.shape) or (v.ndim >= 2 and v.shape[-1] != spec.shape[-1])):
+                raise ValueError(f"{name}[{k!r}] must be {('B',) + tuple(spec.shape[1:])}-shaped, got {v.shape}")
+        return cond
 
     # ---- sizes ---------------------------------------------------------------------------------------------------
 
@@ -165,29 +324,89 @@ class TextToImagePipeline(SamplingPipeline):
         f = self.vae_scale_factor
         return self._noise(batch_size, (h // f, w // f, self.model_config.in_channels), seed)
 
-    def _captions(
+    # ---- sampler options per request -----------------------------------------------------------------------------
+
+    def _reference_method(self) -> str | None:
+        """The sampler of the family's reference pipeline (whose per-request options the family gives)."""
+        config = self.family.scheduler_config
+        if config is None:
+            return self.method
+        return diffusion.from_diffusers_scheduler_config(dict(config))[1]
+
+    def request_options(
+        self, num_inference_steps: int | None, method: str | None, size: tuple[int, int], options: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Sampler options of one request at the sampled ``size`` (H, W) pixels: ``family.sampler_options`` (e.g.
+        Flux's explicit sigmas and image token count) when the request uses the family's reference sampler, the
+        image token count ``image_seq_len`` for a flow schedule with a dynamic shift, then ``options`` (they win)."""
+        steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
+        schedule, resolved, _ = self.sampler_settings(method)
+        f, p = self.vae_scale_factor, self.model_config.patch_size
+        seq = (size[0] // f // p) * (size[1] // f // p)
+        out: dict[str, Any] = {}
+        valid_steps = isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and steps > 0
+        if valid_steps and resolved == self._reference_method():
+            out.update(self.family.sampler_options(self.model_config, int(steps), seq))
+        if isinstance(schedule, FlowSchedule) and schedule.dynamic_shift is not None:
+            out.setdefault("image_seq_len", seq)
+        user = dict(options)
+        if user.get("mu") is not None:  # μ given: no image token count beside it
+            out.pop("image_seq_len", None)
+        if user.get("timesteps") is not None:  # explicit timesteps replace the family's sigmas
+            out.pop("sigmas", None)
+        return {**out, **user}
+
+    def trajectory(
         self,
-        prompt: Any,
-        negative_prompt: Any,
+        num_inference_steps: int | None = None,
+        method: str | None = None,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        use_resolution_binning: bool | None = None,
+        **options: Any,
+    ):
+        """The sampler's trajectory (timesteps, model calls) of a request at ``height`` × ``width`` (default: the
+        model's size), with the per-request options (``request_options``), resolved on the host."""
+        size, _ = self.image_size(height, width, use_resolution_binning)
+        options = self.request_options(num_inference_steps, method, size, options)
+        return super().trajectory(num_inference_steps, method, **options)
+
+    plan = trajectory
+
+    # ---- conditions ----------------------------------------------------------------------------------------------
+
+    def _conditions(
+        self,
+        prompts: dict[int, Any],
+        negatives: dict[int, Any],
         prompt_embeds: Any,
         prompt_attention_mask: Any,
         negative_prompt_embeds: Any,
         negative_prompt_attention_mask: Any,
+        condition: Any,
+        negative_condition: Any,
         max_sequence_length: int | None,
         null_caption: str | None,
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """``(cond, null)`` caption inputs of the model (one row per prompt); ``null`` is empty without guidance."""
+        """``(cond, null)`` text inputs of the model (one row per prompt); ``null`` is empty without guidance."""
         cfg, family = self.model_config, self.family
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError(
-                "pass prompt or prompt_embeds, not both" if prompt is not None else "pass prompt or prompt_embeds"
-            )
-        if prompt is not None:
-            emb, mask = self.encode_prompt(prompt, max_sequence_length)
-        else:
+        given = [x is not None for x in (prompts[1], prompt_embeds, condition)]
+        if sum(given) > 1:
+            raise ValueError("pass prompt or prompt_embeds, not both (or a precomputed condition= alone)")
+        if not any(given):
+            raise ValueError("pass prompt or prompt_embeds (or a precomputed condition=)")
+        length = self._length(max_sequence_length)
+        if prompts[1] is not None:
+            cond = self.text_condition(prompts[1], prompts[2], prompts[3], max_sequence_length=length)
+        elif prompt_embeds is not None:
+            slot = self._one_slot("prompt_embeds")
             emb, mask = self._check_embeds(prompt_embeds, prompt_attention_mask, "prompt")
-        n, length = len(emb), emb.shape[1]
-        cond = {"caption": emb, "caption_mask": mask}
+            length = emb.shape[1]
+            cond = self._join({slot.name: {"hidden": emb, "mask": mask}}, length)
+        else:
+            cond = self._check_condition(condition, "condition")
+        n = _rows(cond)
         null: dict[str, Any] = {}
         if null_caption == "learned":
             null_length = family.learned_null_length(cfg)
@@ -196,41 +415,101 @@ class TextToImagePipeline(SamplingPipeline):
                     f"null_caption='learned': {self.source or 'this model'} has no learned null caption (y_embedding; "
                     "original PixArt-α checkpoints have it, diffusers folders do not)"
                 )
-            if negative_prompt_embeds is not None or negative_prompt != "":
+            if negative_prompt_embeds is not None or negative_condition is not None or negatives[1] not in (None, ""):
                 raise ValueError("negative_prompt/negative_prompt_embeds do not apply with null_caption='learned'")
-            if length != null_length:
+            tokens = max((np.shape(v)[1] for v in cond.values() if np.ndim(v) >= 2), default=None)
+            if tokens != null_length:
                 raise ValueError(
                     f"null_caption='learned' needs captions of {null_length} tokens (the learned null caption's "
-                    f"length), got {length}: use max_sequence_length={null_length}"
+                    f"length), got {tokens}: use max_sequence_length={null_length}"
                 )
             cond["drop"] = np.zeros(n, bool)
-            null = {"caption": emb, "caption_mask": mask, "drop": np.ones(n, bool)}
+            null = {**cond, "drop": np.ones(n, bool)}
         elif null_caption == "negative":
-            if negative_prompt_embeds is not None:
+            if negative_condition is not None:
+                null = self._check_condition(negative_condition, "negative_condition")
+            elif negative_prompt_embeds is not None:
+                slot = self._one_slot("negative_prompt_embeds")
                 neg, neg_mask = self._check_embeds(
                     negative_prompt_embeds, negative_prompt_attention_mask, "negative_prompt"
                 )
+                if len(neg) not in (1, n) or neg.shape[1] != length:
+                    raise ValueError(
+                        f"negative_prompt_embeds of shape {neg.shape} do not match prompt_embeds "
+                        f"{(n, length, neg.shape[-1])}"
+                    )
+                null = self._join({slot.name: {"hidden": neg, "mask": neg_mask}}, length)
             else:
-                negatives = _as_list(negative_prompt, "negative_prompt")
-                if len(negatives) not in (1, n):
-                    raise ValueError(f"negative_prompt has {len(negatives)} entries for {n} prompts")
-                neg, neg_mask = self.encode_prompt(negatives, length)
-            if len(neg) == 1 and n > 1:
-                neg, neg_mask = np.repeat(neg, n, 0), np.repeat(neg_mask, n, 0)
-            if neg.shape != emb.shape:
-                raise ValueError(f"negative_prompt_embeds of shape {neg.shape} do not match prompt_embeds {emb.shape}")
-            null = {"caption": neg, "caption_mask": neg_mask}
+                first = "" if negatives[1] is None else negatives[1]
+                lists = {1: _as_list(first, "negative_prompt")}
+                for k in (2, 3):
+                    lists[k] = (
+                        lists[1] if negatives[k] is None else _as_list(negatives[k], f"negative_{PROMPT_NAMES[k]}")
+                    )
+                for k, items in lists.items():
+                    if len(items) not in (1, n):
+                        name = "negative_prompt" if k == 1 else f"negative_{PROMPT_NAMES[k]}"
+                        raise ValueError(f"{name} has {len(items)} entries for {n} prompts")
+                rows = max(len(v) for v in lists.values())
+                lists = {k: v * rows if len(v) == 1 else v for k, v in lists.items()}
+                null = self.text_condition(lists[1], lists[2], lists[3], max_sequence_length=length)
+            null = _repeat_rows(null, n)
+            for k in sorted(set(cond) | set(null)):
+                if k not in cond or k not in null or np.shape(null[k]) != np.shape(cond[k]):
+                    raise ValueError(
+                        f"the negative condition's {k!r} has shape {np.shape(null.get(k))} but the prompt's has "
+                        f"{np.shape(cond.get(k))}"
+                    )
         return cond, null
 
     # ---- sampling ------------------------------------------------------------------------------------------------
+
+    def _layer_guidance(
+        self,
+        layers: Any,
+        scale: float | None,
+        start: float | None,
+        stop: float | None,
+        steps: int,
+        schedule,
+        method: str,
+        options: dict[str, Any],
+    ) -> tuple | None:
+        """``(layers, scale, model timesteps where it is on)`` of skip-layer guidance, as ``StableDiffusion3Pipeline``
+        (on at steps i with start·n < i < stop·n), or None."""
+        if layers is None:
+            if any(v is not None for v in (scale, start, stop)):
+                raise ValueError("skip_layer_guidance_scale/start/stop need skip_guidance_layers")
+            return None
+        try:
+            layers = tuple(sorted({int(i) for i in layers}))
+        except (TypeError, ValueError):
+            raise ValueError(f"skip_guidance_layers={layers!r} must be a list of block indices") from None
+        if not layers:
+            return None
+        scale = SKIP_LAYER_GUIDANCE["scale"] if scale is None else float(scale)
+        start = SKIP_LAYER_GUIDANCE["start"] if start is None else float(start)
+        stop = SKIP_LAYER_GUIDANCE["stop"] if stop is None else float(stop)
+        traj = diffusion.make_trajectory(schedule, method, steps, **options)
+        if traj.num_model_calls != steps:
+            raise ValueError(f"skip-layer guidance needs a sampler with one model call per step; {method!r} makes "
+                             f"{traj.num_model_calls} calls for {steps} steps")  # fmt: skip
+        model_t = np.asarray(traj.model_t, np.float32)
+        active = tuple(float(model_t[i]) for i in range(steps) if start * steps < i < stop * steps)
+        return (layers, scale, active) if active else None
 
     def __call__(
         self,
         prompt: str | Sequence[str] | None = None,
         *,
-        negative_prompt: str | Sequence[str] = "",
+        prompt_2: str | Sequence[str] | None = None,
+        prompt_3: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        negative_prompt_2: str | Sequence[str] | None = None,
+        negative_prompt_3: str | Sequence[str] | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        true_cfg_scale: float = 1.0,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
@@ -243,30 +522,41 @@ class TextToImagePipeline(SamplingPipeline):
         prompt_attention_mask: Any = None,
         negative_prompt_embeds: Any = None,
         negative_prompt_attention_mask: Any = None,
+        condition: Mapping[str, Any] | None = None,
+        negative_condition: Mapping[str, Any] | None = None,
         use_resolution_binning: bool | None = None,
         null_caption: str = "negative",
         guidance_channels: int | None = None,
+        skip_guidance_layers: Sequence[int] | None = None,
+        skip_layer_guidance_scale: float | None = None,
+        skip_layer_guidance_start: float | None = None,
+        skip_layer_guidance_stop: float | None = None,
         progress: Callable[[int, int], None] | None = None,
         **sampler_options: Any,
     ) -> np.ndarray | list:
         """Sample ``num_images_per_prompt`` images per prompt: (B, H, W, 3) floats in [0, 1] (``"np"``), PIL images
         (``"pil"``) or the final latents (B, h, w, C) at the sampled (binned) size (``"latent"``).
 
-        Give ``prompt`` or ``prompt_embeds`` + ``prompt_attention_mask`` (e.g. from ``encode_prompt``). Guidance uses
-        ``negative_prompt`` (or ``negative_prompt_embeds`` + mask) with its own mask, as diffusers;
+        Give ``prompt`` (with ``prompt_2``/``prompt_3`` for the family's second and third text encoders; they default
+        to ``prompt``), or for one-encoder models ``prompt_embeds`` + ``prompt_attention_mask`` (e.g. from
+        ``encode_prompt``), or ``condition`` (the model's text inputs, e.g. from ``text_condition``).
+        Guidance: classifier-free at ``guidance_scale > 1`` against ``negative_prompt`` (default ``""``; ``_2``/``_3``
+        default to it) or ``negative_prompt_embeds`` + mask or ``negative_condition`` (PixArt, SD3). Models and
+        families with embedded guidance (Flux) take ``guidance_scale`` as an input (when the model has one) and run
+        classifier-free guidance only at ``true_cfg_scale > 1`` with a negative prompt, as ``FluxPipeline``.
         ``null_caption="learned"`` uses the model's learned null caption with the prompt's mask (original PixArt-α).
+        ``skip_guidance_layers`` (SD3.5-medium: [7, 8, 9]) adds skip-layer guidance while guided, with
+        ``skip_layer_guidance_scale`` (2.8) between ``skip_layer_guidance_start`` (0.01) and ``_stop`` (0.2) of the
+        steps, as ``StableDiffusion3Pipeline``.
         ``latents``: initial noise (B, h, w, C) NHWC at the sampled size, else drawn from ``seed``.
-        ``sampler_options`` go to ``dit_jax.diffusion.sample`` (e.g. ``variant="dpm_solver"``, ``eta=``).
+        ``sampler_options`` go to ``dit_jax.diffusion.sample`` (e.g. ``variant="dpm_solver"``, ``eta=``); they win
+        over the family's per-request options (``request_options``).
         """
-        cfg = self.model_config
+        cfg, family = self.model_config, self.family
         if null_caption not in NULL_CAPTIONS:
             raise ValueError(f"null_caption={null_caption!r} is invalid: expected one of {NULL_CAPTIONS}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be a positive integer")
-        steps, scale, schedule, method, options = self._call_settings(
-            output_type, num_inference_steps, guidance_scale, method, guidance_channels, sampler_options
-        )
-        guided = scale > 1.0
         c = cfg.in_channels
 
         # sizes first: a bad size fails before the text encoder runs
@@ -278,28 +568,66 @@ class TextToImagePipeline(SamplingPipeline):
             height = lat.shape[1] * f if height is None else height
             width = lat.shape[2] * f if width is None else width
         (h, w), out_size = self.image_size(height, width, use_resolution_binning)
+        options = self.request_options(num_inference_steps, method, (h, w), sampler_options)
+        steps, scale, schedule, method, options = self._call_settings(
+            output_type, num_inference_steps, guidance_scale, method, guidance_channels, options
+        )
+        embedded = family.embedded_guidance(cfg)
+        if self.uses_true_cfg:
+            cfg_scale = float(true_cfg_scale)
+            has_negative = any(x is not None for x in (negative_prompt, negative_prompt_embeds, negative_condition))
+            guided = cfg_scale > 1.0 and has_negative
+        else:
+            if true_cfg_scale != 1.0:
+                raise ValueError(
+                    f"true_cfg_scale applies to models with embedded guidance; a {family.display_name} model's "
+                    "classifier-free guidance is guidance_scale"
+                )
+            cfg_scale, guided = scale, scale > 1.0
+        layer_guidance = self._layer_guidance(
+            skip_guidance_layers,
+            skip_layer_guidance_scale,
+            skip_layer_guidance_start,
+            skip_layer_guidance_stop,
+            steps,
+            schedule,
+            method,
+            options,
+        )
+        if layer_guidance is not None and cfg.scan_blocks:
+            raise ValueError(
+                "skip_guidance_layers needs the loop layout (scan_blocks=False): load the pipeline with "
+                "scan_blocks=False"
+            )
 
-        cond, null = self._captions(
-            prompt,
-            negative_prompt,
+        cond, null = self._conditions(
+            {1: prompt, 2: prompt_2, 3: prompt_3},
+            {1: negative_prompt, 2: negative_prompt_2, 3: negative_prompt_3},
             prompt_embeds,
             prompt_attention_mask,
             negative_prompt_embeds,
             negative_prompt_attention_mask,
+            condition,
+            negative_condition,
             max_sequence_length,
             null_caption if guided else None,
         )
-        n = len(cond["caption"])
+        n = _rows(cond)
+        if embedded:  # the guidance scale is a model input (guidance distillation)
+            cond["guidance"] = np.full((n,), scale, np.float32)
+            if guided:
+                null["guidance"] = cond["guidance"]
         k = num_images_per_prompt
-        cond, null = (jax.tree.map(lambda a: np.repeat(a, k, 0), d) for d in (cond, null))
+        cond, null = ({key: np.repeat(v, k, 0) for key, v in d.items()} for d in (cond, null))
         b = n * k
-        size_cond = self.family.size_condition(cfg, h, w, b)  # the sampled (binned) size
+        size_cond = family.size_condition(cfg, h, w, b)  # the sampled (binned) size
         cond.update(size_cond)
         null.update(size_cond if guided else {})
-        # padded rows keep every caption token, so no attention row is fully masked
+        # padded rows keep every text token, so no attention row is fully masked
         for d in (cond, null):
-            if "caption_mask" in d:
-                d["caption_mask"] = np.asarray(self._pad(d["caption_mask"], 1))
+            for key in d:
+                if key.endswith("mask"):
+                    d[key] = np.asarray(self._pad(d[key], 1))
 
         key = as_key(seed)
         f = self.vae_scale_factor
@@ -313,7 +641,19 @@ class TextToImagePipeline(SamplingPipeline):
                 f"{latents.shape}"
             )
         x0 = self._sample(
-            cond, null, latents, key, steps, scale, guided, guidance_channels, schedule, method, options, progress
+            cond,
+            null,
+            latents,
+            key,
+            steps,
+            cfg_scale,
+            guided,
+            guidance_channels,
+            schedule,
+            method,
+            options,
+            progress,
+            layer_guidance,
         )
         if output_type == "latent":
             return np.asarray(x0)[:b]
