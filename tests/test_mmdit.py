@@ -382,8 +382,9 @@ def test_family_protocol(wide):
             return variables, a, kw
 
     variables, passed, kw = family.apply(Recorder(), params, batch["x"], t, cond)
-    assert list(variables) == ["params"] and variables["params"] is params and kw == {}
+    assert list(variables) == ["params"] and variables["params"] is params and kw == {"skip_layers": None}
     assert all(a is b for a, b in zip(passed, (batch["x"], t, context, pooled)))
+    assert family.apply(Recorder(), params, batch["x"], t, {**cond, "skip_layers": (1,)})[2] == {"skip_layers": (1,)}
     dropped = family.drop_condition(config, cond, np.array([True, False]))
     assert np.all(np.asarray(dropped["context"][0]) == 0) and np.all(np.asarray(dropped["pooled"][0]) == 0)
     np.testing.assert_array_equal(dropped["context"][1], context[1])
