@@ -21,6 +21,7 @@ import numpy as np
 
 from dit_jax.convert import io
 from dit_jax.convert.api import expected_shapes
+from dit_jax.convert.common import TextEncoderConversion
 from dit_jax.convert.rules import ConversionError, Rule, bias, dense, export, import_, linear, norm, rule
 from dit_jax.encoders.clip import CLIPTextConfig
 from dit_jax.files import atomic_path, read_json
@@ -259,38 +260,21 @@ DIFFUSERS_CLASS = "CLIPTextModel"
 TORCH_WRAP: dict[str, str] = {}
 
 
-def detect(keys) -> str | None:
-    """``"diffusers"`` (transformers keys) for a CLIPTextModel state dict, else None."""
-    return "diffusers" if any(k.endswith("embeddings.token_embedding.weight") for k in keys) else None
-
-
-def is_diffusers_config(d: Mapping[str, Any]) -> bool:
-    return d.get("model_type") in MODEL_TYPES
-
-
-def claims_folder(path: Path) -> bool:
-    """A transformers folder of this encoder (or a pipeline folder whose ``text_encoder/`` is one)."""
-    return io.transformers_model_type(path) in MODEL_TYPES
-
-
-def import_path(path: Path, **overrides: Any):
-    return clip_from_torch(path, **overrides)
-
-
-def import_checkpoint(state_dict, transformers_config, fmt: str, source: str, **overrides: Any):
-    if transformers_config:
-        projection = _PROJECTION in state_dict
-        config = config_from_transformers(transformers_config, projection=projection, **overrides)
-        return clip_from_torch(state_dict, config=config)
-    return clip_from_torch(state_dict, **overrides)
-
-
-def export_checkpoint(config, params, fmt: str) -> dict[str, np.ndarray]:
-    return clip_to_torch(config, params)
-
-
-def write_folder(path: Path, config, params, *, overwrite: bool = False) -> Path:
-    return write_clip_folder(path, config, params, overwrite=overwrite)
-
-
+_API = TextEncoderConversion(
+    model_types=MODEL_TYPES,
+    marker="embeddings.token_embedding.weight",
+    from_torch=clip_from_torch,
+    to_torch=clip_to_torch,
+    config_from=lambda d, state_dict, **overrides: config_from_transformers(
+        d, projection=_PROJECTION in state_dict, **overrides
+    ),
+    write=write_clip_folder,
+)
+detect = _API.detect
+is_diffusers_config = _API.is_diffusers_config
+claims_folder = _API.claims_folder
+import_path = _API.import_path
+import_checkpoint = _API.import_checkpoint
+export_checkpoint = _API.export_checkpoint
+write_folder = _API.write_folder
 diffusers_config = config_to_transformers

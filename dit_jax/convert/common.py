@@ -18,12 +18,14 @@ Both families follow the same layout where they overlap (patch embedding, self-a
 those rules, the diffusers ``config.json`` fields they read and write alike, and the stored ``pos_embed`` live here.
 """
 
+import dataclasses
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dit_jax.convert import infer
+from dit_jax.convert import infer, io
 from dit_jax.convert.rules import ConversionError, Rule, bias, conv, dense, linear, stacked_dense
 from dit_jax.nn.embeddings import sincos_pos_embed
 
@@ -188,3 +190,45 @@ def diffusers_config(config: Any, class_name: str, *, norm_type: str, norm_eps: 
         **_DIFFUSERS_FIXED,
         **extra,
     }
+
+
+# ---- text encoders: one transformers layout, the same glue to the interface above ------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderConversion:
+    """The interface above for a transformers text encoder (T5, CLIP): one key layout, which both of ``api``'s
+    format names mean; folders are claimed by their ``config.json`` ``model_type``. A module binds the methods to its
+    module-level names (``detect = _API.detect`` …)."""
+
+    model_types: tuple[str, ...]
+    marker: str  # a key suffix only this encoder's state dicts have
+    from_torch: Callable[..., Any]  # (path or state dict, config=None, **overrides) -> (config, params)
+    to_torch: Callable[[Any, Any], dict]  # (config, params) -> state dict
+    config_from: Callable[..., Any]  # (config.json dict, state dict, **overrides) -> config
+    write: Callable[..., Path]  # (path, config, params, overwrite=) -> path
+
+    def detect(self, keys) -> str | None:
+        """``"diffusers"`` (transformers keys) when the state dict is this encoder's, else None."""
+        return "diffusers" if any(k.endswith(self.marker) for k in keys) else None
+
+    def is_diffusers_config(self, d: Mapping[str, Any]) -> bool:
+        return d.get("model_type") in self.model_types
+
+    def claims_folder(self, path: Path) -> bool:
+        """A transformers folder of this encoder (or a pipeline folder whose ``text_encoder/`` is one)."""
+        return io.transformers_model_type(path) in self.model_types
+
+    def import_path(self, path: Path, **overrides: Any):
+        return self.from_torch(path, **overrides)
+
+    def import_checkpoint(self, state_dict, transformers_config, fmt: str, source: str, **overrides: Any):
+        if transformers_config:
+            return self.from_torch(state_dict, config=self.config_from(transformers_config, state_dict, **overrides))
+        return self.from_torch(state_dict, **overrides)
+
+    def export_checkpoint(self, config, params, fmt: str) -> dict:
+        return self.to_torch(config, params)
+
+    def write_folder(self, path: Path, config, params, *, overwrite: bool = False) -> Path:
+        return self.write(path, config, params, overwrite=overwrite)

@@ -22,6 +22,7 @@ import numpy as np
 
 from dit_jax.convert import io
 from dit_jax.convert.api import expected_shapes
+from dit_jax.convert.common import TextEncoderConversion
 from dit_jax.convert.rules import ConversionError, Rule, export, import_, linear, rule
 from dit_jax.encoders.t5 import T5Config
 from dit_jax.files import read_json
@@ -199,38 +200,21 @@ DIFFUSERS_CLASS = "T5EncoderModel"
 TORCH_WRAP: dict[str, str] = {}
 
 
-def detect(keys) -> str | None:
-    """``"diffusers"`` (transformers keys) for a T5EncoderModel state dict, else None."""
-    return "diffusers" if any(k.endswith("encoder.block.0.layer.0.SelfAttention.q.weight") for k in keys) else None
-
-
-def is_diffusers_config(d: Mapping[str, Any]) -> bool:
-    return d.get("model_type") in MODEL_TYPES
-
-
-def claims_folder(path: Path) -> bool:
-    """A transformers folder of this encoder (or a pipeline folder whose ``text_encoder/`` is one)."""
-    return io.transformers_model_type(path) in MODEL_TYPES
-
-
-def import_path(path: Path, **overrides: Any):
-    return t5_from_torch(path, **overrides)
-
-
-def import_checkpoint(state_dict, transformers_config, fmt: str, source: str, **overrides: Any):
-    if transformers_config:
-        return t5_from_torch(state_dict, config=config_from_transformers(transformers_config, **overrides))
-    return t5_from_torch(state_dict, **overrides)
-
-
-def export_checkpoint(config, params, fmt: str) -> dict[str, np.ndarray]:
-    return t5_to_torch(config, params)
-
-
-def write_folder(path: Path, config, params, *, overwrite: bool = False) -> Path:
-    return io.write_transformers_folder(
+_API = TextEncoderConversion(
+    model_types=MODEL_TYPES,
+    marker="encoder.block.0.layer.0.SelfAttention.q.weight",
+    from_torch=t5_from_torch,
+    to_torch=t5_to_torch,
+    config_from=lambda d, state_dict, **overrides: config_from_transformers(d, **overrides),
+    write=lambda path, config, params, overwrite=False: io.write_transformers_folder(
         path, config_to_transformers(config), t5_to_torch(config, params), overwrite=overwrite
-    )
-
-
+    ),
+)
+detect = _API.detect
+is_diffusers_config = _API.is_diffusers_config
+claims_folder = _API.claims_folder
+import_path = _API.import_path
+import_checkpoint = _API.import_checkpoint
+export_checkpoint = _API.export_checkpoint
+write_folder = _API.write_folder
 diffusers_config = config_to_transformers
