@@ -39,6 +39,7 @@ from dit_jax.files import read_json as _read_json
 from dit_jax.models import ModelConfig, check_params, families, family_of, set_scan
 from dit_jax.nn.layers import canonical_dtype
 from dit_jax.pipelines.class_conditional import ClassConditionalPipeline
+from dit_jax.pipelines.prompts import text_sources
 from dit_jax.pipelines.text_encoder import TextEncoder
 from dit_jax.pipelines.text_to_image import TextToImagePipeline
 
@@ -226,62 +227,6 @@ def load_text_encoder(
     return TextEncoder.from_pretrained(text_encoder, max_length=max_length, dtype=dtype, tokenizer=tokenizer)
 
 
-def _text_sources(
-    family: Any,
-    config: ModelConfig,
-    spec: dict[str, Any],
-    text_encoder: Any,
-    text_encoders: Mapping[str, Any] | None,
-    source: str,
-) -> dict[str, tuple[Any, Any]]:
-    """``{slot name: (encoder source, tokenizer folder or None)}``: the folder's own components, replaced by
-    ``text_encoder`` (one-slot families: a text-encoder folder or pipeline folder; others: a pipeline folder holding
-    the slots' components) and then by ``text_encoders`` (per slot)."""
-    slots = tuple(family.text_slots(config))
-    names = [s.name for s in slots]
-    sources: dict[str, tuple[Any, Any]] = dict(spec.get("text_folders") or {})
-    if text_encoder is not None:
-        if len(slots) == 1:
-            sources = {slots[0].name: (text_encoder, None)}
-        else:
-            folder = Path(text_encoder) if not isinstance(text_encoder, TextEncoder) else None
-            if folder is None or not folder.is_dir():
-                raise ValueError(
-                    f"text_encoder={text_encoder!r}: a {family.display_name} model reads prompts with {len(slots)} "
-                    f"text encoders {names}; pass a {family.display_name} pipeline folder or text_encoders="
-                    "{slot name: folder or TextEncoder}"
-                )
-            sources = {}
-            for slot in slots:
-                model_dir, tok_dir = folder / slot.encoder, folder / slot.tokenizer
-                if model_dir.is_dir() != tok_dir.is_dir():
-                    missing = tok_dir if model_dir.is_dir() else model_dir
-                    raise FileNotFoundError(f"text_encoder={str(folder)!r}: {missing} does not exist")
-                if model_dir.is_dir():
-                    sources[slot.name] = (model_dir, tok_dir)
-            if not sources:
-                parts = ", ".join(f"{s.encoder}/ + {s.tokenizer}/" for s in slots)
-                raise ValueError(f"text_encoder={str(folder)!r} holds none of the text components {parts}")
-    for name, value in (text_encoders or {}).items():
-        if name not in names:
-            raise ValueError(f"text_encoders: {name!r} is not a text slot of a {family.display_name} model: {names}")
-        sources[name] = (value, None)
-    if not sources:
-        if len(slots) == 1:
-            hint = (
-                f"pass text_encoder= (a T5 folder with its tokenizer, e.g. t5-v1_1-xxl, or a {family.display_name} "
-                f"pipeline folder with {slots[0].encoder}/ and {slots[0].tokenizer}/)"
-            )
-        else:
-            parts = ", ".join(f"{s.encoder}/ + {s.tokenizer}/" for s in slots)
-            hint = (
-                f"pass text_encoder= (a {family.display_name} pipeline folder with {parts}) or text_encoders="
-                f"{{slot: folder}} for the slots {names}"
-            )
-        raise ValueError(f"{source} is a text-to-image {family.display_name}: {hint}")
-    return sources
-
-
 def load(
     path: str | os.PathLike,
     *,
@@ -382,7 +327,9 @@ def load(
     if text:
         max_length = max_sequence_length or spec.get("max_sequence_length") or family.max_sequence_length(config)
         lengths = {s.name: s.max_length or max_length for s in family.text_slots(config)}
-        for name, (src, tok) in _text_sources(family, config, spec, text_encoder, text_encoders, source).items():
+        for name, (src, tok) in text_sources(
+            family, config, spec.get("text_folders"), text_encoder, text_encoders, source
+        ).items():
             encoders[name] = load_text_encoder(src, max_length=lengths[name], dtype=text_dtype, tokenizer=tok)
 
     vae_config = vae_params = None

@@ -40,10 +40,11 @@ from dit_jax import diffusion
 from dit_jax.diffusion.schedules import FlowSchedule
 from dit_jax.pipelines.base import SamplingPipeline, as_key
 from dit_jax.pipelines.images import to_pil
+from dit_jax.pipelines.prompts import PROMPT_NAMES, PromptEncoder
+from dit_jax.pipelines.prompts import as_prompt_list as _as_list
 from dit_jax.pipelines.text_encoder import TextEncoder
 
 NULL_CAPTIONS = ("negative", "learned")
-PROMPT_NAMES = {1: "prompt", 2: "prompt_2", 3: "prompt_3"}
 # StableDiffusion3Pipeline's skip-layer guidance defaults (used when skip_guidance_layers is given)
 SKIP_LAYER_GUIDANCE = {"scale": 2.8, "start": 0.01, "stop": 0.2}
 
@@ -53,13 +54,6 @@ def closest_bin(height: int, width: int, bins: Sequence[tuple[int, int]]) -> tup
     smaller ratio), as ``PixArtImageProcessor.classify_height_width_bin``."""
     ratio = height / width
     return min(bins, key=lambda hw: abs(round(hw[0] / hw[1], 2) - ratio))
-
-
-def _as_list(prompt: Any, name: str) -> list[str]:
-    items = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not items or not all(isinstance(p, str) for p in items):
-        raise ValueError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
-    return items
 
 
 def _rows(tree: Mapping[str, Any]) -> int:
@@ -121,23 +115,8 @@ class TextToImagePipeline(SamplingPipeline):
             encoders = {slots[0].name: self.text_encoder}
         else:
             encoders = dict(self.text_encoders or {})
-        unknown = sorted(set(encoders) - set(names))
-        if unknown:
-            raise ValueError(f"text_encoders {unknown} are not text slots of a {family.display_name} model: {names}")
-        for name, enc in encoders.items():
-            if not isinstance(enc, TextEncoder):
-                raise TypeError(f"text_encoders[{name!r}] must be a TextEncoder, got {type(enc).__name__}")
-        if len(slots) == 1 and slots[0].name in encoders:
-            enc_config = encoders[slots[0].name].config
-            got = getattr(enc_config, "d_model", None) or enc_config.hidden_size
-            width = family.text_width(cfg)
-            if got != width:
-                raise ValueError(
-                    f"the text encoder gives {got}-wide features but the model takes {width}-wide captions "
-                    f"({self.source})"
-                )
-        self._slots = slots
-        self._encoders = encoders
+        self._prompts = PromptEncoder(cfg, encoders, max_sequence_length=self.max_sequence_length, source=self.source)
+        self._slots, self._encoders = self._prompts.slots, self._prompts.encoders
 
     # ---- text --------------------------------------------------------------------------------------------------
 
@@ -204,43 +183,11 @@ class TextToImagePipeline(SamplingPipeline):
         """Prompts → the model's text condition, one row per prompt (e.g. SD3 ``{"context", "pooled"}``): each slot
         encodes its prompt (``prompt_2``/``prompt_3`` default to ``prompt``; a single string or one-entry list is
         used for every prompt) and ``family.text_condition`` joins the features."""
-        given = {1: _as_list(prompt, "prompt")}
-        n = len(given[1])
-        for k, p in ((2, prompt_2), (3, prompt_3)):
-            items = given[1] if p is None else _as_list(p, PROMPT_NAMES[k])
-            if len(items) not in (1, n):
-                raise ValueError(f"{PROMPT_NAMES[k]} has {len(items)} entries for {n} prompts")
-            given[k] = items * n if len(items) == 1 and n > 1 else items
-        if not self._encoders:
-            hint = (
-                "pass prompt_embeds= and prompt_attention_mask= (or load it with text_encoder=)"
-                if len(self._slots) == 1
-                else "pass condition= (or load it with text_encoders=)"
-            )
-            raise ValueError(f"{self.source or 'this pipeline'} has no text encoder: {hint}")
-        length = self._length(max_sequence_length)
-        features = {}
-        for slot in self._slots:
-            encoder = self._encoders.get(slot.name)
-            if encoder is not None:
-                prompts = given.get(slot.prompt, given[1])
-                features[slot.name] = encoder.features(
-                    prompts, max_length=slot.max_length or length, use_mask=slot.use_mask
-                )
-        return self._join(features, length)
+        return self._prompts.text_condition(prompt, prompt_2, prompt_3, max_sequence_length=max_sequence_length)
 
     def _join(self, features: dict[str, dict[str, np.ndarray]], length: int) -> dict[str, np.ndarray]:
-        """``family.text_condition`` of the slots' features, as float32/int32 numpy arrays."""
-        try:
-            cond = self.family.text_condition(self.model_config, features, max_sequence_length=length)
-        except KeyError as e:
-            missing = [s for s in self._slots if s.name not in features]
-            raise ValueError(
-                f"{self.source or 'this pipeline'}: the {self.family.display_name} model needs text features {e} "
-                f"that no text encoder gives (slots without an encoder: "
-                f"{[f'{s.name} ({s.encoder})' for s in missing]})"
-            ) from None
-        return {k: np.asarray(v) for k, v in cond.items()}
+        """``family.text_condition`` of the slots' features, as numpy arrays."""
+        return self._prompts.join(features, length)
 
     def _check_embeds(self, embeds: Any, mask: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
         if mask is None:

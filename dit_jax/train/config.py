@@ -45,6 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.ema_decay = 0.9999
     c.ema_warmup = False  # decay min(ema_decay, (1+s)/(10+s)): useful for short runs
     c.cfg_dropout_prob = ml_collections.config_dict.placeholder(float)  # None: the model's class/caption dropout
+    # constant model inputs of every training example that the data does not carry, e.g. FLUX.1-dev's embedded
+    # guidance: dict(guidance=3.5) (a batch's own values win)
+    c.condition_inputs = ml_collections.ConfigDict()
     c.log_every = 50
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
@@ -86,7 +89,7 @@ def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 def _merge(base: ml_collections.ConfigDict, update: ml_collections.ConfigDict) -> None:
     for key, value in update.items():
         if isinstance(value, ml_collections.ConfigDict) and isinstance(base.get(key), ml_collections.ConfigDict):
-            if key in ("model", "data", "diffusion"):  # replaced as a whole: their keys depend on the choice
+            if key in ("model", "data", "diffusion", "condition_inputs"):  # replaced as a whole: their keys depend on the choice
                 base[key] = value
             else:
                 _merge(base[key], value)
@@ -138,6 +141,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise _bad("model", dict(config.model), "a 'name' key naming a preset (see dit_jax.models.list_presets())")
     if "name" not in config.data:
         raise _bad("data", dict(config.data), "a 'name' key naming a data source")
+    for key, value in dict(config.get("condition_inputs") or {}).items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _bad(f"condition_inputs.{key}", value, "a number (one value for every training example)")
     if config.init_from.get("workdir") and config.init_from.get("model_dir"):
         raise _bad("init_from", dict(config.init_from), "at most one of workdir and model_dir")
 

@@ -59,6 +59,7 @@ def prepare(config: ml_collections.ConfigDict, devices: list | None = None) -> S
             ema_warmup=bool(config.ema_warmup),
             accum_steps=config.grad_accum_steps,
             cond_dropout_prob=cond_dropout_prob(config.cfg_dropout_prob, model_config),
+            condition_inputs=tuple(sorted((str(k), float(v)) for k, v in dict(config.condition_inputs).items())),
         )
         if config.batch_size % jax.process_count():
             raise ValueError(

@@ -35,6 +35,7 @@ class StepConfig:
     accum_steps: int = 1
     cond_dropout_prob: float = 0.0
     example_order: tuple[int, ...] | None = None  # stream index of each global batch position; None: identity
+    condition_inputs: tuple[tuple[str, float], ...] = ()  # constant per-example model inputs the batch lacks
 
 
 def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
@@ -77,6 +78,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], cfg: StepConfig) 
         drop = None
 
     def loss(params, mb, mdrop, mkeys):
+        rows = mb["x"].shape[0]
+        mb = {**{k: jnp.full((rows,), v, jnp.float32) for k, v in cfg.condition_inputs}, **mb}
         model_fn = conditioned_model_fn(model, cfg.model_config, params, mb, mdrop, objective=cfg.objective)
         per_example, aux = cfg.loss_fn(model_fn, mb["x"], mkeys)
         return jnp.mean(per_example), _mean_aux(aux)

@@ -1,0 +1,56 @@
+"""FLUX.1-dev full fine-tuning with rectified flow on precomputed Flux-VAE latents and CLIP-L + T5 features.
+
+Recipe: rectified flow with a velocity target, σ drawn logit-normal (mean 0, std 1) and shifted by the resolution-
+dependent shift FLUX.1-dev samples with (μ linear in the packed image token count: 0.5 at 256 tokens, 1.15 at 4096);
+the guidance-distilled model gets its embedded guidance 3.5 as a constant input (`condition_inputs`, diffusers'
+DreamBooth Flux default); AdamW lr 1e-5, betas (0.9, 0.999), eps 1e-8, weight decay 1e-4, 500 warm-up steps,
+gradient clipping at norm 1.0, EMA 0.9999; no caption dropout (the model runs no classifier-free guidance); bf16
+compute with fp32 params, scanned blocks with full remat; 1024 px with aspect-ratio buckets.
+
+Data (once; images + .txt captions → Flux-VAE latents + FluxPipeline.encode_prompt's 512 T5 tokens (width 4096) and
+the CLIP-L pooled vector (768), float16 on disk):
+  python -m dit_jax.data.precompute --source data/images --out data/flux_1024_latents --image-size 1024 --buckets \
+      --vae models/FLUX.1-dev --text-encoder models/FLUX.1-dev --model FLUX.1-dev --dtype float16
+Command:
+  python -m dit_jax.train --config configs/flux_dev_finetune.py --workdir runs/flux_dev_finetune \
+      --config.init_from.model_dir=models/flux1_dev   # from `python -m dit_jax.convert flux1-dev.safetensors ...`
+Hardware: 11.9B parameters with fp32 params, two AdamW moments and the EMA are 190 GB of state, so full fine-tuning
+needs a pod slice with FSDP: `python -m dit_jax.plan --config configs/flux_dev_finetune.py --topology v4-64
+--config.mesh.fsdp=32` compiles the step for the slice from a CPU host and reports the memory per chip (BENCHMARKS.md
+records the slices that fit).
+Expected time and result (not measured here; estimates): one 1024 px step costs 3 × 74.4 TFLOPs per image (analytic,
+4,096 image + 512 text tokens; full remat adds one more forward), so 5K steps at batch 32 ≈ 3.6e19 model FLOPs, about
+3.2 h on a TPU v4-64 (32 chips) at 35% MFU. Fine-tuning quality depends on the data.
+"""
+
+from dit_jax.train.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model = dict(name="FLUX.1-dev", dtype="bfloat16", scan_blocks=True, remat="full")
+    c.objective = "flow"
+    c.diffusion = dict(dynamic_shift=True, weighting="logit_normal", logit_mean=0.0, logit_std=1.0)
+    c.condition_inputs = dict(guidance=3.5)  # the embedded guidance of every training example
+    c.data = dict(name="latents", path="data/flux_1024_latents", random_flip=False)
+    c.init_from.model_dir = "models/flux1_dev"
+    c.optimizer.name = "adamw"
+    c.optimizer.lr = 1e-5
+    c.optimizer.b1, c.optimizer.b2, c.optimizer.eps = 0.9, 0.999, 1e-8
+    c.optimizer.weight_decay = 1e-4
+    c.optimizer.warmup_steps = 500
+    c.optimizer.grad_clip = 1.0
+    c.batch_size = 32
+    c.total_steps = 5_000
+    c.ema_decay = 0.9999
+    c.cfg_dropout_prob = 0.0
+    c.log_every = 50
+    c.checkpoint_every = 500
+    c.sample_every = 1_000
+    c.sample.method = "euler"  # FluxPipeline's FlowMatchEulerDiscreteScheduler
+    c.sample.num_steps = 28
+    c.sample.guidance_scale = 3.5  # the embedded guidance of the grids (no classifier-free guidance)
+    c.sample.per_class = 2
+    c.sample.num_classes = 2
+    c.mesh = dict(data=-1, fsdp=32, tensor=1)
+    return c
