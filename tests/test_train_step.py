@@ -57,7 +57,9 @@ def data(seed=0, n=BATCH, captions=False):
     return batch
 
 
-def run_steps(mesh_shape, devices, batches, *, model=None, optimizer="adamw", objective="flow", accum=1):
+def run_steps(
+    mesh_shape, devices, batches, *, model=None, optimizer="adamw", objective="flow", accum=1, condition_inputs=()
+):
     """Train len(batches) steps from the same init; returns (host state, list of host metrics)."""
     model = model or tiny_dit()
     mesh = create_mesh(mesh_shape, devices=devices)
@@ -75,6 +77,7 @@ def run_steps(mesh_shape, devices, batches, *, model=None, optimizer="adamw", ob
         ema_decay=0.9,
         accum_steps=accum,
         cond_dropout_prob=0.3,
+        condition_inputs=condition_inputs,
     )
     with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules()):
         _, shardings = state_shardings(model, tx, mesh)
@@ -266,3 +269,21 @@ def test_mmdit_families_train_sharded_like_single_device(family):
         np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5, atol=1e-5)
     assert m1[1]["loss"] != m1[0]["loss"] and np.isfinite(m1[1]["grad_norm"])
     assert_trees_close(single.params, sharded.params)
+
+
+def test_condition_inputs_fill_a_constant_model_input():
+    """``config.condition_inputs`` (Flux-dev's embedded guidance in fine-tuning) gives every example the constant
+    input: the same training as a batch carrying that column, and not the family's default."""
+    from dit_jax.models.flux import FluxConfig
+
+    model = FluxConfig(input_size=8, in_channels=4, out_channels=4, hidden_size=32, num_heads=2, depth=1,
+                       depth_single=1, context_dim=16, pooled_dim=12, axes_dims=(4, 6, 6))  # fmt: skip
+    plain = [_text_batch(k, 16, 12) for k in range(3)]  # zero-initialised modulations: vec matters from step 3
+    carried = [dict(b, guidance=np.full((BATCH,), 3.5, np.float32)) for b in plain]
+    one = jax.devices()[:1]
+    filled, mf, _ = run_steps(dict(data=1), one, plain, model=model, condition_inputs=(("guidance", 3.5),))
+    given, mg, _ = run_steps(dict(data=1), one, carried, model=model)
+    default, md, _ = run_steps(dict(data=1), one, plain, model=model)
+    assert_trees_close(filled.params, given.params, atol=0)
+    assert [m["loss"] for m in mf] == [m["loss"] for m in mg]
+    assert mf[2]["loss"] != md[2]["loss"]  # the default guidance input is 1.0

@@ -6,6 +6,8 @@ The result is a grain `IterDataset` (a `DataPipeline`) of dicts of numpy arrays,
   y             int32   (b,)          class label (class-conditional sources)
   caption       float32 (b, L, C)     precomputed caption embedding (latents made with a text encoder)
   caption_mask  int32   (b, L)        its mask
+  <condition>   float32/int32 (b, …) a text-to-image model's text condition, by name (latents made with `--model`,
+                                    e.g. SD3/Flux `context` (b, L, C) and `pooled` (b, P))
   caption_text  str     (b,)          caption text (image + .txt folders; embed it with precompute to train)
 Order: a global shuffle from `seed` (a different permutation every epoch), repeated forever, then process i of
 n takes elements i, i + n, ... (`jax.process_index()/process_count()`, or `shard_index/shard_count`), so the

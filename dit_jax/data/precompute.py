@@ -2,7 +2,8 @@
 
     python -m dit_jax.data.precompute --source /data/images | tfds:imagenet2012 --out /data/latents256 \\
         --vae /models/sd-vae-ft-ema --image-size 256 [--batch-size 64] [--flip both] [--buckets] \\
-        [--text-encoder /models/pixart_sigma_sdxlvae_T5_diffusers --max-length 300]
+        [--text-encoder /models/pixart_sigma_sdxlvae_T5_diffusers --max-length 300] \\
+        [--text-encoder /models/stable-diffusion-3.5-medium --model SD3.5-medium] [--text-encoders t5=/models/t5 ...]
 
 Images get the same ADM centre crop as training (or, with `--buckets`, the closest aspect-ratio bucket of base
 `--image-size`), are encoded with the Flax VAE with each batch sharded over all local devices, and the posterior
@@ -14,7 +15,11 @@ and redoes only missing or partial ones. With several processes (jax.distributed
 i, i + n, ...; `manifest.json` is written last. Unreadable images are counted and skipped.
 With `--text-encoder` (a T5 folder with its tokenizer, or a diffusers pipeline folder with text_encoder/ and
 tokenizer/; a 'folder' source of image + .txt pairs), each caption's T5 features and mask, padded to `--max-length`
-tokens, are stored beside the latents (`dit_jax.pipelines.TextEncoder`).
+tokens, are stored beside the latents (`dit_jax.pipelines.TextEncoder`). With `--model` (a preset name such as
+SD3.5-medium or FLUX.1-dev, or a dit_jax model directory), each caption's text condition of that model is stored
+instead, encoded by every text encoder of its family (`dit_jax.pipelines.PromptEncoder`: SD3's CLIP-L, CLIP-G and
+T5, Flux's CLIP and T5) exactly as its pipeline encodes prompts; `--text-encoder` is then the model's diffusers
+pipeline folder (text_encoder*/ + tokenizer*/) and `--text-encoders SLOT=DIR` replaces single encoders.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,7 +48,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TextEncoder = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
+# captions → (T5 features, mask), or → a model's text condition {name: array} (a `PromptEncoder`)
+TextEncoder = Callable[[list[str]], tuple[np.ndarray, np.ndarray] | dict[str, np.ndarray]]
 # settings that change the content of the records: a rerun into the same directory must match them
 _CONTENT_KEYS = (
     "source", "split", "image_size", "flip", "dtype", "store_logvar", "buckets", "shard_size", "limit", "vae",
@@ -244,10 +250,11 @@ def _content_settings(
     shard_size: int,
     limit: int | None,
     text_encoder_name: str | None,
+    text_condition: bool = False,
 ) -> dict[str, Any]:
     """The manifest's `config`: what shapes the records (`_CONTENT_KEYS`) and what the source holds.
 
-    `text_encoder_name` is None without a text encoder."""
+    `text_encoder_name` is None without a text encoder; `text_condition`: it gives a model's text condition."""
     return {
         "source": {k: v for k, v in source_config.items() if k not in ("num_threads", "prefetch_buffer_size")},
         "split": split,
@@ -267,7 +274,8 @@ def _content_settings(
         "has_labels": source.num_classes is not None,
         "num_classes": source.num_classes,
         "has_captions": _has_captions(source),
-        "has_embeddings": text_encoder_name is not None,
+        "has_embeddings": text_encoder_name is not None and not text_condition,
+        "has_condition": text_encoder_name is not None and text_condition,
     }
 
 
@@ -379,10 +387,13 @@ class _BatchEncoder:
         if self.flip == "both":
             images = np.concatenate([images, images[:, :, ::-1]])
         mean, logvar = self.encode(images)
-        emb = mask = None
+        emb = mask = condition = None
         if self.text_encoder is not None:
-            emb, mask = self.text_encoder([str(it["caption_text"]) for it in items])
-            emb, mask = np.asarray(emb), np.asarray(mask)
+            encoded = self.text_encoder([str(it["caption_text"]) for it in items])
+            if isinstance(encoded, Mapping):
+                condition = {k: np.asarray(v) for k, v in encoded.items()}
+            else:
+                emb, mask = (np.asarray(a) for a in encoded)
         n, store, flipped = len(items), self.store, self.flip == "both"
         records = []
         for i, it in enumerate(items):
@@ -395,10 +406,16 @@ class _BatchEncoder:
                 "caption": str(it["caption_text"]) if "caption_text" in it else None,
                 "caption_embedding": None if emb is None else emb[i].astype(store),
                 "caption_mask": None if mask is None else mask[i].astype(np.int32),
+                "condition": None if condition is None else {k: _stored(v[i], store) for k, v in condition.items()},
                 "source_index": it["index"],
             }
             records.append(records_lib.encode_latent_record(record))
         return records, list(mean.shape[1:])
+
+
+def _stored(value: np.ndarray, store: type[np.floating]) -> np.ndarray:
+    """A condition array as stored: floats in the storage dtype, integers (masks) as int32."""
+    return value.astype(store if np.issubdtype(value.dtype, np.floating) else np.int32)
 
 
 class _ShardWriter:
@@ -524,9 +541,10 @@ def precompute_latents(
         process_index, process_count = jax.process_index(), jax.process_count()
 
     text_name = text_encoder_name if text_encoder is not None else None
+    condition = hasattr(text_encoder, "text_condition")  # a PromptEncoder: the model's whole text condition
     settings = _content_settings(source_config, read.source, encoder, split=split, image_size=image_size, flip=flip,
                                  dtype=dtype, store_logvar=store_logvar, buckets=buckets, shard_size=shard_size,
-                                 limit=limit, text_encoder_name=text_name)  # fmt: skip
+                                 limit=limit, text_encoder_name=text_name, text_condition=condition)  # fmt: skip
     output = _plan_output(out_dir, settings, read.source.num_records, shard_size=shard_size, limit=limit)
     _check_resume(output)
     if process_index == 0:
@@ -571,9 +589,85 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="encode only the first N examples")
     p.add_argument("--num-threads", type=int, default=8, help="image reading threads")
     p.add_argument("--text-encoder", default=None, help="T5 folder (+ tokenizer) or pipeline folder: caption features")
-    p.add_argument("--max-length", type=int, default=300, help="caption tokens (PixArt-α 120, PixArt-Σ 300)")
-    p.add_argument("--text-dtype", choices=("bfloat16", "float32"), default="bfloat16", help="T5 compute dtype")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="store this model's text condition (preset name, e.g. SD3.5-medium, or model directory)",
+    )
+    p.add_argument(
+        "--text-encoders",
+        nargs="+",
+        default=None,
+        metavar="SLOT=DIR",
+        help="with --model: one text encoder folder per slot (e.g. clip_l=DIR clip_g=DIR t5=DIR)",
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="T5 tokens (default: PixArt-Σ's 300; with --model the model's pipeline default)",
+    )
+    p.add_argument("--text-dtype", choices=("bfloat16", "float32"), default="bfloat16", help="text encoder dtype")
     return p.parse_args(argv)
+
+
+def _model_config(name: str) -> Any:
+    """`--model`: a preset name or a dit_jax model directory (its config only)."""
+    from dit_jax.checkpoint import is_model_dir, load_model_config
+    from dit_jax.models import list_presets, preset
+
+    if os.path.isdir(name):
+        if not is_model_dir(name):
+            raise ValueError(f"--model: {name!r} is not a dit_jax model directory (config.json + params/)")
+        return load_model_config(name)
+    if name not in list_presets():
+        raise ValueError(f"--model: {name!r} is neither a model directory nor a preset ({', '.join(list_presets())})")
+    return preset(name)
+
+
+def _slot_folders(items: Sequence[str] | None) -> dict[str, str] | None:
+    """`--text-encoders SLOT=DIR ...` as a dict."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        slot, sep, folder = item.partition("=")
+        if not sep or not slot or not folder:
+            raise ValueError(f"--text-encoders: {item!r} is not SLOT=DIR (e.g. t5=/models/t5-v1_1-xxl)")
+        out[slot] = folder
+    return out
+
+
+def _text_encoder(args: argparse.Namespace, source: dict[str, Any]) -> TextEncoder | None:
+    """The caption encoder the arguments ask for: none, one T5 (`--text-encoder`), or a model's `PromptEncoder`."""
+    if args.text_encoder is None and args.model is None and args.text_encoders is None:
+        return None
+    if source["name"] != "folder" or args.layout == "classes":
+        raise ValueError("--text-encoder: the source has no captions (a folder of image + .txt pairs has)")
+    if args.model is None:
+        if args.text_encoders is not None:
+            raise ValueError("--text-encoders needs --model (the model whose text slots they fill)")
+        from dit_jax.pipelines.text_encoder import TextEncoder as T5Encoder
+
+        folder = args.text_encoder
+        index = os.path.join(folder, "model_index.json")
+        if os.path.isfile(index) and any(os.path.isdir(os.path.join(folder, f"text_encoder_{k}")) for k in (2, 3)):
+            raise ValueError(
+                f"--text-encoder: {folder!r} is a pipeline with several text encoders; pass --model (the preset or "
+                "model directory you will train, e.g. SD3.5-medium or FLUX.1-dev) to store its text condition"
+            )
+        return T5Encoder.from_pretrained(folder, max_length=args.max_length or 300, dtype=args.text_dtype,
+                                         batch_size=args.batch_size)  # fmt: skip
+    from dit_jax.pipelines.prompts import PromptEncoder
+
+    return PromptEncoder.from_pretrained(
+        _model_config(args.model),
+        args.text_encoder,
+        text_encoders=_slot_folders(args.text_encoders),
+        max_sequence_length=args.max_length,
+        dtype=args.text_dtype,
+        batch_size=args.batch_size,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> PrecomputeSummary:
@@ -584,15 +678,7 @@ def main(argv: Sequence[str] | None = None) -> PrecomputeSummary:
         source = {"name": "tfds", "tfds_name": args.source[5:], "data_dir": args.data_dir}
     else:
         source = {"name": "folder", "path": os.path.abspath(args.source), "layout": args.layout}
-    text_encoder = None
-    if args.text_encoder is not None:
-        from dit_jax.pipelines.text_encoder import TextEncoder
-
-        if source["name"] != "folder" or args.layout == "classes":
-            raise ValueError("--text-encoder: the source has no captions (a folder of image + .txt pairs has)")
-
-        text_encoder = TextEncoder.from_pretrained(args.text_encoder, max_length=args.max_length,
-                                                   dtype=args.text_dtype, batch_size=args.batch_size)  # fmt: skip
+    text_encoder = _text_encoder(args, source)
     return precompute_latents(
         source,
         args.out,

@@ -8,7 +8,9 @@ Each record is `flax.serialization.msgpack_serialize` of a dict:
                                              random flips happen in pixel space before encoding, as in ADM/DiT
   label           int                        class index (−1 when the source has no labels)
   caption         str                        caption text (caption sources only)
-  caption_embedding (L, C), caption_mask (L,)  text-encoder output and its mask, when precompute was given one
+  caption_embedding (L, C), caption_mask (L,)  one T5's output and its mask, when precompute was given a T5 encoder
+  condition       {name: array}              a text-to-image model's text condition, when precompute was given the
+                                             model (``--model``): e.g. SD3/Flux {context (L, C), pooled (P,)}
   source_index    int                        index of the example in its source
 `manifest.json` (written last, atomically) records the settings, every shard file with its record count and
 latent shape, and the totals; a shard's own `<shard>.json` marks it complete, which makes precompute resumable.
@@ -52,10 +54,14 @@ def encode_latent_record(record: Mapping[str, Any]) -> bytes:
             value = int(value)
         elif key == "caption":
             value = str(value)
+        elif key == "condition":
+            if not isinstance(value, Mapping) or not value:
+                raise ValueError("encode_latent_record: 'condition' must be a non-empty dict of arrays")
+            value = {str(k): np.ascontiguousarray(v) for k, v in value.items()}
         else:
             raise ValueError(
                 f"encode_latent_record: unknown key {key!r}; expected one of {_ARRAY_KEYS} or label, "
-                "caption, source_index"
+                "caption, condition, source_index"
             )
         out[key] = value
     return serialization.msgpack_serialize(out)

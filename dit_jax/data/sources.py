@@ -316,6 +316,7 @@ class LatentSource:
         self.num_classes = cfg.get("num_classes") if cfg.get("has_labels") else None
         self.has_labels = bool(cfg.get("has_labels"))
         self.has_embeddings = bool(cfg.get("has_embeddings"))
+        self.has_condition = bool(cfg.get("has_condition"))
         self.image_size = cfg.get("image_size")
         names = sorted(self.manifest["files"])
         shapes = [tuple(self.manifest["files"][n]["shape"]) for n in names]
@@ -333,7 +334,8 @@ class LatentSource:
             )
 
     def load(self, index: int, rng: np.random.Generator, shape: tuple[int, int] | None = None) -> Example | None:
-        """One example: x (h, w, c) float32 scaled latent; y, caption, caption_mask when stored."""
+        """One example: x (h, w, c) float32 scaled latent; y, caption, caption_mask and the model's text condition
+        (e.g. context, pooled) when stored."""
         try:
             record = records_lib.decode_latent_record(self.src[index])
             expected = self.shapes[self.bucket_of[index]]
@@ -343,6 +345,8 @@ class LatentSource:
                 raise ValueError("no 'label' although the manifest says the latents are labelled")
             if self.has_embeddings and "caption_embedding" not in record:
                 raise ValueError("no 'caption_embedding' although the manifest says the latents have them")
+            if self.has_condition and not isinstance(record.get("condition"), dict):
+                raise ValueError("no 'condition' although the manifest says the latents have a text condition")
         except Exception as e:
             self.skipped.skip(f"latent record {index} in {self.path!r}", e)
             return None
@@ -363,4 +367,8 @@ class LatentSource:
         if self.has_embeddings:
             out["caption"] = record["caption_embedding"].astype(np.float32)
             out["caption_mask"] = record["caption_mask"].astype(np.int32)
+        if self.has_condition:
+            for key, value in record["condition"].items():
+                value = np.asarray(value)
+                out[key] = value.astype(np.float32 if np.issubdtype(value.dtype, np.floating) else np.int32)
         return out
