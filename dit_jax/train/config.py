@@ -86,15 +86,14 @@ def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     return merged
 
 
+# sections an experiment replaces as a whole: their keys depend on the choice (model preset, data source, objective)
+_REPLACED_WHOLE = ("model", "data", "diffusion", "condition_inputs")
+
+
 def _merge(base: ml_collections.ConfigDict, update: ml_collections.ConfigDict) -> None:
     for key, value in update.items():
         if isinstance(value, ml_collections.ConfigDict) and isinstance(base.get(key), ml_collections.ConfigDict):
-            if key in (
-                "model",
-                "data",
-                "diffusion",
-                "condition_inputs",
-            ):  # replaced as a whole: their keys depend on the choice
+            if key in _REPLACED_WHOLE:
                 base[key] = value
             else:
                 _merge(base[key], value)
