@@ -24,14 +24,12 @@ from dit_jax.convert.api import expected_shapes
 from dit_jax.convert.common import TextEncoderConversion
 from dit_jax.convert.rules import ConversionError, Rule, bias, dense, export, import_, linear, norm, rule
 from dit_jax.encoders.clip import CLIPTextConfig
-from dit_jax.files import atomic_path, read_json
+from dit_jax.files import atomic_path
 
 PREFIX = "text_model."
 MODEL_TYPES = ("clip_text_model", "clip")
 ARCHITECTURES = {"CLIPTextModel": False, "CLIPTextModelWithProjection": True}  # → has text_projection
 _PROJECTION = "text_projection.weight"
-_WEIGHT_NAMES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-                 "pytorch_model.bin")  # fmt: skip
 _SUBFOLDERS = ("text_encoder", "text_encoder_2")
 # transformers CLIPTextConfig defaults, for fields a config.json leaves out
 _HF_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
@@ -139,49 +137,16 @@ def infer_config(state_dict: Mapping[str, Any], **overrides: Any) -> CLIPTextCon
 # ---- reading ---------------------------------------------------------------------------------------------------
 
 
-def _weights_file(folder: Path) -> Path:
-    for name in _WEIGHT_NAMES:
-        if (folder / name).exists():
-            return folder / name
-    found = sorted(folder.glob("*.safetensors.index.json")) or sorted(folder.glob("*.bin.index.json"))
-    found = found or sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    if len(found) == 1:
-        return found[0]
-    what = f"several candidates {[p.name for p in found]}" if found else "none"
-    raise ConversionError(
-        f"{folder}: expected one transformers weights file (model.safetensors, pytorch_model.bin or a sharded "
-        f"*.index.json); found {what}"
-    )
-
-
 def read_clip(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, str]:
     """``(state_dict, transformers config or None, source name)`` of a CLIP folder (e.g. a pipeline's
     ``text_encoder/`` or ``text_encoder_2/``), a pipeline folder with ``text_encoder/``, or one weights file / shard
     index (its sibling ``config.json`` is used when present)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"CLIP checkpoint {path} does not exist")
-    if path.is_dir():
-        folder = path
-        if not (path / "config.json").exists() and (path / "text_encoder" / "config.json").exists():
-            folder = path / "text_encoder"
-        if not (folder / "config.json").exists():
-            raise ConversionError(
-                f"{path}: not a transformers CLIP folder (config.json + model.safetensors) nor a pipeline folder "
-                f"with text_encoder/ (pass text_encoder_2/ itself for the second encoder); found "
-                f"{sorted(p.name for p in path.iterdir())[:20]}"
-            )
-        weights = _weights_file(folder)
-        config_file: Path | None = folder / "config.json"
-    else:
-        weights = path
-        config_file = path.parent / "config.json" if (path.parent / "config.json").exists() else None
-    config = None
-    if config_file is not None:
-        config = read_json(config_file, error=ConversionError)
-        if "model_type" not in config and "hidden_size" not in config:
-            config = None  # not a transformers CLIP config (e.g. a diffusers one beside a bare file)
-    return io.read_file(weights, "model"), config, str(weights)
+    return io.read_transformers(
+        path,
+        what="CLIP",
+        config_keys=("model_type", "hidden_size"),
+        hint=" (pass text_encoder_2/ itself for the second encoder)",
+    )
 
 
 def _ignored(key: str) -> bool:

@@ -204,6 +204,57 @@ def transformers_model_type(path: str | os.PathLike, subfolders: tuple[str, ...]
     return None
 
 
+_TRANSFORMERS_NAMES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                      "pytorch_model.bin")  # fmt: skip
+
+
+def _transformers_weights(folder: Path) -> Path:
+    for name in _TRANSFORMERS_NAMES:
+        if (folder / name).exists():
+            return folder / name
+    found = sorted(folder.glob("*.safetensors.index.json")) or sorted(folder.glob("*.bin.index.json"))
+    found = found or sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if len(found) == 1:
+        return found[0]
+    what = f"several candidates {[p.name for p in found]}" if found else "none"
+    raise ConversionError(
+        f"{folder}: expected one transformers weights file (model.safetensors, pytorch_model.bin or a sharded "
+        f"*.index.json); found {what}"
+    )
+
+
+def read_transformers(
+    path: str | os.PathLike, *, what: str, config_keys: tuple[str, ...], hint: str = ""
+) -> tuple[StateDict, dict | None, str]:
+    """``(state_dict, transformers config or None, source name)`` of a transformers model folder, a pipeline folder
+    with ``text_encoder/``, or one weights file / shard index (its sibling ``config.json`` is used when present and
+    it has one of ``config_keys``; a diffusers config beside a bare file is not the model's). ``what`` names the
+    model in errors ("T5", "CLIP"); ``hint`` is added to the not-a-folder error."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} checkpoint {path} does not exist")
+    if path.is_dir():
+        folder = path
+        if not (path / "config.json").exists() and (path / "text_encoder" / "config.json").exists():
+            folder = path / "text_encoder"
+        if not (folder / "config.json").exists():
+            raise ConversionError(
+                f"{path}: not a transformers {what} folder (config.json + model.safetensors) nor a pipeline folder "
+                f"with text_encoder/{hint}; found {sorted(p.name for p in path.iterdir())[:20]}"
+            )
+        weights = _transformers_weights(folder)
+        config_file: Path | None = folder / "config.json"
+    else:
+        weights = path
+        config_file = path.parent / "config.json" if (path.parent / "config.json").exists() else None
+    config = None
+    if config_file is not None:
+        config = read_json(config_file, error=ConversionError)
+        if not any(k in config for k in config_keys):
+            config = None
+    return read_file(weights, "model"), config, str(weights)
+
+
 def write_transformers_folder(
     path: str | os.PathLike, config: Mapping[str, Any], state_dict: Mapping[str, Any], *, overwrite: bool = False
 ) -> Path:

@@ -15,7 +15,6 @@ transposed kernels); a bf16 checkpoint is read as float32.
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,12 +24,9 @@ from dit_jax.convert.api import expected_shapes
 from dit_jax.convert.common import TextEncoderConversion
 from dit_jax.convert.rules import ConversionError, Rule, export, import_, linear, rule
 from dit_jax.encoders.t5 import T5Config
-from dit_jax.files import read_json
 
 MODEL_TYPES = ("t5", "mt5")
 _EMBED_COPY = "encoder.embed_tokens.weight"
-_WEIGHT_NAMES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-                 "pytorch_model.bin")  # fmt: skip
 # transformers T5Config defaults, for fields a config.json leaves out
 _HF_DEFAULTS = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
                     relative_attention_num_buckets=32, relative_attention_max_distance=128,
@@ -111,45 +107,10 @@ def infer_config(state_dict: Mapping[str, Any], **overrides: Any) -> T5Config:
 # ---- reading ---------------------------------------------------------------------------------------------------
 
 
-def _weights_file(folder: Path) -> Path:
-    for name in _WEIGHT_NAMES:
-        if (folder / name).exists():
-            return folder / name
-    found = sorted(folder.glob("*.safetensors.index.json")) or sorted(folder.glob("*.bin.index.json"))
-    found = found or sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    if len(found) == 1:
-        return found[0]
-    what = f"several candidates {[p.name for p in found]}" if found else "none"
-    raise ConversionError(
-        f"{folder}: expected one transformers weights file (model.safetensors, pytorch_model.bin or a sharded "
-        f"*.index.json); found {what}"
-    )
-
-
 def read_t5(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, str]:
     """``(state_dict, transformers config or None, source name)`` of a T5 folder, a pipeline folder with
     ``text_encoder/``, or one weights file / shard index (its sibling ``config.json`` is used when present)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"T5 checkpoint {path} does not exist")
-    if path.is_dir():
-        folder = path / "text_encoder" if (path / "text_encoder" / "config.json").exists() else path
-        if not (folder / "config.json").exists():
-            raise ConversionError(
-                f"{path}: not a transformers T5 folder (config.json + model.safetensors) nor a pipeline folder with "
-                f"text_encoder/; found {sorted(p.name for p in path.iterdir())[:20]}"
-            )
-        weights = _weights_file(folder)
-        config_file: Path | None = folder / "config.json"
-    else:
-        weights = path
-        config_file = path.parent / "config.json" if (path.parent / "config.json").exists() else None
-    config = None
-    if config_file is not None:
-        config = read_json(config_file, error=ConversionError)
-        if "model_type" not in config and "d_model" not in config:
-            config = None  # not a transformers T5 config (e.g. a diffusers one beside a bare file)
-    return io.read_file(weights, "model"), config, str(weights)
+    return io.read_transformers(path, what="T5", config_keys=("model_type", "d_model"), hint="")
 
 
 def _ignored(key: str) -> bool:
