@@ -18,7 +18,8 @@ The source is a diffusers pipeline folder (``--pipeline``), a model directory or
 holding the text encoders for SD3/Flux), or a training run (``--workdir``, latest EMA params).
 Class-conditional models take ``--classes``, text-to-image ones ``--prompt`` (repeatable) and/or ``--prompts-file``
 (one prompt per line); ``--prompt-2``/``--prompt-3`` give the second/third text encoder one prompt for every image
-(SD3: CLIP-G/T5, Flux: T5; default: each image's prompt). ``--guidance`` is classifier-free guidance (PixArt, SD3)
+(SD3: CLIP-G/T5, Flux: T5; default: each image's prompt); ``--clip-skip K`` uses the CLIP encoders' hidden
+states ``[-(K + 2)]`` (SD3, as diffusers' ``clip_skip``). ``--guidance`` is classifier-free guidance (PixArt, SD3)
 or the embedded guidance of guidance-distilled models (Flux-dev), whose classifier-free guidance is ``--true-cfg``
 with ``--negative-prompt``. Unset sampler flags take the source's defaults (``dit_jax.pipelines.load``).
 ``--respacing adm`` selects the original DiT/ADM timesteps for ``ddpm``/``ddim`` (250 DDPM steps as in the paper).
@@ -121,6 +122,11 @@ def _parser() -> argparse.ArgumentParser:
         help="classifier-free guidance of embedded-guidance models (Flux; needs --negative-prompt)",
     )
     p.add_argument("--skip-guidance-layers", help="skip-layer guidance blocks, e.g. 7,8,9 (SD3.5-medium)")
+    p.add_argument(
+        "--clip-skip",
+        type=int,
+        help="CLIP layers to skip: the CLIP features are hidden_states[-(K + 2)] instead of the penultimate (SD3)",
+    )
     p.add_argument("--height", type=int, help="image height in pixels (text-to-image; default: the model's size)")
     p.add_argument("--width", type=int, help="image width in pixels (text-to-image; default: the model's size)")
     p.add_argument("--no-resolution-binning", action="store_true", help="sample at the exact size (PixArt)")
@@ -160,7 +166,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 _TEXT_FLAGS = ("--height", "--width", "--text-encoder", "--prompt-2", "--prompt-3", "--negative-prompt",
                "--negative-prompt-2", "--negative-prompt-3", "--max-sequence-length", "--true-cfg",
-               "--skip-guidance-layers")  # fmt: skip
+               "--skip-guidance-layers", "--clip-skip")  # fmt: skip
 
 
 def parse_layers(text: str) -> list[int]:
@@ -180,7 +186,7 @@ def _text_call(args: argparse.Namespace, binning: bool | None) -> dict[str, Any]
     """The text-to-image call arguments the flags set (unset flags are left to the pipeline)."""
     call = dict(height=args.height, width=args.width, use_resolution_binning=binning)
     for name in ("prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3",
-                 "max_sequence_length"):  # fmt: skip
+                 "max_sequence_length", "clip_skip"):  # fmt: skip
         if getattr(args, name) is not None:
             call[name] = getattr(args, name)
     if args.true_cfg is not None:

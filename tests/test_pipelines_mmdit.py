@@ -12,6 +12,7 @@ schnell: shift 1). Both sides start from the same latents (diffusers' Flux takes
 themselves. Criterion: images in [0, 1] within 3e-4 (``parity.check_images``).
 """
 
+import dataclasses
 import json
 import shutil
 
@@ -26,7 +27,9 @@ from dit_jax import pipelines
 from dit_jax.checkpoint import save_model
 from dit_jax.convert import from_torch
 from dit_jax.models import build
+from dit_jax.models.family import family_named
 from dit_jax.pipelines import TextToImagePipeline
+from dit_jax.pipelines.text_to_image import EmbedsKeys
 
 PROMPTS = ["a cat sitting on the red sofa", "a photo of an astronaut riding a horse"]
 STEPS = 6
@@ -287,6 +290,41 @@ def test_sd3_skip_layer_guidance(folders, loaded, monkeypatch):
     assert float(np.abs(plain - got).max()) > 1e-3
 
 
+def test_sd3_prompt_embeds_and_clip_skip(folders, loaded, monkeypatch):
+    """diffusers' ``encode_prompt`` embeddings (``prompt_embeds`` + ``pooled_prompt_embeds`` and the negatives) give
+    diffusers' images; ours equal theirs; without negative embeddings the negative prompt is encoded to the
+    embeddings' length; ``clip_skip=1`` (both CLIPs' ``hidden_states[-3]``) gives diffusers' ``clip_skip=1`` images."""
+    pipe, torch_pipe = loaded("sd3"), folders["sd3"][1]
+    with torch.no_grad():
+        want = torch_pipe.encode_prompt(
+            PROMPTS, None, None, negative_prompt="a blue dog", max_sequence_length=T5_LENGTH
+        )
+    got = pipe.encode_prompt(PROMPTS, T5_LENGTH, negative_prompt="a blue dog")
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    for name, g, w in zip(names, got, want):
+        err = float(np.abs(g - w.numpy()).max())
+        print(f"SD3 encode_prompt {name} {g.shape}: max diff {err:.1e}")
+        assert g.shape == tuple(w.shape) and g.dtype == np.float32 and err <= 1e-5
+    kw = dict(zip(names, want))
+    err, got_images = compare("SD3 from prompt_embeds + pooled_prompt_embeds", pipe, torch_pipe, monkeypatch,
+                              prompts=None, batch=2, **kw)  # fmt: skip
+    # no negative embeddings: negative_prompt is encoded with the 24 T5 tokens of prompt_embeds (77 + 24)
+    lat = nhwc(initial_latents(2))
+    plain = pipe(PROMPTS, latents=lat, num_inference_steps=STEPS, max_sequence_length=T5_LENGTH, output_type="latent")
+    embeds = pipe(prompt_embeds=kw["prompt_embeds"], pooled_prompt_embeds=kw["pooled_prompt_embeds"], latents=lat,
+                  num_inference_steps=STEPS, output_type="latent")  # fmt: skip
+    err = float(np.abs(plain - embeds).max())
+    print(f"SD3 prompt_embeds + encoded negative prompt vs prompts: max latent diff {err:.1e}")
+    assert err <= 1e-4
+    # clip_skip: other CLIP features (the pooled vectors stay the final layer's), diffusers' images
+    skipped = pipe.text_condition(PROMPTS, max_sequence_length=T5_LENGTH, clip_skip=1)
+    default = pipe.text_condition(PROMPTS, max_sequence_length=T5_LENGTH)
+    np.testing.assert_array_equal(skipped["pooled"], default["pooled"])
+    assert float(np.abs(skipped["context"][:, :77] - default["context"][:, :77]).max()) > 1e-2
+    np.testing.assert_array_equal(skipped["context"][:, 77:], default["context"][:, 77:])  # T5 ignores clip_skip
+    compare("SD3 clip_skip=1", pipe, torch_pipe, monkeypatch, clip_skip=1, negative_prompt="a blue dog")
+
+
 # ---- Flux ------------------------------------------------------------------------------------------------------
 
 
@@ -316,6 +354,23 @@ def test_flux_schnell_true_cfg(folders, loaded, monkeypatch):
     kw = dict(negative_prompt="a blue dog", true_cfg_scale=2.5)
     compare("Flux-schnell, true CFG 2.5", pipe, folders["schnell"][1], monkeypatch, **kw)
     assert pipe.guidance_scale == 3.5  # FluxPipeline's default, which a model without guidance embedding ignores
+
+
+def test_flux_prompt_embeds(folders, loaded, monkeypatch):
+    """FluxPipeline.encode_prompt's T5 ``prompt_embeds`` and CLIP ``pooled_prompt_embeds``, with negative ones under
+    true CFG (schnell), give diffusers' images."""
+    pipe, torch_pipe = loaded("schnell"), folders["schnell"][1]
+    with torch.no_grad():
+        pe, pooled, _ = torch_pipe.encode_prompt(PROMPTS, ["a red horse", "the dog"], max_sequence_length=T5_LENGTH)
+        neg, neg_pooled, _ = torch_pipe.encode_prompt(["a blue dog"] * 2, max_sequence_length=T5_LENGTH)
+    got, _, got_pooled, _ = pipe.encode_prompt(PROMPTS, T5_LENGTH, prompt_2=["a red horse", "the dog"],
+                                               do_classifier_free_guidance=False)  # fmt: skip
+    err = max(float(np.abs(got - pe.numpy()).max()), float(np.abs(got_pooled - pooled.numpy()).max()))
+    print(f"Flux encode_prompt (T5 {got.shape}, pooled {got_pooled.shape}) vs diffusers: max diff {err:.1e}")
+    assert err <= 1e-5
+    kw = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg,
+              negative_pooled_prompt_embeds=neg_pooled, true_cfg_scale=2.5)  # fmt: skip
+    compare("Flux-schnell from prompt_embeds, true CFG 2.5", pipe, torch_pipe, monkeypatch, prompts=None, batch=2, **kw)
 
 
 # ---- other sources ---------------------------------------------------------------------------------------------
@@ -373,6 +428,11 @@ def test_cli_flux_prompt_2_and_true_cfg_error(folders, loaded, tmp_path, capsys)
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err == "error: --true-cfg applies to models with embedded guidance (Flux); use --guidance for SD3\n"
+    # --clip-skip reaches the pipeline (the tiny CLIPs have 2 layers: at most 1)
+    argv = ["--pipeline", str(folders["sd3_no_t5"][0]), "--prompt", "a cat", "--clip-skip", "2", "--out", str(out)]
+    argv += ["--steps", "1", "--no-progress"]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.startswith("error: clip_skip=2 skips more layers than the 2-layer CLIP encoder")
 
 
 # ---- errors ----------------------------------------------------------------------------------------------------
@@ -384,8 +444,56 @@ def test_errors_name_the_problem(folders, loaded, tmp_path):
         sd3(PROMPTS, height=HEIGHT, width=WIDTH, latents=np.zeros((2, 16, 16, 16)))
     with pytest.raises(ValueError, match=r"latents must be NHWC of shape \(B, h, w, 16\)"):
         flux(PROMPTS, latents=np.zeros((2, 64, 8, 12)))
-    with pytest.raises(ValueError, match="prompt_embeds applies to one-encoder models"):
-        sd3(prompt_embeds=np.zeros((1, 8, 32)), prompt_attention_mask=np.ones((1, 8)))
+    # precomputed embeddings of a model with a pooled text vector: the inputs they fill, from condition_specs
+    assert sd3.embeds_keys() == EmbedsKeys("context", 32, None, "pooled", 16, offset=77)  # 77 CLIP tokens, then T5
+    assert flux.embeds_keys() == EmbedsKeys("context", 32, None, "pooled", 16, offset=0)
+    emb, pooled = np.zeros((2, 8, 32)), np.zeros((2, 16))
+    with pytest.raises(
+        ValueError, match=r"prompt_embeds need pooled_prompt_embeds as well: a SD3 model takes a pooled"
+    ):
+        sd3(prompt_embeds=emb)
+    with pytest.raises(ValueError, match="prompt_attention_mask does not apply: a SD3 model takes no text mask"):
+        sd3(prompt_embeds=emb, pooled_prompt_embeds=pooled, prompt_attention_mask=np.ones((2, 8)))
+    with pytest.raises(ValueError, match=r"prompt_embeds must be \(B, L, 32\), got shape \(2, 8, 28\)"):
+        sd3(prompt_embeds=np.zeros((2, 8, 28)), pooled_prompt_embeds=pooled)
+    with pytest.raises(ValueError, match=r"pooled_prompt_embeds must be \(2, 16\) .*got shape \(1, 16\)"):
+        sd3(prompt_embeds=emb, pooled_prompt_embeds=pooled[:1])
+    with pytest.raises(ValueError, match=r"negative_pooled_prompt_embeds must be \(2, 16\) .*got shape \(2, 12\)"):
+        sd3(prompt_embeds=emb, pooled_prompt_embeds=pooled, negative_prompt_embeds=emb,
+            negative_pooled_prompt_embeds=np.zeros((2, 12)))  # fmt: skip
+    with pytest.raises(ValueError, match="pooled_prompt_embeds go with prompt_embeds: pass both"):
+        sd3(PROMPTS, pooled_prompt_embeds=pooled)
+    with pytest.raises(ValueError, match="negative_pooled_prompt_embeds go with negative_prompt_embeds"):
+        sd3(prompt_embeds=emb, pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=pooled)
+    with pytest.raises(ValueError, match="negative_prompt_embeds need negative_pooled_prompt_embeds as well"):
+        sd3(prompt_embeds=emb, pooled_prompt_embeds=pooled, negative_prompt_embeds=emb)
+    with pytest.raises(ValueError, match=r"negative_prompt_embeds have 3 rows for 2 prompts"):
+        sd3(prompt_embeds=emb, pooled_prompt_embeds=pooled, negative_prompt_embeds=np.zeros((3, 8, 32)),
+            negative_pooled_prompt_embeds=np.zeros((3, 16)))  # fmt: skip
+    with pytest.raises(ValueError, match=r"negative condition's 'context' has shape \(2, 9, 32\) but the prompt's"):
+        sd3(prompt_embeds=emb, pooled_prompt_embeds=pooled, negative_prompt_embeds=np.zeros((2, 9, 32)),
+            negative_pooled_prompt_embeds=pooled)  # fmt: skip
+    with pytest.raises(ValueError, match=r"encoded with max_sequence_length=4: pass the max_sequence_length"):
+        sd3(prompt_embeds=emb, pooled_prompt_embeds=pooled, max_sequence_length=4)  # 77 + 4 tokens, not 8
+    no_text = dataclasses.replace(sd3, text_encoders={})
+    with pytest.raises(ValueError, match="has no text encoder for the negative prompt of guidance: with prompt_embeds "
+                       "pass negative_prompt_embeds and negative_pooled_prompt_embeds"):  # fmt: skip
+        no_text(prompt_embeds=emb, pooled_prompt_embeds=pooled)
+    # a model without a pooled vector (PixArt with micro-conditions: 2-D float inputs that are size conditions)
+    pixart = dict(input_size=16, in_channels=16, hidden_size=24, depth=1, num_heads=2, caption_channels=32)
+    tiny = family_named("pixart").config_class(**pixart, caption_length=8, micro_conditions=True)
+    one_slot = dataclasses.replace(sd3, model_config=tiny, params={}, text_encoders={})
+    assert one_slot.embeds_keys() == EmbedsKeys("caption", 32, "caption_mask", None, None)
+    no_pooled = r"pooled_prompt_embeds: a PixArt model takes no pooled text vector \(its text inputs: caption, "
+    with pytest.raises(ValueError, match=no_pooled + r"caption_mask\); pass prompt_embeds with prompt_attention_mask"):
+        one_slot(prompt_embeds=emb, prompt_attention_mask=np.ones((2, 8)), pooled_prompt_embeds=pooled)
+    # clip_skip: the tiny CLIPs have 2 layers (hidden_states: embeddings + 2), so at most 1
+    with pytest.raises(ValueError, match=r"clip_skip=2 skips more layers than the 2-layer CLIP encoder has"):
+        sd3(PROMPTS, clip_skip=2)
+    with pytest.raises(ValueError, match=r"clip_skip=-1 must be None or a non-negative integer"):
+        sd3(PROMPTS, clip_skip=-1)
+    with pytest.raises(ValueError, match=r"clip_skip=1 applies to CLIP text encoders; a SD3 model reads prompts with"):
+        dataclasses.replace(sd3, text_encoders={"t5": loaded("sd3").encoders["t5"]})(PROMPTS, clip_skip=1)
     with pytest.raises(ValueError, match="true_cfg_scale applies to models with embedded guidance"):
         sd3(PROMPTS, true_cfg_scale=2.0, height=HEIGHT, width=WIDTH)
     with pytest.raises(ValueError, match="prompt_2 has 3 entries for 2 prompts"):

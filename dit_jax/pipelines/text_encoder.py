@@ -7,6 +7,7 @@ The architectures are ``dit_jax.encoders.t5`` and ``dit_jax.encoders.clip``; con
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Sequence
@@ -98,9 +99,13 @@ class TextEncoder:
     special tokens (T5: ``</s>`` at the end) and its attention mask; padded positions keep the encoder's output (the
     ``text_encoder`` hook of ``dit_jax.data.precompute``). ``features(captions)`` gives every output by name
     (``hidden``, ``mask``; CLIP also ``penultimate``, ``pooled``, ``text_embeds``), with or without the padding mask
-    (SD3 and Flux encode without one). The encoder is jitted once per ``(batch_size, length)`` (calls are cut into
-    and padded to that batch), with the batch and the weights sharded over the local devices.
+    (SD3 and Flux encode without one). ``clip_skip`` (CLIP; default None: the encoder's ``clip_skip``, see
+    ``with_clip_skip``) makes ``penultimate`` transformers' ``hidden_states[-(clip_skip + 2)]``, as diffusers'
+    ``clip_skip``. The encoder is jitted once per ``(batch_size, length, clip_skip)`` (calls are cut into and padded
+    to that batch), with the batch and the weights sharded over the local devices.
     """
+
+    clip_skip: int | None = None  # the default of features(clip_skip=None) (CLIP only)
 
     def __init__(
         self,
@@ -131,12 +136,55 @@ class TextEncoder:
         shardings = _param_shardings(config, params, self.mesh, self.rules)
         self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
         self.params = jax.device_put(params, shardings)
-        model = build(config)
-        self._encode = jax.jit(
-            lambda p, ids, mask: model.apply({"params": p}, ids, mask),
-            in_shardings=(shardings, self.batch_sharding, self.batch_sharding),
-            out_shardings=self.batch_sharding,
-        )
+        self._model = model = build(config)
+        self._shardings = (shardings, self.batch_sharding, self.batch_sharding)
+        self._encode = self._jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask))
+        self._skip_encoders: dict[int, Any] = {}  # clip_skip → jitted CLIP encoder
+
+    def _jit(self, fn):
+        return jax.jit(fn, in_shardings=self._shardings, out_shardings=self.batch_sharding)
+
+    def _encoder(self, clip_skip: int | None):
+        """The jitted encoder; with ``clip_skip`` (CLIP) its ``penultimate`` is ``hidden_states[-(clip_skip + 2)]``
+        (the other hidden states stay inside the compiled function)."""
+        if not clip_skip:  # None or 0: hidden_states[-2], the model's own penultimate
+            return self._encode
+        if clip_skip not in self._skip_encoders:
+            model, k = self._model, clip_skip
+
+            def encode(p, ids, mask):
+                out = model.apply({"params": p}, ids, mask, output_hidden_states=True)
+                return out.replace(penultimate=out.hidden_states[-(k + 2)], hidden_states=None)
+
+            self._skip_encoders[k] = self._jit(encode)
+        return self._skip_encoders[clip_skip]
+
+    @property
+    def is_clip(self) -> bool:
+        """Whether this is a CLIP encoder (``features`` has ``penultimate`` and honours ``clip_skip``)."""
+        return getattr(self.config, "family", "") == "clip"
+
+    def check_clip_skip(self, clip_skip: Any) -> int | None:
+        """``clip_skip`` checked: None, or an integer 0 ≤ k ≤ num_hidden_layers − 1 (``hidden_states`` holds the
+        embeddings and every layer's output: ``hidden_states[-(k + 2)]`` must exist)."""
+        if clip_skip is None:
+            return None
+        if not isinstance(clip_skip, (int, np.integer)) or isinstance(clip_skip, bool) or clip_skip < 0:
+            raise ValueError(f"clip_skip={clip_skip!r} must be None or a non-negative integer")
+        layers = getattr(self.config, "num_hidden_layers", None)
+        if layers is not None and clip_skip > layers - 1:
+            raise ValueError(
+                f"clip_skip={clip_skip} skips more layers than the {layers}-layer CLIP encoder has "
+                f"(hidden_states[-{clip_skip + 2}] of {layers + 1}): use at most {layers - 1}"
+            )
+        return int(clip_skip)
+
+    def with_clip_skip(self, clip_skip: int | None) -> TextEncoder:
+        """This encoder with ``clip_skip`` as the default of ``features`` (a shallow copy: the weights, tokenizer
+        and compiled encoders are shared). T5 encoders ignore it."""
+        out = copy.copy(self)
+        out.clip_skip = self.check_clip_skip(clip_skip) if self.is_clip else None
+        return out
 
     @classmethod
     def from_pretrained(
@@ -193,11 +241,13 @@ class TextEncoder:
                              add_special_tokens=True, return_tensors="np")  # fmt: skip
         return out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)
 
-    def encode_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> Any:
+    def encode_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray, clip_skip: int | None = None) -> Any:
         """Token ids and mask (b, L) → the encoder's output in float32, in fixed-size sharded batches: T5 features
-        (b, L, d_model); CLIP a ``CLIPTextOutput``."""
+        (b, L, d_model); CLIP a ``CLIPTextOutput`` (with ``clip_skip``: ``penultimate`` is ``hidden_states[-(clip_skip
+        + 2)]``; T5 ignores it)."""
         from dit_jax.parallel.rules import logical_rules
 
+        encode = self._encoder(self.check_clip_skip(clip_skip) if self.is_clip else None)
         ids, mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)
         outs = []
         for start in range(0, len(ids), self.batch_size):
@@ -207,7 +257,7 @@ class TextEncoder:
                 chunk_ids = np.concatenate([chunk_ids, np.zeros((pad, ids.shape[1]), np.int32)])
                 chunk_mask = np.concatenate([chunk_mask, np.ones((pad, ids.shape[1]), np.int32)])
             with jax.set_mesh(self.mesh), nn.logical_axis_rules(logical_rules(self.rules)):
-                out = self._encode(self.params, jax.device_put(chunk_ids, self.batch_sharding),
+                out = encode(self.params, jax.device_put(chunk_ids, self.batch_sharding),
                                    jax.device_put(chunk_mask, self.batch_sharding))  # fmt: skip
             keep = self.batch_size - pad
             outs.append(jax.tree.map(lambda a, keep=keep: np.asarray(a)[:keep], out))
@@ -217,19 +267,28 @@ class TextEncoder:
         return jax.tree.map(lambda *a: np.concatenate(a), *outs)
 
     def features(
-        self, captions: Sequence[str], *, max_length: int | None = None, use_mask: bool = True
+        self,
+        captions: Sequence[str],
+        *,
+        max_length: int | None = None,
+        use_mask: bool = True,
+        clip_skip: int | None = None,
     ) -> dict[str, np.ndarray]:
         """Captions → ``{"hidden", "mask"}`` (T5) or ``{"hidden", "mask", "penultimate", "pooled", "text_embeds"}``
         (CLIP; ``text_embeds`` with a projection), tokenized to ``max_length`` (default: the encoder's).
         ``use_mask=False`` encodes without the padding mask (the pad tokens attend and are attended to), as SD3
-        and Flux do; ``mask`` is the tokenizer's either way."""
+        and Flux do; ``mask`` is the tokenizer's either way. ``clip_skip`` (CLIP; default: the encoder's
+        ``clip_skip``): ``penultimate`` is transformers' ``hidden_states[-(clip_skip + 2)]`` instead of
+        ``hidden_states[-2]``, as diffusers' ``clip_skip``; ``hidden``, ``pooled`` and ``text_embeds`` are the final
+        layer's either way. T5 encoders ignore it (diffusers applies it to the CLIP encoders only)."""
         if isinstance(captions, str):
             raise TypeError("captions: expected a list of strings, got one string")
         length = self.max_length if max_length is None else int(max_length)
         out = self.tokenizer(list(captions), max_length=length, padding="max_length", truncation=True,
                              add_special_tokens=True, return_tensors="np")  # fmt: skip
         ids, mask = out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)
-        enc = self.encode_ids(ids, mask if use_mask else np.ones_like(mask))
+        skip = self.clip_skip if clip_skip is None else clip_skip
+        enc = self.encode_ids(ids, mask if use_mask else np.ones_like(mask), clip_skip=skip)
         if isinstance(enc, np.ndarray):
             return {"hidden": enc, "mask": mask}
         feats = {"hidden": enc.last_hidden_state, "mask": mask, "penultimate": enc.penultimate}

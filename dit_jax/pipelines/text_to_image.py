@@ -17,10 +17,15 @@ sampler options its reference pipeline sets per request. ``TextToImagePipeline._
 * SD3/SD3.5 (``StableDiffusion3Pipeline``): CLIP-L reads ``prompt``, CLIP-G ``prompt_2``, T5 ``prompt_3`` (each
   falling back to ``prompt``; negatives likewise, default ``""``), without padding masks, T5 at
   ``max_sequence_length`` (256); classifier-free guidance at ``guidance_scale`` (7.0); Euler on the shifted flow
-  sigmas; skip-layer guidance (SD3.5-medium) with ``skip_guidance_layers``.
+  sigmas; skip-layer guidance (SD3.5-medium) with ``skip_guidance_layers``; ``clip_skip`` (the prompt's CLIP
+  features from ``hidden_states[-(clip_skip + 2)]``).
 * Flux (``FluxPipeline``): CLIP reads ``prompt``, T5 ``prompt_2`` (512 tokens); a guidance-distilled model (dev)
   takes ``guidance_scale`` as an input and runs no classifier-free guidance; true CFG only with ``true_cfg_scale > 1``
   and a negative prompt; explicit sigmas ``linspace(1, 1/n, n)`` shifted by μ of the packed image token count.
+
+Precomputed text: ``prompt_embeds`` with ``prompt_attention_mask`` (PixArt) or with ``pooled_prompt_embeds`` (SD3,
+Flux), and the negatives likewise; which model inputs they fill comes from ``family.condition_specs``
+(``embeds_keys``), so the pipeline names no family.
 
 Latents are NHWC (B, h, w, C) at the VAE's resolution (Flux: unpacked; the model packs them). The batch is padded to
 a multiple of the device count and sharded; each (shape, method, steps, options) compiles once.
@@ -72,6 +77,21 @@ def _repeat_rows(tree: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
     return tree
 
 
+@dataclasses.dataclass(frozen=True)
+class EmbedsKeys:
+    """The model inputs that precomputed text embeddings fill (``TextToImagePipeline.embeds_keys``): ``sequence``
+    (``prompt_embeds``, width ``width``), ``mask`` (``prompt_attention_mask``) and ``pooled``
+    (``pooled_prompt_embeds``, width ``pooled_width``), None where the model has no such input; ``offset``: the text
+    tokens of the sequence beside the ``max_sequence_length`` ones (e.g. SD3's 77 CLIP tokens)."""
+
+    sequence: str
+    width: int
+    mask: str | None = None
+    pooled: str | None = None
+    pooled_width: int | None = None
+    offset: int = 0
+
+
 @dataclasses.dataclass(eq=False)
 class TextToImagePipeline(SamplingPipeline):
     """A text-to-image model such as PixArt, SD3 or Flux (config + params), its VAE, its text encoders and the
@@ -80,7 +100,8 @@ class TextToImagePipeline(SamplingPipeline):
     Build it with ``dit_jax.pipelines.load``. ``text_encoders`` maps the family's text slots (``family.text_slots``,
     e.g. SD3: ``clip_l``, ``clip_g``, ``t5``) to ``TextEncoder``s; a missing slot is left to the family (SD3 without
     T5: zero T5 features). One-slot families (PixArt) may pass ``text_encoder`` instead; with no encoder at all pass
-    ``prompt_embeds`` (one slot) or ``condition=``. ``max_sequence_length``: the text tokens of slots without their
+    ``prompt_embeds`` (with ``prompt_attention_mask``, or ``pooled_prompt_embeds`` for models with a pooled text vector
+    such as SD3 and Flux) or ``condition=``. ``max_sequence_length``: the text tokens of slots without their
     own length (PixArt: 300 for Σ, 120 for α; SD3 256, Flux 512). ``aspect_ratio_bins``: (height, width) pixel sizes
     for resolution binning; None takes the family's table for the model's sample size (PixArt), if there is one.
     ``true_cfg``: whether ``guidance_scale`` is the embedded guidance and classifier-free guidance is
@@ -154,12 +175,91 @@ class TextToImagePipeline(SamplingPipeline):
             raise ValueError(f"max_sequence_length={max_sequence_length!r} must be a positive integer")
         return int(length)
 
+    def embeds_keys(self) -> EmbedsKeys:
+        """Which model inputs precomputed embeddings fill, from ``family.condition_specs``: ``prompt_embeds`` the one
+        (B, L, C) input, ``prompt_attention_mask`` a (B, L) integer input, ``pooled_prompt_embeds`` a (B, P) float
+        input that is no size micro-condition (SD3, Flux: ``context`` and ``pooled``; PixArt: ``caption`` and
+        ``caption_mask``)."""
+        cfg, family = self.model_config, self.family
+        specs = family.condition_specs(cfg, 1)
+        side = cfg.input_size * self.vae_scale_factor
+        sizes = set(family.size_condition(cfg, side, side, 1))
+        floating = {k: bool(jnp.issubdtype(s.dtype, jnp.floating)) for k, s in specs.items()}
+        seq = [k for k, s in specs.items() if len(s.shape) == 3]
+        masks = [k for k, s in specs.items() if len(s.shape) == 2 and not floating[k]]
+        pooled = [k for k, s in specs.items() if len(s.shape) == 2 and floating[k] and k not in sizes]
+        if len(seq) != 1 or len(masks) > 1 or len(pooled) > 1:
+            shapes = {k: tuple(s.shape) for k, s in specs.items()}
+            raise ValueError(
+                f"precomputed text embeddings do not map onto the inputs {shapes} of a {family.display_name} model: "
+                "pass condition= instead"
+            )
+        spec = specs[seq[0]]
+        return EmbedsKeys(
+            sequence=seq[0],
+            width=int(spec.shape[-1]),
+            mask=masks[0] if masks else None,
+            pooled=pooled[0] if pooled else None,
+            pooled_width=int(specs[pooled[0]].shape[-1]) if pooled else None,
+            offset=max(0, int(spec.shape[1]) - int(family.max_sequence_length(cfg))),
+        )
+
     def encode_prompt(
-        self, prompt: str | Sequence[str], max_sequence_length: int | None = None
+        self,
+        prompt: str | Sequence[str],
+        max_sequence_length: int | None = None,
+        *,
+        prompt_2: str | Sequence[str] | None = None,
+        prompt_3: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        negative_prompt_2: str | Sequence[str] | None = None,
+        negative_prompt_3: str | Sequence[str] | None = None,
+        do_classifier_free_guidance: bool | None = None,
+        num_images_per_prompt: int = 1,
+        clip_skip: int | None = None,
+    ) -> tuple:
+        """Prompts → precomputed text embeddings for ``__call__``.
+
+        One-encoder models (PixArt): ``(embeddings float32 (B, L, C), attention mask int32 (B, L))``, the features
+        of ``prompt`` tokenized, truncated and padded to ``L = max_sequence_length`` (default: the pipeline's).
+        Models with a pooled text vector (SD3, Flux): ``(prompt_embeds, negative_prompt_embeds,
+        pooled_prompt_embeds, negative_pooled_prompt_embeds)`` as ``StableDiffusion3Pipeline.encode_prompt``, float32,
+        ``num_images_per_prompt`` rows per prompt; the negatives (``negative_prompt``, default ``""``; ``_2``/``_3``
+        default to it) are None with ``do_classifier_free_guidance=False`` (default True). ``clip_skip`` as in
+        ``__call__`` (the prompts' features only).
+        """
+        keys = self.embeds_keys()
+        if keys.pooled is None:
+            extra = dict(prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
+                         negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
+                         do_classifier_free_guidance=do_classifier_free_guidance, clip_skip=clip_skip)  # fmt: skip
+            given = sorted(k for k, v in extra.items() if v is not None)
+            if num_images_per_prompt != 1:
+                given.append("num_images_per_prompt")
+            if given:
+                raise ValueError(
+                    f"encode_prompt of a {self.family.display_name} model gives (embeddings, mask) of prompt: "
+                    f"{', '.join(given)} apply to models with a pooled text vector"
+                )
+            return self._one_slot_features(prompt, max_sequence_length)
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be a positive integer")
+        length = self._length(max_sequence_length)
+        cond = self.text_condition(prompt, prompt_2, prompt_3, max_sequence_length=length, clip_skip=clip_skip)
+        n = _rows(cond)
+        null = None
+        if do_classifier_free_guidance is None or do_classifier_free_guidance:
+            negatives = {1: negative_prompt, 2: negative_prompt_2, 3: negative_prompt_3}
+            null = _repeat_rows(self._negative_condition(negatives, n, length), n)
+
+        def rows(d: dict[str, np.ndarray] | None, key: str) -> np.ndarray | None:
+            return None if d is None else np.repeat(np.asarray(d[key], np.float32), num_images_per_prompt, 0)
+
+        return (rows(cond, keys.sequence), rows(null, keys.sequence), rows(cond, keys.pooled), rows(null, keys.pooled))
+
+    def _one_slot_features(
+        self, prompt: str | Sequence[str], max_sequence_length: int | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """One-encoder models (PixArt): prompts → ``(embeddings float32 (B, L, C), attention mask int32 (B, L))``,
-        the features of the prompts tokenized, truncated and padded to ``L = max_sequence_length`` (default: the
-        pipeline's). Several encoders: use ``text_condition``."""
         prompts = _as_list(prompt, "prompt")
         slot = self._one_slot("encode_prompt")
         encoder = self._encoders.get(slot.name)
@@ -179,11 +279,28 @@ class TextToImagePipeline(SamplingPipeline):
         prompt_3: str | Sequence[str] | None = None,
         *,
         max_sequence_length: int | None = None,
+        clip_skip: int | None = None,
     ) -> dict[str, np.ndarray]:
         """Prompts → the model's text condition, one row per prompt (e.g. SD3 ``{"context", "pooled"}``): each slot
         encodes its prompt (``prompt_2``/``prompt_3`` default to ``prompt``; a single string or one-entry list is
-        used for every prompt) and ``family.text_condition`` joins the features."""
-        return self._prompts.text_condition(prompt, prompt_2, prompt_3, max_sequence_length=max_sequence_length)
+        used for every prompt) and ``family.text_condition`` joins the features. ``clip_skip``: the CLIP encoders'
+        ``penultimate`` features are ``hidden_states[-(clip_skip + 2)]`` (``TextEncoder.features``)."""
+        prompts = self._prompt_encoder(clip_skip)
+        return prompts.text_condition(prompt, prompt_2, prompt_3, max_sequence_length=max_sequence_length)
+
+    def _prompt_encoder(self, clip_skip: int | None) -> PromptEncoder:
+        """The prompt encoder, with ``clip_skip`` set on its CLIP encoders (``TextEncoder.with_clip_skip``; the
+        weights and compiled encoders are shared)."""
+        if clip_skip is None:
+            return self._prompts
+        if self._encoders and not any(e.is_clip for e in self._encoders.values()):
+            raise ValueError(
+                f"clip_skip={clip_skip!r} applies to CLIP text encoders; a {self.family.display_name} model reads "
+                f"prompts with {sorted(self._encoders)}"
+            )
+        encoders = {k: e.with_clip_skip(clip_skip) if e.is_clip else e for k, e in self._encoders.items()}
+        return PromptEncoder(self.model_config, encoders, max_sequence_length=self._prompts.max_sequence_length,
+                             source=self.source)  # fmt: skip
 
     def _join(self, features: dict[str, dict[str, np.ndarray]], length: int) -> dict[str, np.ndarray]:
         """``family.text_condition`` of the slots' features, as numpy arrays."""
@@ -323,6 +440,52 @@ class TextToImagePipeline(SamplingPipeline):
 
     # ---- conditions ----------------------------------------------------------------------------------------------
 
+    def _embeds_condition(
+        self, keys: EmbedsKeys, embeds: Any, pooled: Any, mask: Any, name: str
+    ) -> dict[str, np.ndarray]:
+        """Precomputed ``{name}_embeds`` and their pooled vector (and mask, for a model that takes one) as the
+        model's text inputs (``keys``), checked."""
+        pooled_name = name.replace("prompt", "pooled_prompt") + "_embeds"
+        display = self.family.display_name
+        if pooled is None:
+            raise ValueError(
+                f"{name}_embeds need {pooled_name} as well: a {display} model takes a pooled text vector "
+                f"({keys.pooled!r}) beside the text sequence ({keys.sequence!r})"
+            )
+        if keys.mask is not None:
+            emb, m = self._check_embeds(embeds, mask, name)
+            cond = {keys.sequence: emb, keys.mask: m}
+        else:
+            if mask is not None:
+                raise ValueError(f"{name}_attention_mask does not apply: a {display} model takes no text mask")
+            emb = np.asarray(embeds, np.float32)
+            if emb.ndim != 3 or emb.shape[-1] != keys.width:
+                raise ValueError(f"{name}_embeds must be (B, L, {keys.width}), got shape {emb.shape}")
+            cond = {keys.sequence: emb}
+        vec = np.asarray(pooled, np.float32)
+        if vec.shape != (emb.shape[0], keys.pooled_width):
+            raise ValueError(
+                f"{pooled_name} must be ({emb.shape[0]}, {keys.pooled_width}) (one row per row of {name}_embeds "
+                f"{emb.shape}), got shape {vec.shape}"
+            )
+        cond[keys.pooled] = vec
+        return cond
+
+    def _negative_condition(self, negatives: dict[int, Any], n: int, length: int) -> dict[str, np.ndarray]:
+        """The text condition of the negative prompts (default ``""``; ``_2``/``_3`` default to the first), one or
+        ``n`` rows; without ``clip_skip``, as ``StableDiffusion3Pipeline.encode_prompt`` encodes them."""
+        first = "" if negatives[1] is None else negatives[1]
+        lists = {1: _as_list(first, "negative_prompt")}
+        for k in (2, 3):
+            lists[k] = lists[1] if negatives[k] is None else _as_list(negatives[k], f"negative_{PROMPT_NAMES[k]}")
+        for k, items in lists.items():
+            if len(items) not in (1, n):
+                name = "negative_prompt" if k == 1 else f"negative_{PROMPT_NAMES[k]}"
+                raise ValueError(f"{name} has {len(items)} entries for {n} prompts")
+        rows = max(len(v) for v in lists.values())
+        lists = {k: v * rows if len(v) == 1 else v for k, v in lists.items()}
+        return self.text_condition(lists[1], lists[2], lists[3], max_sequence_length=length)
+
     def _conditions(
         self,
         prompts: dict[int, Any],
@@ -335,6 +498,9 @@ class TextToImagePipeline(SamplingPipeline):
         negative_condition: Any,
         max_sequence_length: int | None,
         null_caption: str | None,
+        pooled_prompt_embeds: Any = None,
+        negative_pooled_prompt_embeds: Any = None,
+        clip_skip: int | None = None,
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """``(cond, null)`` text inputs of the model (one row per prompt); ``null`` is empty without guidance."""
         cfg, family = self.model_config, self.family
@@ -343,9 +509,31 @@ class TextToImagePipeline(SamplingPipeline):
             raise ValueError("pass prompt or prompt_embeds, not both (or a precomputed condition= alone)")
         if not any(given):
             raise ValueError("pass prompt or prompt_embeds (or a precomputed condition=)")
+        if pooled_prompt_embeds is not None and prompt_embeds is None:
+            raise ValueError("pooled_prompt_embeds go with prompt_embeds: pass both")
+        if negative_pooled_prompt_embeds is not None and negative_prompt_embeds is None:
+            raise ValueError("negative_pooled_prompt_embeds go with negative_prompt_embeds: pass both")
+        keys = None
+        if prompt_embeds is not None or negative_prompt_embeds is not None:
+            keys = self.embeds_keys()
+            if keys.pooled is None and (pooled_prompt_embeds is not None or negative_pooled_prompt_embeds is not None):
+                name = "pooled_prompt_embeds" if pooled_prompt_embeds is not None else "negative_pooled_prompt_embeds"
+                raise ValueError(
+                    f"{name}: a {family.display_name} model takes no pooled text vector (its text inputs: "
+                    f"{', '.join(k for k in (keys.sequence, keys.mask) if k)}); pass prompt_embeds with "
+                    "prompt_attention_mask"
+                )
+        pooled = keys is not None and keys.pooled is not None  # embeddings with a pooled vector (SD3, Flux)
         length = self._length(max_sequence_length)
         if prompts[1] is not None:
-            cond = self.text_condition(prompts[1], prompts[2], prompts[3], max_sequence_length=length)
+            cond = self.text_condition(
+                prompts[1], prompts[2], prompts[3], max_sequence_length=length, clip_skip=clip_skip
+            )
+        elif prompt_embeds is not None and pooled:
+            cond = self._embeds_condition(keys, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask, "prompt")
+            tokens = cond[keys.sequence].shape[1] - keys.offset
+            if max_sequence_length is None and tokens >= 1:  # negative prompts are encoded to the embeddings' length
+                length = tokens
         elif prompt_embeds is not None:
             slot = self._one_slot("prompt_embeds")
             emb, mask = self._check_embeds(prompt_embeds, prompt_attention_mask, "prompt")
@@ -355,6 +543,7 @@ class TextToImagePipeline(SamplingPipeline):
             cond = self._check_condition(condition, "condition")
         n = _rows(cond)
         null: dict[str, Any] = {}
+        encoded_negative = False
         if null_caption == "learned":
             null_length = family.learned_null_length(cfg)
             if null_length is None:
@@ -375,6 +564,16 @@ class TextToImagePipeline(SamplingPipeline):
         elif null_caption == "negative":
             if negative_condition is not None:
                 null = self._check_condition(negative_condition, "negative_condition")
+            elif negative_prompt_embeds is not None and pooled:
+                null = self._embeds_condition(
+                    keys,
+                    negative_prompt_embeds,
+                    negative_pooled_prompt_embeds,
+                    negative_prompt_attention_mask,
+                    "negative_prompt",
+                )
+                if _rows(null) not in (1, n):
+                    raise ValueError(f"negative_prompt_embeds have {_rows(null)} rows for {n} prompts (give 1 or {n})")
             elif negative_prompt_embeds is not None:
                 slot = self._one_slot("negative_prompt_embeds")
                 neg, neg_mask = self._check_embeds(
@@ -387,25 +586,26 @@ class TextToImagePipeline(SamplingPipeline):
                     )
                 null = self._join({slot.name: {"hidden": neg, "mask": neg_mask}}, length)
             else:
-                first = "" if negatives[1] is None else negatives[1]
-                lists = {1: _as_list(first, "negative_prompt")}
-                for k in (2, 3):
-                    lists[k] = (
-                        lists[1] if negatives[k] is None else _as_list(negatives[k], f"negative_{PROMPT_NAMES[k]}")
+                if prompt_embeds is not None and not self._encoders:
+                    what = "negative_pooled_prompt_embeds" if pooled else "negative_prompt_attention_mask"
+                    raise ValueError(
+                        f"{self.source or 'this pipeline'} has no text encoder for the negative prompt of guidance: "
+                        f"with prompt_embeds pass negative_prompt_embeds and {what}"
                     )
-                for k, items in lists.items():
-                    if len(items) not in (1, n):
-                        name = "negative_prompt" if k == 1 else f"negative_{PROMPT_NAMES[k]}"
-                        raise ValueError(f"{name} has {len(items)} entries for {n} prompts")
-                rows = max(len(v) for v in lists.values())
-                lists = {k: v * rows if len(v) == 1 else v for k, v in lists.items()}
-                null = self.text_condition(lists[1], lists[2], lists[3], max_sequence_length=length)
+                null = self._negative_condition(negatives, n, length)
+                encoded_negative = True
             null = _repeat_rows(null, n)
             for k in sorted(set(cond) | set(null)):
                 if k not in cond or k not in null or np.shape(null[k]) != np.shape(cond[k]):
+                    hint = ""
+                    if encoded_negative and prompt_embeds is not None:
+                        hint = (
+                            f" (negative_prompt was encoded with max_sequence_length={length}: pass the "
+                            "max_sequence_length prompt_embeds were encoded with, or negative_prompt_embeds)"
+                        )
                     raise ValueError(
                         f"the negative condition's {k!r} has shape {np.shape(null.get(k))} but the prompt's has "
-                        f"{np.shape(cond.get(k))}"
+                        f"{np.shape(cond.get(k))}{hint}"
                     )
         return cond, null
 
@@ -469,6 +669,9 @@ class TextToImagePipeline(SamplingPipeline):
         prompt_attention_mask: Any = None,
         negative_prompt_embeds: Any = None,
         negative_prompt_attention_mask: Any = None,
+        pooled_prompt_embeds: Any = None,
+        negative_pooled_prompt_embeds: Any = None,
+        clip_skip: int | None = None,
         condition: Mapping[str, Any] | None = None,
         negative_condition: Mapping[str, Any] | None = None,
         use_resolution_binning: bool | None = None,
@@ -485,16 +688,21 @@ class TextToImagePipeline(SamplingPipeline):
         (``"pil"``) or the final latents (B, h, w, C) at the sampled (binned) size (``"latent"``).
 
         Give ``prompt`` (with ``prompt_2``/``prompt_3`` for the family's second and third text encoders; they default
-        to ``prompt``), or for one-encoder models ``prompt_embeds`` + ``prompt_attention_mask`` (e.g. from
-        ``encode_prompt``), or ``condition`` (the model's text inputs, e.g. from ``text_condition``).
+        to ``prompt``), or precomputed ``prompt_embeds`` (e.g. from ``encode_prompt``) with ``prompt_attention_mask``
+        (one-encoder models: PixArt) or with ``pooled_prompt_embeds`` (models with a pooled text vector: SD3, Flux,
+        as their diffusers pipelines), or ``condition`` (the model's text inputs, e.g. from ``text_condition``).
         Guidance: classifier-free at ``guidance_scale > 1`` against ``negative_prompt`` (default ``""``; ``_2``/``_3``
-        default to it) or ``negative_prompt_embeds`` + mask or ``negative_condition`` (PixArt, SD3). Models and
-        families with embedded guidance (Flux) take ``guidance_scale`` as an input (when the model has one) and run
+        default to it; with ``prompt_embeds`` it is encoded to their length unless ``max_sequence_length`` is given)
+        or ``negative_prompt_embeds`` + mask or + ``negative_pooled_prompt_embeds`` or ``negative_condition``. Models
+        and families with embedded guidance (Flux) take ``guidance_scale`` as an input (when the model has one) and run
         classifier-free guidance only at ``true_cfg_scale > 1`` with a negative prompt, as ``FluxPipeline``.
         ``null_caption="learned"`` uses the model's learned null caption with the prompt's mask (original PixArt-α).
         ``skip_guidance_layers`` (SD3.5-medium: [7, 8, 9]) adds skip-layer guidance while guided, with
         ``skip_layer_guidance_scale`` (2.8) between ``skip_layer_guidance_start`` (0.01) and ``_stop`` (0.2) of the
         steps, as ``StableDiffusion3Pipeline``.
+        ``clip_skip`` (SD3): the prompts' CLIP features are ``hidden_states[-(clip_skip + 2)]`` of both CLIP encoders
+        instead of ``hidden_states[-2]``, as ``StableDiffusion3Pipeline``, which encodes the negative prompts without
+        it (no effect on features a family does not read, e.g. Flux's pooled CLIP vector, nor on embeddings).
         ``latents``: initial noise (B, h, w, C) NHWC at the sampled size, else drawn from ``seed``.
         ``sampler_options`` go to ``dit_jax.diffusion.sample`` (e.g. ``variant="dpm_solver"``, ``eta=``); they win
         over the family's per-request options (``request_options``).
@@ -558,6 +766,9 @@ class TextToImagePipeline(SamplingPipeline):
             negative_condition,
             max_sequence_length,
             null_caption if guided else None,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            clip_skip=clip_skip,
         )
         n = _rows(cond)
         if embedded:  # the guidance scale is a model input (guidance distillation)
