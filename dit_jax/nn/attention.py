@@ -3,6 +3,11 @@
 Layouts are ``B T H D`` (batch, tokens, heads, head_dim) as in ``jax.nn.dot_product_attention``. The softmax scale is
 always ``head_dim ** -0.5`` of the *true* head_dim, so kernels that need a padded head_dim (TPU: multiples of 128)
 stay exact when the padding is zeros.
+
+Backends: ``dense`` materialises the (B, H, T, S) logits (the reference); ``blockwise`` runs an online softmax over
+key/value blocks with O(T × chunk) memory forward and backward (``dit_jax.nn.blockwise``); ``xla`` is the portable
+choice: ``dense`` below ``BLOCKWISE_MIN_LOGITS`` logits per head, ``blockwise`` from there; ``cudnn`` is cuDNN flash
+attention (GPU, bf16/fp16); ``auto`` takes cuDNN where it applies, else ``xla``.
 """
 
 from collections.abc import Callable, Sequence
@@ -12,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dit_jax.nn.blockwise import blockwise_attention
 from dit_jax.nn.layers import LayerNorm, dense, partitioned, zeros
 from dit_jax.parallel.rules import constrain
 
@@ -42,7 +48,12 @@ def joint_attention(
     return jnp.split(out, bounds, axis=1)
 
 
-def _xla_attention(q, k, v, mask, scale):
+# T × S at and above which the portable path runs blockwise: at 1,024 tokens it is already faster than the dense
+# path on XLA:CPU (BENCHMARKS.md), and beyond it the dense logits grow quadratically
+BLOCKWISE_MIN_LOGITS = 1024 * 1024
+
+
+def _dense_attention(q, k, v, mask, scale):
     logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
@@ -59,6 +70,14 @@ def _cudnn_attention(q, k, v, mask, scale):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
 
 
+def _xla_attention(q, k, v, mask, scale):
+    if q.shape[1] * k.shape[1] >= BLOCKWISE_MIN_LOGITS:
+        return blockwise_attention(q, k, v, mask, scale)
+    return _dense_attention(q, k, v, mask, scale)
+
+
+register_backend("dense", _dense_attention)
+register_backend("blockwise", blockwise_attention)
 register_backend("xla", _xla_attention)
 register_backend("cudnn", _cudnn_attention)
 
@@ -87,8 +106,9 @@ def dot_product_attention(
     """Multi-head attention ``softmax(q kᵀ · scale) v``.
 
     q: B T H D; k, v: B S H D; mask: None, a key mask ``(B, S)`` (1 = keep) or a bool array broadcastable to
-    ``(B, H, T, S)``. ``backend``: ``auto`` (cuDNN flash attention on GPU in bf16/fp16, else XLA), ``xla``,
-    ``cudnn`` or any registered name.
+    ``(B, H, T, S)``. ``backend``: ``auto`` (cuDNN flash attention on GPU in bf16/fp16, else ``xla``), ``xla``
+    (dense below ``BLOCKWISE_MIN_LOGITS``, else blockwise), ``dense``, ``blockwise``, ``cudnn`` or any registered
+    name (see the module docstring).
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
