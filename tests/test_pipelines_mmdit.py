@@ -397,6 +397,35 @@ def test_model_directory_with_text_encoders(folders, loaded, tmp_path):
         pipelines.load(tmp_path / "model", vae=folder / "vae")
 
 
+def test_stability_single_file_with_text_encoder_folders(folders, monkeypatch, tmp_path):
+    """A Stability single file (``model.diffusion_model.*`` beside the LDM VAE under ``first_stage_model.``) loads
+    without ``vae=``, its text encoders from a pipeline folder: the same images as diffusers with those weights. (The
+    VAE has 32 groups per norm, the LDM default: the file cannot tell norm_num_groups.)"""
+    from diffusers import AutoencoderKL, StableDiffusion3Pipeline
+    from safetensors.numpy import save_file
+
+    from dit_jax.convert import to_torch
+
+    folder, torch_pipe = folders["sd3"]
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**{**VAE, "block_out_channels": (32, 32), "norm_num_groups": 32}, **VAE_FACTORS["sd3"]).eval()
+    with torch.no_grad():
+        randomize_encoder_(vae, seed=11)
+        vae.decoder.conv_out.weight.mul_(0.1)
+    vae_folder = tmp_path / "vae"
+    vae.save_pretrained(vae_folder)
+    config, params = from_torch(folder / "transformer")
+    vae_config, vae_params = from_torch(vae_folder)
+    sd = {f"model.diffusion_model.{k}": v for k, v in to_torch(config, params, format="original").items()}
+    sd.update({f"first_stage_model.{k}": v for k, v in to_torch(vae_config, vae_params, format="original").items()})
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(tmp_path / "sd3_tiny.safetensors"))
+    pipe = pipelines.load(tmp_path / "sd3_tiny.safetensors", text_encoder=folder)
+    assert pipe.vae_config.scaling_factor == pytest.approx(1.5305) and pipe.method == "euler"
+    reference = StableDiffusion3Pipeline(**{**torch_pipe.components, "vae": vae})
+    reference.set_progress_bar_config(disable=True)
+    compare("SD3 single file + text encoder folders", pipe, reference, monkeypatch)
+
+
 def test_cli_flux_prompt_2_and_true_cfg_error(folders, loaded, tmp_path, capsys):
     """``python -m dit_jax.sample`` on the Flux-dev folder: ``--prompt-2``, ``--guidance`` (embedded) and
     ``--max-sequence-length`` give the in-process pipeline's images; ``--true-cfg`` on SD3 is one error line."""

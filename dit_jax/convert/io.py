@@ -57,24 +57,56 @@ def to_float32(x: Any) -> Array:
 # ---- reading -----------------------------------------------------------------------------------------------------
 
 
-def read_safetensors(path: str | os.PathLike) -> StateDict:
-    """A ``.safetensors`` file → float32 numpy arrays, without torch. Truncated/corrupt files raise naming the file."""
-    import safetensors
-
-    path = Path(path)
+def safetensors_keys(path: str | os.PathLike) -> list[str]:
+    """The tensor names of a ``.safetensors`` file, from its header alone ([] if it is not one)."""
     try:
-        data = path.read_bytes()
-        tensors = safetensors.deserialize(data)
-    except FileNotFoundError:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= os.path.getsize(path) - 8:
+                return []
+            header = json.loads(f.read(size))
+    except (OSError, ValueError):
+        return []
+    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
+
+
+def read_safetensors(path: str | os.PathLike) -> StateDict:
+    """A ``.safetensors`` file → float32 numpy arrays, without torch. The file is memory-mapped and read tensor by
+    tensor (a 24 GB bf16 checkpoint costs its float32 copy, not another 24 GB of bytes first). Truncated/corrupt files
+    raise naming the file."""
+    path = Path(path)
+
+    def corrupt(why: str) -> ConversionError:
+        return ConversionError(f"{path}: not a readable safetensors file (truncated or corrupt?): {why}")
+
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= os.path.getsize(path) - 8:
+                raise corrupt(f"header length {size} does not fit the file")
+            header = json.loads(f.read(size))
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size) if os.path.getsize(path) > 8 + size else None
+    except (FileNotFoundError, ConversionError):
         raise
-    except Exception as e:  # SafetensorError, header JSON errors, …
-        raise ConversionError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+    except Exception as e:  # bad JSON, unreadable file, …
+        raise corrupt(str(e)) from e
+    if not isinstance(header, dict):
+        raise corrupt("the header is not a JSON object")
     out: StateDict = {}
-    for name, spec in tensors:
-        dtype = _ST_DTYPES.get(spec["dtype"])
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = _ST_DTYPES.get(spec["dtype"]), tuple(spec["shape"]), spec["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise corrupt(f"bad entry for tensor {name!r}: {spec!r}") from e
         if dtype is None:
             raise ConversionError(f"{path}: tensor {name!r} has unsupported dtype {spec['dtype']}")
-        out[name] = to_float32(np.frombuffer(spec["data"], dtype=dtype).reshape(spec["shape"]))
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if end - begin != nbytes or end > (0 if data is None else data.size):
+            raise corrupt(f"tensor {name!r} ({spec['dtype']} {list(shape)}) lies outside the data")
+        raw = data[begin:end] if nbytes else np.zeros(0, np.uint8)
+        out[name] = to_float32(raw.view(dtype).reshape(shape))
     return out
 
 

@@ -13,8 +13,10 @@ family (``dit_jax.models.family``). Defaults per source (what the matching PyTor
                              ``text_encoder{,_2,_3}``/``tokenizer{,_2,_3}``, T5 optional; ``FluxPipeline``: CLIP, T5)
                              with the family's defaults (SD3: 28 steps, CFG 7, 256 T5 tokens; Flux: 28 steps,
                              embedded guidance 3.5, 512 T5 tokens)
-  model directory / torch    ``vae=`` is required for a latent model; the sampler is the DDIM scheduler that the
-                             diffusers DiT converter writes (linear betas, ε, no clipping): 50 steps, guidance 4.0.
+  model directory / torch    ``vae=`` is required for a latent model, except for a Stability single file that holds
+                             the VAE (``first_stage_model.*``: SD3/SD3.5 files); the sampler is the DDIM scheduler
+                             that the diffusers DiT converter writes (linear betas, ε, no clipping): 50 steps,
+                             guidance 4.0.
                              A PixArt also needs ``text_encoder=`` (a T5 folder or a pipeline folder) and gets the
                              diffusers PixArt converters' DPM-Solver++ (linear betas): 20 steps, guidance 4.5
   training workdir           the latest checkpoint's EMA params; schedule, sampler, steps and guidance from the
@@ -81,6 +83,19 @@ def _from_torch(path: Path, overrides: dict[str, Any]) -> tuple[ModelConfig, Any
 
 
 # ---- VAE -------------------------------------------------------------------------------------------------------
+
+
+def _bundled_vae(path: Path) -> Path | None:
+    """``path`` itself when it is a single-file checkpoint that also holds the VAE (Stability's
+    ``first_stage_model.*``), so that it needs no ``vae=``; else None."""
+    from dit_jax.convert import io
+    from dit_jax.convert.vae import detect as detect_vae
+
+    if path.is_file() and path.suffix == ".safetensors":
+        keys = io.safetensors_keys(path)
+        if any(k.startswith("first_stage_model.") for k in keys) and detect_vae(keys) is not None:
+            return path
+    return None
 
 
 def load_vae(vae: Any) -> tuple[VAEConfig, Any]:
@@ -285,7 +300,7 @@ def load(
             )
         else:
             config, params = _from_torch(path, model_overrides)
-        spec = dict(config=config, params=params, vae=None, needs_vae=None)
+        spec = dict(config=config, params=params, vae=_bundled_vae(path), needs_vae=None)
         if family_of(config).task:
             family = family_of(config)
             spec.update(family.sampling_for(config), scheduler_config=dict(family.scheduler_config_for(config)))
