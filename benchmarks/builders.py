@@ -30,7 +30,7 @@ def randomize_zeros(params, seed: int = 0, std: float = 0.02):
 
 
 def jax_model_params(config, seed: int = 0):
-    """Random float32 parameters of a DiT/PixArt config (no all-zero layers)."""
+    """Random float32 parameters of a model config (any family; no all-zero layers)."""
     return randomize_zeros(models.init_params(config, seed), seed)
 
 
@@ -54,13 +54,15 @@ def _load(module, state_dict, device: str, dtype):
 
 
 def torch_transformer(config, params, device: str, dtype):
-    """The diffusers ``DiTTransformer2DModel``/``PixArtTransformer2DModel`` of ``config`` holding ``params``."""
-    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
+    """The diffusers transformer of ``config`` holding ``params``: the class its diffusers config names
+    (``DiTTransformer2DModel``, ``PixArtTransformer2DModel``, ``SD3Transformer2DModel``, ``FluxTransformer2DModel``)."""
+    import diffusers
 
     from dit_jax.convert.api import diffusers_config, to_torch
 
-    cfg = {k: v for k, v in diffusers_config(config).items() if not k.startswith("_")}
-    cls = DiTTransformer2DModel if isinstance(config, models.DiTConfig) else PixArtTransformer2DModel
+    full = diffusers_config(config)
+    cls = getattr(diffusers, full["_class_name"])
+    cfg = {k: v for k, v in full.items() if not k.startswith("_")}
     with warnings.catch_warnings():  # DiT's original timestep frequencies vs diffusers': same cost, other numbers
         warnings.simplefilter("ignore")
         state_dict = to_torch(config, params, format="diffusers")

@@ -3,10 +3,20 @@
   python -m benchmarks.forward                      # all cases, bf16 on GPU / fp32 on CPU
   python -m benchmarks.forward --cases dit --batch 8
   python -m benchmarks.forward --cases kv --depth 4 # CPU: shallower models keep it within minutes
+  python -m benchmarks.forward --cases sd3 --depth 4 --sd3-sizes 512
+  python -m benchmarks.forward --cases flux --depth 1 --flux-sizes 512   # 1 double + 2 single blocks
 
 Cases: ``dit`` DiT-XL/2 at 256 and 512 px; ``pixart`` PixArt-Σ XL/2 at 1024 px (4,096 tokens) and 2K
 (16,384 tokens) with 300 caption tokens; ``kv`` PixArt-Σ with KV compression (R=2 on the deep half of the layers)
-against without, at 2K and 4K (65,536 tokens). One JSON line per case (see benchmarks/common.py).
+against without, at 2K and 4K (65,536 tokens); ``sd3`` SD3.5-medium (diffusers ``SD3Transformer2DModel``) and
+``flux`` FLUX.1-dev (``FluxTransformer2DModel``) at 512 and 1024 px, with their pipelines' text lengths (SD3: 77 CLIP +
+256 T5 tokens; Flux-dev: 512 T5 tokens) and σ = 0.5 (Flux-dev: embedded guidance 3.5). One JSON line per case (see
+benchmarks/common.py).
+
+``--depth`` shortens every model; SD3.5-medium then keeps its share of MMDiT-X dual-attention layers (13 of 24: the
+first round(depth·13/24)), FLUX.1-dev its 1:2 ratio of double to single blocks unless ``--depth-single`` is given.
+The sd3 and flux cases first run both sides once on the same inputs and record the largest output difference
+(``parity_*``; in fp32 a relative error above 1e-2 stops the run: the two models would not be the same).
 
 Both sides hold the same random weights (dit_jax parameters exported to the diffusers model through
 ``dit_jax.convert``, see benchmarks/builders.py) and are timed round-robin in one process. In bf16 both hold bf16
@@ -35,16 +45,42 @@ from benchmarks.common import (
     wait_quiet,
 )
 from dit_jax import models
+from dit_jax.models.family import family_of
 from dit_jax.models.flops import forward_flops
 
+TEXT_FAMILIES = ("sd3", "flux")  # text-to-image MM-DiTs: inputs from the family protocol, parity checked
+SIGMA = 0.5  # the noise level of the text cases: t = σ·1000 = 500, as the DiT/PixArt cases
+GUIDANCE = 3.5  # FLUX.1-dev's embedded guidance (FluxPipeline's default)
+PARITY_MAX_REL = 1e-2  # fp32: beyond this the two sides are not the same model
 PX = {"256": 32, "512": 64, "1024": 128, "1280": 160, "1536": 192, "2K": 256, "4K": 512}  # image size → latent size
 
 
-def jax_forward(config, batch: int, latent: int, caption: int = 300, params=None):
+def text_inputs(config, batch: int, latent: int, seed: int = 0) -> dict:
+    """One call's inputs (numpy, shared by both sides) for a text family: NHWC latents, the samplers' t = σ·1000 and
+    the family's condition at its pipeline's shapes (``condition_specs``), random text features, guidance 3.5."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, latent, latent, config.in_channels), dtype=np.float32)
+    cond = {}
+    for name, spec in family_of(config).condition_specs(config, batch).items():
+        if name == "guidance":
+            cond[name] = np.full(spec.shape, GUIDANCE, np.float32)
+        else:
+            cond[name] = rng.standard_normal(spec.shape, dtype=np.float32)
+    return {"x": x, "t": np.full((batch,), SIGMA * 1000, np.float32), "condition": cond}
+
+
+def jax_forward(config, batch: int, latent: int, caption: int = 300, params=None, inputs=None):
     model = models.build(config)
     params = jax.device_put(jax_model_params(config) if params is None else params)
     if config.dtype in ("bfloat16", "bf16"):
         params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    if config.family in TEXT_FAMILIES:  # the family's apply, as the samplers call it (Flux: σ = t/1000 inside)
+        inputs = text_inputs(config, batch, latent) if inputs is None else inputs
+        family = family_of(config)
+        x, t = jnp.asarray(inputs["x"]), jnp.asarray(inputs["t"])
+        cond = {k: jnp.asarray(v) for k, v in inputs["condition"].items()}
+        text_fn = jax.jit(lambda p, x, t, c: family.apply(model, p, x, t, c))
+        return lambda: text_fn(params, x, t, cond)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, latent, latent, config.in_channels)), jnp.float32)
     t = jnp.full((batch,), 500.0)
@@ -85,16 +121,87 @@ def torch_forward(config, params, batch: int, latent: int, dtype: str, caption: 
     return run
 
 
-def side_by_side(config, batch: int, latent: int, args) -> tuple[dict, dict | None, float]:
-    """``(jax timing, torch timing or None, load before)`` for one case, timed round-robin."""
-    load = wait_quiet(args.wait_quiet)
+def torch_text_forward(config, params, inputs: dict, dtype: str):
+    """``(run, to_nhwc)``: the diffusers SD3/Flux transformer on ``inputs`` as its pipeline calls it, and the map of
+    its output to our NHWC latents. SD3: NCHW latents, timestep σ·1000. Flux: latents packed by
+    ``FluxPipeline._pack_latents`` with its ``img_ids``/``txt_ids``, timestep σ in the latents' dtype, guidance
+    float32."""
+    import torch
+    from diffusers import FluxPipeline
+
+    device, tdtype = torch_device(), torch_dtype(dtype)
+    model = torch_transformer(config, params, device, tdtype).eval()
+    x, t, cond = inputs["x"], inputs["t"], inputs["condition"]
+    b, h, w, c = x.shape
+
+    def tensor(a, dt=tdtype):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device, dt)
+
+    latents = tensor(x.transpose(0, 3, 1, 2))  # B C H W
+    kwargs = dict(encoder_hidden_states=tensor(cond["context"]), pooled_projections=tensor(cond["pooled"]))
+    if config.family == "sd3":
+        kwargs.update(hidden_states=latents, timestep=tensor(t, torch.float32))
+
+        def to_nhwc(out):
+            return out.float().cpu().numpy().transpose(0, 2, 3, 1)
+    else:
+        kwargs.update(
+            hidden_states=FluxPipeline._pack_latents(latents, b, c, h, w),
+            timestep=tensor(t / 1000.0),
+            img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, tdtype),
+            txt_ids=torch.zeros(cond["context"].shape[1], 3, device=device, dtype=tdtype),
+            guidance=tensor(cond["guidance"], torch.float32) if "guidance" in cond else None,
+        )
+
+        def to_nhwc(out):  # _unpack_latents takes pixel sizes and the VAE factor (8)
+            return FluxPipeline._unpack_latents(out.float().cpu(), h * 8, w * 8, 8).numpy().transpose(0, 2, 3, 1)
+
+    def run():
+        with torch.inference_mode():
+            return model(**kwargs, return_dict=False)[0]
+
+    return run, to_nhwc
+
+
+def parity_fields(jax_out, torch_out: np.ndarray, dtype: str) -> dict:
+    """The largest |dit_jax − diffusers| over the output, absolute and relative to the largest |diffusers| value;
+    in fp32 a relative error above ``PARITY_MAX_REL`` is an error (the sides would not be the same model)."""
+    ours = np.asarray(jax_out, np.float32)
+    if ours.shape != torch_out.shape:
+        raise RuntimeError(f"output shapes differ: dit_jax {ours.shape}, diffusers {torch_out.shape}")
+    diff = float(np.max(np.abs(ours - torch_out)))
+    scale = float(np.max(np.abs(torch_out)))
+    rel = diff / scale
+    if dtype == "fp32" and not rel <= PARITY_MAX_REL:
+        raise RuntimeError(f"dit_jax and diffusers outputs differ: max abs diff {diff:.3g} of max |out| {scale:.3g}")
+    return {
+        "parity_max_abs_diff": float(f"{diff:.3g}"),
+        "parity_max_abs_out": round(scale, 3),
+        "parity_rel": float(f"{rel:.3g}"),
+    }
+
+
+def side_by_side(config, batch: int, latent: int, args) -> tuple[dict, dict | None, float, dict]:
+    """``(jax timing, torch timing or None, load before, parity fields)`` for one case, timed round-robin. Text
+    families share inputs across the sides and are checked for parity first (the call is also their compile)."""
+    load = wait_quiet(args.wait_quiet, timeout_s=args.wait_max)
     params = jax_model_params(config)
-    fns = {"jax": (jax_forward(config, batch, latent, params=params), jax_sync)}
-    if not args.no_torch:
-        fns["torch"] = (torch_forward(config, params, batch, latent, args.dtype), torch_sync)
+    parity = {}
+    if config.family in TEXT_FAMILIES:
+        inputs = text_inputs(config, batch, latent)
+        jax_fn = jax_forward(config, batch, latent, params=params, inputs=inputs)
+        fns = {"jax": (jax_fn, jax_sync)}
+        if not args.no_torch:
+            torch_fn, to_nhwc = torch_text_forward(config, params, inputs, args.dtype)
+            parity = parity_fields(jax_fn(), to_nhwc(torch_fn()), args.dtype)
+            fns["torch"] = (torch_fn, torch_sync)
+    else:
+        fns = {"jax": (jax_forward(config, batch, latent, params=params), jax_sync)}
+        if not args.no_torch:
+            fns["torch"] = (torch_forward(config, params, batch, latent, args.dtype), torch_sync)
     del params
     t = time_interleaved(fns, warmup=args.warmup, iters=args.iters)
-    return t["jax"], t.get("torch"), load
+    return t["jax"], t.get("torch"), load, parity
 
 
 def report(case, config, latent, batch, dtype, jax_t, torch_t=None, load=None, **extra):
@@ -118,10 +225,27 @@ def report(case, config, latent, batch, dtype, jax_t, torch_t=None, load=None, *
     emit({**rec, **extra})
 
 
+def text_preset(name: str, over: dict, depth_single: int | None = None):
+    """SD3.5-medium / FLUX.1-dev with ``over``; at a reduced ``depth`` SD3.5-medium keeps its share of MMDiT-X
+    dual-attention layers (the first round(depth · 13/24)) and Flux its 1:2 double:single ratio unless
+    ``depth_single`` is given."""
+    full = models.preset(name)
+    over = dict(over)
+    depth = over.get("depth", full.depth)
+    if full.family == "sd3":
+        n = round(depth * len(full.dual_attention_layers) / full.depth)
+        over["dual_attention_layers"] = tuple(range(min(n, depth)))
+    elif depth_single is not None or depth != full.depth:
+        over["depth_single"] = (
+            depth_single if depth_single is not None else round(depth * full.depth_single / full.depth)
+        )
+    return models.preset(name, **over)
+
+
 def main():
     on_gpu = on_accelerator()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="dit,pixart,kv")
+    ap.add_argument("--cases", default="dit,pixart,kv,sd3,flux")
     ap.add_argument("--dtype", default=default_dtype(), choices=["bf16", "fp32"])
     ap.add_argument("--batch", type=int, default=8 if on_gpu else 1)
     ap.add_argument("--depth", type=int, default=None, help="override depth (keeps CPU runs short)")
@@ -129,10 +253,14 @@ def main():
     ap.add_argument("--iters", type=int, default=10 if on_gpu else 3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--wait-quiet", type=float, default=None, help="before each case, wait for load average < X")
+    ap.add_argument("--wait-max", type=float, default=1800.0, help="--wait-quiet gives up after this many seconds")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--dit-sizes", default="256,512")
     ap.add_argument("--pixart-sizes", default="1024,2K")
     ap.add_argument("--kv-sizes", default="2K,4K")
+    ap.add_argument("--sd3-sizes", default="512,1024")
+    ap.add_argument("--flux-sizes", default="512,1024")
+    ap.add_argument("--depth-single", type=int, default=None, help="Flux single blocks (default: 2 × --depth)")
     args = ap.parse_args()
     over = {"dtype": "bfloat16" if args.dtype == "bf16" else "float32", "scan_blocks": args.scan}
     if args.depth:
@@ -144,20 +272,34 @@ def main():
         for size in args.dit_sizes.split(","):
             latent = PX[size]
             cfg = models.preset("DiT-XL/2", input_size=latent, **over)
-            j, t, load = side_by_side(cfg, args.batch, latent, args)
+            j, t, load, _ = side_by_side(cfg, args.batch, latent, args)
             report(f"DiT-XL/2 {size}px forward", cfg, latent, args.batch, args.dtype, j, t, load)
     if "pixart" in cases:
         for size in args.pixart_sizes.split(","):
             latent = PX[size]
             cfg = models.preset("PixArt-Sigma-XL-2-1024-MS", **over)
-            j, t, load = side_by_side(cfg, args.batch, latent, args)
+            j, t, load, _ = side_by_side(cfg, args.batch, latent, args)
             report(f"PixArt-Sigma-XL/2 {size} forward", cfg, latent, args.batch, args.dtype, j, t, load)
+    for fam, name in (("sd3", "SD3.5-medium"), ("flux", "FLUX.1-dev")):
+        if fam not in cases:
+            continue
+        cfg = text_preset(name, over, args.depth_single)
+        text = family_of(cfg).condition_specs(cfg, 1)["context"].shape[1]
+        for size in getattr(args, f"{fam}_sizes").split(","):
+            latent = PX[size]
+            j, t, load, parity = side_by_side(cfg, args.batch, latent, args)
+            extra = {"text_tokens": text, **parity}
+            if fam == "sd3":
+                extra["dual_attention_layers"] = list(cfg.dual_attention_layers)
+            else:
+                extra.update(depth_single=cfg.depth_single, guidance=GUIDANCE)
+            report(f"{name} {size} forward", cfg, latent, args.batch, args.dtype, j, t, load, **extra)
     if "kv" in cases:
         for size in args.kv_sizes.split(","):
             latent = PX[size]
             base = models.preset("PixArt-Sigma-XL-2-2K-MS", **over)
             kv = dataclasses.replace(base, kv_compress_layers=tuple(range(base.depth // 2, base.depth)))
-            load = wait_quiet(args.wait_quiet)
+            load = wait_quiet(args.wait_quiet, timeout_s=args.wait_max)
             t = time_interleaved(
                 {
                     "plain": (jax_forward(base, args.batch, latent), jax_sync),
