@@ -195,7 +195,11 @@ def test_unknown_preset():
         (DiTConfig, dict(depth=0), "depth=0 .*positive"),
         (DiTConfig, dict(dtype="float8"), "dtype='float8'"),
         (DiTConfig, dict(remat="everything"), "remat='everything'"),
-        (DiTConfig, dict(attention_backend="cudnnn"), r"attention_backend='cudnnn' .*\['auto', 'cudnn', 'xla'"),
+        (
+            DiTConfig,
+            dict(attention_backend="cudnnn"),
+            r"attention_backend='cudnnn' .*\['auto', 'blockwise', 'cudnn', 'dense', 'pallas', 'xla'",
+        ),
         (PixArtConfig, dict(attention_backend="flash"), "attention_backend='flash'"),
         (PixArtConfig, dict(kv_compress_op="max"), "kv_compress_op='max' .*'conv', 'avg', 'discard'"),
         (PixArtConfig, dict(kv_compress_ratio=1), "kv_compress_ratio=1 .*>= 2"),

@@ -7,9 +7,13 @@ stay exact when the padding is zeros.
 Backends: ``dense`` materialises the (B, H, T, S) logits (the reference); ``blockwise`` runs an online softmax over
 key/value blocks with O(T × chunk) memory forward and backward (``dit_jax.nn.blockwise``); ``xla`` is the portable
 choice: ``dense`` below ``BLOCKWISE_MIN_LOGITS`` logits per head, ``blockwise`` from there; ``cudnn`` is cuDNN flash
-attention (GPU, bf16/fp16); ``auto`` takes cuDNN where it applies, else ``xla``.
+attention (GPU, bf16/fp16); ``pallas`` is a Pallas flash-attention kernel for TPU at the true head_dim (64, 72, 88,
+128 without padding it to 128; ``dit_jax.nn.pallas_attention``, interpreted elsewhere); ``auto`` takes ``pallas`` on
+TPU, cuDNN on GPU where it applies, else ``xla``. Under a mesh whose ``sequence`` axis
+splits the tokens, every backend runs sequence-parallel (Ulysses or ring, ``dit_jax.parallel.sequence``).
 """
 
+import functools
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -19,6 +23,8 @@ import numpy as np
 
 from dit_jax.nn.blockwise import blockwise_attention
 from dit_jax.nn.layers import LayerNorm, dense, partitioned, zeros
+from dit_jax.nn.pallas_attention import pallas_attention
+from dit_jax.parallel import sequence
 from dit_jax.parallel.rules import constrain
 
 # backend(q, k, v, mask, scale) -> out; mask is None or bool broadcastable to (B, H, T, S), True = attend.
@@ -80,10 +86,13 @@ register_backend("dense", _dense_attention)
 register_backend("blockwise", blockwise_attention)
 register_backend("xla", _xla_attention)
 register_backend("cudnn", _cudnn_attention)
+register_backend("pallas", pallas_attention)
 
 
 def _auto_backend(q: jax.Array) -> str:
     head_dim = q.shape[-1]
+    if jax.default_backend() == "tpu":
+        return "pallas"
     if (
         jax.default_backend() == "gpu"
         and q.dtype in (jnp.bfloat16, jnp.float16)
@@ -102,13 +111,17 @@ def dot_product_attention(
     *,
     backend: str = "auto",
     scale: float | None = None,
+    kv_sharded: bool = True,
 ) -> jax.Array:
     """Multi-head attention ``softmax(q kᵀ · scale) v``.
 
     q: B T H D; k, v: B S H D; mask: None, a key mask ``(B, S)`` (1 = keep) or a bool array broadcastable to
-    ``(B, H, T, S)``. ``backend``: ``auto`` (cuDNN flash attention on GPU in bf16/fp16, else ``xla``), ``xla``
-    (dense below ``BLOCKWISE_MIN_LOGITS``, else blockwise), ``dense``, ``blockwise``, ``cudnn`` or any registered
-    name (see the module docstring).
+    ``(B, H, T, S)``. ``backend``: ``auto`` (Pallas on TPU, cuDNN flash attention on GPU in bf16/fp16, else ``xla``),
+    ``xla`` (dense below ``BLOCKWISE_MIN_LOGITS``, else blockwise), ``dense``, ``blockwise``, ``cudnn``, ``pallas`` or
+    any registered name (see the module docstring). When the mesh in context splits tokens (``act_length``) over
+    devices, the backend runs sequence-parallel (``dit_jax.parallel.sequence``); ``kv_sharded=False`` marks keys that
+    are a short context held whole on every device (cross-attention) rather than a token stream split like the
+    queries.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
@@ -116,6 +129,14 @@ def dot_product_attention(
         mask = mask.astype(bool)
         if mask.ndim == 2:  # key padding mask (B, S)
             mask = mask[:, None, None, :]
+    if backend != "auto" and backend not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; available: {available_backends()}")
+    local = functools.partial(_local_attention, backend)
+    return sequence.attention(local, q, k, v, mask, scale, kv_sharded=kv_sharded)
+
+
+def _local_attention(backend: str, q, k, v, mask, scale):
+    """The backend on the arrays as given (each device's part under sequence parallelism)."""
     if backend == "auto":
         name = _auto_backend(q)
         if name != "xla":
@@ -124,8 +145,6 @@ def dot_product_attention(
             except (NotImplementedError, ValueError, RuntimeError):
                 pass  # unsupported shape/version: fall back to the portable path
         return _xla_attention(q, k, v, mask, scale)
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; available: {available_backends()}")
     return _BACKENDS[backend](q, k, v, mask, scale)
 
 
@@ -247,6 +266,6 @@ class CrossAttention(nn.Module):
             dtype=self.dtype,
             name="kv",
         )(context)  # B L 2 H Dh
-        out = dot_product_attention(q, kv[:, :, 0], kv[:, :, 1], mask, backend=self.backend)
+        out = dot_product_attention(q, kv[:, :, 0], kv[:, :, 1], mask, backend=self.backend, kv_sharded=False)
         init = zeros if self.zero_init_proj else None
         return dense(d, ("heads", "kv", "embed"), dtype=self.dtype, axis=(-2, -1), kernel_init=init, name="proj")(out)

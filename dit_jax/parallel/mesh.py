@@ -1,8 +1,14 @@
-"""Device meshes from a config (axes ``data``, ``fsdp``, ``tensor``), multi-host start-up, and global batches.
+"""Device meshes from a config (axes ``data``, ``fsdp``, ``sequence``, ``tensor``), multi-host start-up, and global
+batches.
 
-``config.mesh = dict(data=-1, fsdp=1, tensor=1)``: one entry may be −1 and takes the remaining devices; the product
-must equal the device count. For multi-slice pods ``config.dcn_mesh`` gives the across-slice factors (the mesh is
-then ICI × DCN per axis, built with ``mesh_utils.create_hybrid_device_mesh``).
+``config.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)``: one entry may be −1 and takes the remaining devices;
+an axis left out has size 1; the product must equal the device count. The batch is split over ``data`` × ``fsdp``,
+parameters over ``fsdp`` (and ``tensor``), tokens over ``sequence`` (sequence-parallel attention,
+``dit_jax.parallel.sequence``), heads and MLP widths over ``tensor``. Axes are listed outermost first: ``tensor``
+and ``sequence``, which exchange activations in every layer, are innermost (nearest devices, one process).
+
+For multi-slice pods ``config.dcn_mesh`` gives the across-slice factors (the mesh is then ICI × DCN per axis, built
+with ``mesh_utils.create_hybrid_device_mesh``).
 """
 
 import math
@@ -18,7 +24,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 
 def resolve_mesh_shape(mesh_config: Mapping[str, int], num_devices: int, *, what: str = "mesh") -> dict[str, int]:
@@ -82,8 +88,8 @@ def create_mesh(
 
 
 def describe_mesh(mesh: Mesh) -> str:
-    """``data=4 fsdp=2 tensor=1 (8 devices, 2 processes, cpu)``."""
-    axes = " ".join(f"{name}={size}" for name, size in mesh.shape.items())
+    """``data=4 fsdp=2 tensor=1 (8 devices, 2 processes, cpu)``; ``sequence`` is shown when it splits tokens."""
+    axes = " ".join(f"{name}={size}" for name, size in mesh.shape.items() if name != "sequence" or size > 1)
     return f"{axes} ({mesh.size} devices, {jax.process_count()} processes, {mesh.devices.flat[0].platform})"
 
 

@@ -1,4 +1,4 @@
-"""Logical axis names and their default mapping onto the mesh axes ``data``, ``fsdp`` and ``tensor``.
+"""Logical axis names and their default mapping onto the mesh axes ``data``, ``fsdp``, ``sequence`` and ``tensor``.
 
 Every parameter in ``dit_jax`` carries logical names (``nn.with_logical_partitioning``) and activations are
 constrained with the ``act_*`` names at block boundaries. Which mesh axis a logical name lands on is decided
@@ -19,11 +19,17 @@ Parameter names:
               parameters are small next to their activations
 Activation names:
   act_batch, act_length, act_embed, act_heads, act_mlp, act_kv
+  act_length (image/joint tokens) lands on ``sequence``: with a ``sequence`` axis of n > 1 devices attention runs
+  sequence-parallel (``dit_jax.parallel.sequence``); of size 1 it changes nothing.
+
+A rule naming a mesh axis that the mesh in context lacks (e.g. the sampling pipelines' meshes have no ``sequence``)
+is ignored by ``constrain``.
 """
 
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
@@ -43,7 +49,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("channels", None),
     # activations
     ("act_batch", ("data", "fsdp")),
-    ("act_length", None),
+    ("act_length", "sequence"),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
@@ -61,5 +67,17 @@ def logical_rules(overrides: Rules | None = None) -> tuple[tuple[str, str | tupl
 
 
 def constrain(x, names: tuple[str | None, ...]):
-    """Constrain an activation to logical axis names (a no-op without a mesh and rules in context)."""
-    return nn.with_logical_constraint(x, names)
+    """Constrain an activation to logical axis names (a no-op without a mesh and rules in context); mesh axes the
+    mesh in context does not have are left out."""
+    rules = nn.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules and not mesh.empty:
+        rules = tuple((name, _present(axes, mesh.axis_names)) for name, axes in rules)
+    return nn.with_logical_constraint(x, names, rules=rules)
+
+
+def _present(axes: str | tuple[str, ...] | None, mesh_axes: Sequence[str]) -> str | tuple[str, ...] | None:
+    if isinstance(axes, str):
+        return axes if axes in mesh_axes else None
+    kept = tuple(a for a in axes or () if a in mesh_axes)
+    return kept or None

@@ -54,8 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample_every = 0  # 0: only at the end when sample.enabled
     c.nan_guard_limit = 20  # consecutive non-finite steps before saving and stopping
     # device mesh over all processes; −1 takes the remaining devices. dcn_mesh: across-slice factors (multi-slice).
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.dcn_mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+    # sequence > 1 splits tokens for sequence-parallel attention (dit_jax.parallel.sequence)
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1))
+    c.dcn_mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, sequence=1, tensor=1))
     c.logical_axis_rules = ()  # overrides of dit_jax.parallel.DEFAULT_RULES, e.g. (("embed", None),)
     # start from another run or a model directory (fine-tuning stages); the model may add KV compression
     c.init_from = ml_collections.ConfigDict(dict(workdir="", model_dir="", step=-1, use_ema=True))
