@@ -132,6 +132,8 @@ def test_nan_guard_saves_and_stops(tmp_path):
         ("mesh", dict(data=-1, fsdp=3, tensor=1), "does not divide 8"),
         ("mesh", dict(data=2, pipeline=4), "unknown axes"),
         ("objective", "diffusion", "config.objective='diffusion' is invalid"),
+        ("sequence_mode", "zigzag", "config.sequence_mode='zigzag' is invalid"),
+        ("condition_inputs", dict(guidance="high"), "config.condition_inputs.guidance='high' is invalid"),
         ("batch_size", 0, "config.batch_size=0 is invalid"),
         ("optimizer", dict(name="sgd"), "config.optimizer.name='sgd' is invalid"),
         ("model", dict(name="DiT-XS/2"), "unknown model preset"),

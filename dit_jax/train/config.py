@@ -58,6 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1))
     c.dcn_mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, sequence=1, tensor=1))
     c.logical_axis_rules = ()  # overrides of dit_jax.parallel.DEFAULT_RULES, e.g. (("embed", None),)
+    # attention over a mesh with sequence > 1: "auto" (Ulysses when the heads divide, else ring), "ulysses", "ring"
+    c.sequence_mode = "auto"
     # start from another run or a model directory (fine-tuning stages); the model may add KV compression
     c.init_from = ml_collections.ConfigDict(dict(workdir="", model_dir="", step=-1, use_ema=True))
     # sample grids (and the defaults of python -m dit_jax.evaluate)
@@ -149,6 +151,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key, value in dict(config.get("condition_inputs") or {}).items():
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _bad(f"condition_inputs.{key}", value, "a number (one value for every training example)")
+    from dit_jax.parallel.sequence import SEQUENCE_MODES
+
+    if config.get("sequence_mode", "auto") not in SEQUENCE_MODES:
+        raise _bad("sequence_mode", config.sequence_mode, f"one of {SEQUENCE_MODES}")
     if config.init_from.get("workdir") and config.init_from.get("model_dir"):
         raise _bad("init_from", dict(config.init_from), "at most one of workdir and model_dir")
 

@@ -35,6 +35,7 @@ from dit_jax.parallel.mesh import (
     example_order,
     global_batch,
 )
+from dit_jax.parallel.sequence import sequence_mode
 from dit_jax.train import config as config_lib
 from dit_jax.train.checkpoints import Checkpointer
 from dit_jax.train.init_from import initial_params
@@ -191,7 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         os.makedirs(workdir, exist_ok=True)
     config_json = config_lib.config_dict(config)
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), sequence_mode(config.sequence_mode):
         check_batch_layout(mesh)
         step_cfg = dataclasses.replace(step_cfg, example_order=example_order(mesh, config.batch_size))
         logging.info("mesh: %s", describe_mesh(mesh))
