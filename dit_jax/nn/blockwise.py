@@ -16,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-Q_CHUNK = 1024  # query rows per block
+Q_CHUNK = 256  # query rows per block (XLA:CPU: (B, H, 256, 512) fp32 logits stay near the caches)
 KV_CHUNK = 512  # key/value rows per block
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
