@@ -15,12 +15,13 @@ Command:
   python -m dit_jax.train --config configs/flux_dev_finetune.py --workdir runs/flux_dev_finetune \
       --config.init_from.model_dir=models/flux1_dev   # from `python -m dit_jax.convert flux1-dev.safetensors ...`
 Hardware: 11.9B parameters with fp32 params, two AdamW moments and the EMA are 190 GB of state, so full fine-tuning
-needs a pod slice with FSDP: `python -m dit_jax.plan --config configs/flux_dev_finetune.py --topology v4-64
---config.mesh.fsdp=32` compiles the step for the slice from a CPU host and reports the memory per chip (BENCHMARKS.md
-records the slices that fit).
+needs a pod slice with FSDP. Compiled ahead of time with `python -m dit_jax.plan` (BENCHMARKS.md): v4-64 (32 chips,
+fsdp=32, batch 32) at 11.2 GiB per chip; v4-32 (16 chips) at 18.7 GiB with batch 16; v5p-8 (4 chips, fsdp=4) at 65
+GiB of 96 with batch 4. E.g. `python -m dit_jax.plan --config configs/flux_dev_finetune.py --topology v5p-8
+--config.mesh.fsdp=4 --config.batch_size=4`.
 Expected time and result (not measured here; estimates): one 1024 px step costs 3 × 74.4 TFLOPs per image (analytic,
-4,096 image + 512 text tokens; full remat adds one more forward), so 5K steps at batch 32 ≈ 3.6e19 model FLOPs, about
-3.2 h on a TPU v4-64 (32 chips) at 35% MFU. Fine-tuning quality depends on the data.
+4,096 image + 512 text tokens; full remat adds one more forward), so 5K steps at batch 32 ≈ 3.6e19 model FLOPs (4.8e19
+with remat), about 3.8 h on a TPU v4-64 (32 chips) at 40% MFU (2.7 s per step). Fine-tuning quality depends on the data.
 """
 
 from dit_jax.train.config import base_config

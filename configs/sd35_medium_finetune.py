@@ -15,9 +15,10 @@ Data (once; images + .txt captions → SD3-VAE latents + the text condition of S
 Command:
   python -m dit_jax.train --config configs/sd35_medium_finetune.py --workdir runs/sd35_medium_finetune \
       --config.init_from.model_dir=models/sd35_medium   # from `python -m dit_jax.convert` of the checkpoint
-Hardware: FSDP over 8 chips keeps the 2.2B-parameter AdamW state (fp32 params, two moments, EMA: 36 GB) at 4.5 GB per
-chip; a TPU v4-16 or v5p-8, or 8 GPUs of 40 GB or more. `python -m dit_jax.plan --config configs/sd35_medium_finetune.py
---topology v4-16` gives the compiled memory per chip before paying for the slice.
+Hardware: FSDP over 8 chips keeps the 2.47B-parameter AdamW state (incl. the stored pos_embed; fp32 params, two
+moments, EMA: 39.5 GB) at 5.1 GiB per chip; `python -m dit_jax.plan --config configs/sd35_medium_finetune.py --topology
+v4-16` compiles this step for a TPU v4-16 (8 chips) at 17.1 GiB per chip of 30.75 (BENCHMARKS.md); 8 GPUs of 40 GB or
+more also fit.
 Expected time and result (not measured here; estimates): one 1024 px step costs 3 × 11.2 TFLOPs per image (analytic,
 incl. 333 text tokens; full remat adds one more forward), so 10K steps at batch 64 ≈ 2.2e19 model FLOPs, about 8 h on
 a TPU v4-16 (8 chips) at 35% MFU. Fine-tuning quality depends on the data.

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 from dit_jax.models import count_params, family_of
 from dit_jax.models.flops import forward_flops
 from dit_jax.parallel.mesh import batch_sharding, describe_mesh, example_order
+from dit_jax.parallel.sequence import sequence_mode
 
 # Cloud TPU v4 slice names (TensorCores) → topology (chips, megacore: one JAX device per chip).
 V4_TOPOLOGIES = {
@@ -41,21 +42,46 @@ V4_TOPOLOGIES = {
     "v4-2048": "8x8x16",
     "v4-4096": "8x16x16",
 }
+# Cloud TPU v5p slice names (TensorCores) → topology (megacore, like v4: v5p-8 = 4 chips; MaxText's table).
+V5P_TOPOLOGIES = {
+    "v5p-8": "2x2x1",
+    "v5p-16": "2x2x2",
+    "v5p-32": "2x2x4",
+    "v5p-64": "2x4x4",
+    "v5p-128": "4x4x4",
+    "v5p-256": "4x4x8",
+    "v5p-512": "4x8x8",
+    "v5p-1024": "8x8x8",
+    "v5p-2048": "8x8x16",
+    "v5p-4096": "8x16x16",
+}
 PEAK_BF16 = {"tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5": 459e12, "tpu v6 lite": 918e12, "h100": 989e12,
              "h200": 989e12}  # fmt: skip
-HBM_BYTES = {"tpu v4": 30.75 * 2**30}  # what XLA treats as usable per v4 chip
+# What XLA treats as usable per chip (its out-of-memory message); v5p reports device_kind "TPU v5", v5e "TPU v5 lite".
+HBM_BYTES = {"tpu v4": 30.75 * 2**30, "tpu v5": 95.74 * 2**30, "tpu v5 lite": 15.75 * 2**30}
+
+
+def per_kind(table: dict[str, float], kind: str) -> float | None:
+    """The entry of ``table`` for a ``device_kind``: the longest key it starts with ("tpu v5 lite" before "tpu v5")."""
+    keys = [k for k in table if kind.lower().startswith(k)]
+    return table[max(keys, key=len)] if keys else None
 
 
 def topology_devices(name: str) -> list:
-    """Compile-only devices of a TPU topology: ``v4-128`` (slice name) or ``v4:4x4x4`` (topology string)."""
+    """Compile-only devices of a TPU topology: ``v4-128``/``v5p-16`` (slice name) or ``v4:4x4x4``/``v5p:2x2x2``."""
     try:
         from jax.experimental import topologies
     except ImportError as e:  # pragma: no cover - jax always has it
         raise RuntimeError("this jax has no jax.experimental.topologies") from e
     if name in V4_TOPOLOGIES:
         name = "v4:" + V4_TOPOLOGIES[name]
+    elif name in V5P_TOPOLOGIES:
+        name = "v5p:" + V5P_TOPOLOGIES[name]
     if ":" not in name:
-        raise ValueError(f"unknown topology {name!r}: use a v4 slice name {sorted(V4_TOPOLOGIES)} or e.g. 'v4:4x4x4'")
+        raise ValueError(
+            f"unknown topology {name!r}: use a slice name {sorted(V4_TOPOLOGIES) + sorted(V5P_TOPOLOGIES)} "
+            "or e.g. 'v4:4x4x4', 'v5p:2x2x2'"
+        )
     generation, dims = name.split(":", 1)
     shape = tuple(int(d) for d in dims.split("x"))
     kwargs: dict[str, Any] = {}
@@ -90,7 +116,7 @@ def plan(config, devices: list | None = None, *, mfu: float = 0.4) -> dict[str, 
     setup = prepare(config, devices=devices)
     cfg, model_config, mesh = setup.config, setup.model_config, setup.mesh
     batch = abstract_batch(model_config, cfg.batch_size)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules), sequence_mode(cfg.sequence_mode):
         step_cfg = dataclasses.replace(setup.step_cfg, example_order=example_order(mesh, cfg.batch_size))
         abstract, shardings = state_shardings(model_config, setup.tx, mesh)
         batch_sh = {k: batch_sharding(mesh, len(v.shape)) for k, v in batch.items()}
@@ -113,7 +139,7 @@ def plan(config, devices: list | None = None, *, mfu: float = 0.4) -> dict[str, 
     fwd = forward_flops(model_config, model_config.input_size, model_config.input_size)
     passes = 4 if model_config.remat == "full" else 3  # backward ≈ 2 forwards; full remat recomputes one
     step_flops = fwd * passes * cfg.batch_size
-    peak = next((v for k, v in PEAK_BF16.items() if kind.lower().startswith(k)), None)
+    peak = per_kind(PEAK_BF16, kind)
     report: dict[str, Any] = {
         "model": cfg.model.name,
         "parameters": count_params(abstract.params),
@@ -141,7 +167,7 @@ def plan(config, devices: list | None = None, *, mfu: float = 0.4) -> dict[str, 
             temp_gib=round(temp / gib, 3),
             total_gib_per_device=round((args + out - alias + temp) / gib, 3),
         )
-        hbm = next((v for k, v in HBM_BYTES.items() if kind.lower().startswith(k)), None)
+        hbm = per_kind(HBM_BYTES, kind)
         if hbm:
             report["hbm_gib_per_device"] = round(hbm / gib, 2)
     return report
@@ -155,7 +181,9 @@ def main(argv: list[str]) -> None:
 
     config_flags.DEFINE_config_file("config", None, "Training config file (configs/NAME.py).", lock_config=False)
     flags.DEFINE_string(
-        "topology", None, "TPU topology to compile for: v4-8 … v4-4096 or e.g. v4:4x4x4 (needs libtpu)."
+        "topology",
+        None,
+        "TPU topology to compile for: v4-8 … v4-4096, v5p-8 … v5p-4096 or e.g. v4:4x4x4 (needs libtpu).",
     )
     flags.DEFINE_float("mfu", 0.4, "MFU assumed for the step-time estimate.")
     flags.mark_flags_as_required(["config"])

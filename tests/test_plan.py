@@ -61,6 +61,24 @@ def test_topology_without_libtpu_is_one_clear_error():
         plan_lib.topology_devices("v9-8")
 
 
+def test_slice_names_and_device_kind_tables():
+    """v5p slices are megacore like v4 (v5p-8 = 4 chips); v5p reports "TPU v5" and must not take v5e's numbers."""
+    assert plan_lib.V5P_TOPOLOGIES["v5p-8"] == "2x2x1" and plan_lib.V5P_TOPOLOGIES["v5p-128"] == "4x4x4"
+    for table in (plan_lib.V4_TOPOLOGIES, plan_lib.V5P_TOPOLOGIES):
+        for slice_name, dims in table.items():
+            chips = 1
+            for d in dims.split("x"):
+                chips *= int(d)
+            assert 2 * chips == int(slice_name.split("-")[1])  # slice names count TensorCores, two per chip
+    assert plan_lib.per_kind(plan_lib.PEAK_BF16, "TPU v5") == 459e12
+    assert plan_lib.per_kind(plan_lib.PEAK_BF16, "TPU v5 lite") == 197e12
+    assert (
+        plan_lib.per_kind(plan_lib.HBM_BYTES, "TPU v5") > 90 * 2**30 > plan_lib.per_kind(plan_lib.HBM_BYTES, "TPU v4")
+    )
+    assert plan_lib.per_kind(plan_lib.HBM_BYTES, "TPU v5 lite") < 16 * 2**30
+    assert plan_lib.per_kind(plan_lib.HBM_BYTES, "cpu") is None
+
+
 def test_plan_cli_prints_json(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
     out = subprocess.run(
