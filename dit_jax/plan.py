@@ -107,42 +107,65 @@ def abstract_batch(model_config, global_batch: int) -> dict[str, jax.ShapeDtypeS
     return batch
 
 
-def plan(config, devices: list | None = None, *, mfu: float = 0.4) -> dict[str, Any]:
-    """Compile the train step of ``config`` for ``devices`` (default: this host's) and describe its cost."""
+def _compile(fn, *args) -> tuple[Any, str | None, float]:
+    """``(compiled or None, out-of-memory error or None, seconds)`` of lowering and compiling ``fn(*args)``."""
+    t0 = time.perf_counter()
+    lowered = fn.lower(*args)
+    try:
+        return lowered.compile(), None, time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001 - out of memory is a result here, not a crash
+        return None, str(e).splitlines()[0][:500], time.perf_counter() - t0
+
+
+def plan(config, devices: list | None = None, *, mfu: float = 0.4, sample: bool = False) -> dict[str, Any]:
+    """Compile the train step of ``config`` for ``devices`` (default: this host's) and describe its cost.
+
+    ``sample=True`` compiles one guided sampling step instead: the model's forward pass over the classifier-free
+    guidance batch (2 × ``config.batch_size`` latents at the model's ``input_size``) with the params sharded as in
+    training (no optimizer state), e.g. to check that 4K sampling fits with a ``sequence`` mesh axis."""
+    from dit_jax.models import build
     from dit_jax.train.setup import prepare
-    from dit_jax.train.state import state_shardings
+    from dit_jax.train.state import param_shardings, state_shardings
     from dit_jax.train.steps import make_train_step
 
     setup = prepare(config, devices=devices)
     cfg, model_config, mesh = setup.config, setup.model_config, setup.mesh
-    batch = abstract_batch(model_config, cfg.batch_size)
+    rows = 2 * cfg.batch_size if sample else cfg.batch_size
+    batch = abstract_batch(model_config, rows)
     with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules), sequence_mode(cfg.sequence_mode):
-        step_cfg = dataclasses.replace(setup.step_cfg, example_order=example_order(mesh, cfg.batch_size))
-        abstract, shardings = state_shardings(model_config, setup.tx, mesh)
         batch_sh = {k: batch_sharding(mesh, len(v.shape)) for k, v in batch.items()}
-        step = jax.jit(
-            make_train_step(step_cfg),
-            in_shardings=(shardings, batch_sh),
-            out_shardings=(shardings, NamedSharding(mesh, P())),
-            donate_argnums=0,
-        )
-        t0 = time.perf_counter()
-        lowered = step.lower(abstract, batch)
-        error = None
-        try:
-            compiled = lowered.compile()
-        except Exception as e:  # noqa: BLE001 - out of memory is a result here, not a crash
-            compiled, error = None, str(e).splitlines()[0][:500]
-        seconds = time.perf_counter() - t0
+        if sample:
+            params, p_sh = param_shardings(model_config, mesh)
+            family, module = family_of(model_config), build(model_config)
+            t = jax.ShapeDtypeStruct((rows,), jnp.float32)
+
+            def forward(params, batch, t):
+                cond = family.condition(model_config, batch)
+                return family.apply(module, params, batch["x"], t, cond)
+
+            step = jax.jit(forward, in_shardings=(p_sh, batch_sh, batch_sharding(mesh, 1)))
+            compiled, error, seconds = _compile(step, params, batch, t)
+        else:
+            step_cfg = dataclasses.replace(setup.step_cfg, example_order=example_order(mesh, cfg.batch_size))
+            abstract, shardings = state_shardings(model_config, setup.tx, mesh)
+            params = abstract.params
+            step = jax.jit(
+                make_train_step(step_cfg),
+                in_shardings=(shardings, batch_sh),
+                out_shardings=(shardings, NamedSharding(mesh, P())),
+                donate_argnums=0,
+            )
+            compiled, error, seconds = _compile(step, abstract, batch)
 
     kind = mesh.devices.flat[0].device_kind
     fwd = forward_flops(model_config, model_config.input_size, model_config.input_size)
     passes = 4 if model_config.remat == "full" else 3  # backward ≈ 2 forwards; full remat recomputes one
-    step_flops = fwd * passes * cfg.batch_size
+    step_flops = fwd * rows if sample else fwd * passes * cfg.batch_size
     peak = per_kind(PEAK_BF16, kind)
     report: dict[str, Any] = {
         "model": cfg.model.name,
-        "parameters": count_params(abstract.params),
+        "step": "sampling (guided forward)" if sample else "training",
+        "parameters": count_params(params),
         "devices": f"{mesh.devices.size} × {kind}",
         "mesh": describe_mesh(mesh),
         "global_batch": cfg.batch_size,
@@ -186,11 +209,12 @@ def main(argv: list[str]) -> None:
         "TPU topology to compile for: v4-8 … v4-4096, v5p-8 … v5p-4096 or e.g. v4:4x4x4 (needs libtpu).",
     )
     flags.DEFINE_float("mfu", 0.4, "MFU assumed for the step-time estimate.")
+    flags.DEFINE_bool("sample", False, "Compile one guided sampling step (forward over 2 × batch) instead of training.")
     flags.mark_flags_as_required(["config"])
     flags.FLAGS(argv)
     try:
         devices = topology_devices(flags.FLAGS.topology) if flags.FLAGS.topology else None
-        report = plan(flags.FLAGS.config, devices, mfu=flags.FLAGS.mfu)
+        report = plan(flags.FLAGS.config, devices, mfu=flags.FLAGS.mfu, sample=flags.FLAGS.sample)
     except (ConfigError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -10,6 +10,7 @@ import pytest
 
 from dit_jax import plan as plan_lib
 from dit_jax.train import load_config_file
+from dit_jax.train.setup import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,3 +90,23 @@ def test_plan_cli_prints_json(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout)
     assert report["fits"] and report["model"] == "DiT-S/4"
+
+
+def test_sampling_plan_compiles_the_guided_forward_with_sequence_parallelism():
+    """``--sample``: the forward over the guidance batch, params sharded as in training and no optimizer state; a
+    ``sequence`` mesh axis splits the image tokens (the 2K/4K sampling plans)."""
+    c = load_config_file(os.path.join(REPO, "configs", "pixart_sigma_256.py"))
+    c.model.update(input_size=16, in_channels=4, hidden_size=32, depth=1, num_heads=4, caption_channels=16,
+                   caption_length=4, pe_interpolation=1.0, remat="none", dtype="float32")  # fmt: skip
+    c.batch_size = 2
+    c.mesh = dict(data=2, fsdp=1, sequence=4, tensor=1)
+    sampling = plan_lib.plan(c, sample=True)
+    assert sampling["fits"] and sampling["step"] == "sampling (guided forward)"
+    assert sampling["mesh"].startswith("data=2 fsdp=1 sequence=4")
+    c.batch_size = 4
+    training = plan_lib.plan(c)
+    assert training["step"] == "training"
+    assert sampling["bytes_per_device"]["arguments"] < training["bytes_per_device"]["arguments"] / 3
+    c.model.dtype = "bfloat16"  # XLA:CPU cannot compile that backward pass: one clear error instead of an abort
+    with pytest.raises(ConfigError, match="sequence > 1 with a bfloat16 model cannot be compiled for CPU"):
+        plan_lib.plan(c)

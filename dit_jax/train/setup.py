@@ -65,6 +65,17 @@ def prepare(config: ml_collections.ConfigDict, devices: list | None = None) -> S
             raise ValueError(
                 f"config.batch_size={config.batch_size} is not divisible by {jax.process_count()} processes"
             )
+        if (
+            mesh.shape.get("sequence", 1) > 1
+            and model_config.dtype in ("bfloat16", "bf16")
+            and mesh.devices.flat[0].platform == "cpu"
+        ):
+            # XLA:CPU aborts compiling the backward pass of bf16 sequence-parallel attention (its all-reduce
+            # promotion pass); TPU and GPU compile it
+            raise ValueError(
+                "config.mesh.sequence > 1 with a bfloat16 model cannot be compiled for CPU devices: set "
+                "config.model.dtype='float32' on CPU (TPUs and GPUs train bf16 sequence-parallel)"
+            )
         batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
         if (config.batch_size // config.grad_accum_steps) % batch_shards:
             raise ValueError(
