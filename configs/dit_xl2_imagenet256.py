@@ -61,5 +61,5 @@ def get_config():
     c.sample.labels = (207, 360, 387, 974, 88, 979, 417, 279)
     c.sample.per_class = 4
     c.sample.vae = ""  # e.g. a converted sd-vae-ft-ema model directory, to write PNG grids
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
     return c

@@ -53,5 +53,5 @@ def get_config():
     c.sample.guidance_scale = 3.5  # the embedded guidance of the grids (no classifier-free guidance)
     c.sample.per_class = 2
     c.sample.num_classes = 2
-    c.mesh = dict(data=-1, fsdp=32, tensor=1)
+    c.mesh = dict(data=-1, fsdp=32, sequence=1, tensor=1)
     return c

@@ -18,5 +18,5 @@ def get_config():
     c.init_from.workdir = "runs/pixart_sigma_512"
     c.batch_size = 64
     c.total_steps = 20_000
-    c.mesh = dict(data=-1, fsdp=8, tensor=1)
+    c.mesh = dict(data=-1, fsdp=8, sequence=1, tensor=1)
     return c

@@ -60,5 +60,5 @@ def get_config():
     c.sample.per_class = 4  # captions of the first training batch: per_class × num_classes images
     c.sample.num_classes = 4
     c.sample.vae = ""  # e.g. a converted SDXL VAE model directory, to write PNG grids
-    c.mesh = dict(data=-1, fsdp=4, tensor=1)
+    c.mesh = dict(data=-1, fsdp=4, sequence=1, tensor=1)
     return c

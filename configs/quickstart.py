@@ -48,5 +48,5 @@ def get_config():
     c.sample.num_steps = 32
     c.sample.guidance_scale = 2.0
     c.sample.per_class = 8
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
     return c

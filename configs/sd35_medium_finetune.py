@@ -52,5 +52,5 @@ def get_config():
     c.sample.guidance_scale = 7.0  # against zero text features (the null of the grids)
     c.sample.per_class = 2  # captions of the first training batch: per_class × num_classes images
     c.sample.num_classes = 2
-    c.mesh = dict(data=-1, fsdp=8, tensor=1)
+    c.mesh = dict(data=-1, fsdp=8, sequence=1, tensor=1)
     return c

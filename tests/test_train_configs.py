@@ -36,6 +36,10 @@ def test_config_is_valid(path):
     make_schedule(config.objective, config.diffusion, model)
     create_optimizer(config.optimizer, config.total_steps)
     validate_data_config(config.data)
+    raw = load_config_file(path)  # --config.mesh.KEY=... overrides apply before the defaults are merged in
+    from dit_jax.parallel.mesh import MESH_AXES
+
+    assert "mesh" not in raw or set(raw.mesh) == set(MESH_AXES), dict(raw.mesh)
     with open(path) as f:
         doc = f.read().split('"""')[1]
     assert "python -m dit_jax.train --config configs/" in doc
