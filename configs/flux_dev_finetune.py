@@ -1,7 +1,7 @@
 """FLUX.1-dev full fine-tuning with rectified flow on precomputed Flux-VAE latents and CLIP-L + T5 features.
 
-Recipe: rectified flow with a velocity target, σ drawn logit-normal (mean 0, std 1) and shifted by the resolution-
-dependent shift FLUX.1-dev samples with (μ linear in the packed image token count: 0.5 at 256 tokens, 1.15 at 4096);
+Recipe (optimizer, EMA and logging keys from configs/sd35_medium_finetune.py): rectified flow with a velocity
+target, σ drawn logit-normal (mean 0, std 1) and shifted by the resolution-dependent shift FLUX.1-dev samples with (μ linear in the packed image token count: 0.5 at 256 tokens, 1.15 at 4096);
 the guidance-distilled model gets its embedded guidance 3.5 as a constant input (`condition_inputs`, diffusers'
 DreamBooth Flux default); AdamW lr 1e-5, betas (0.9, 0.999), eps 1e-8, weight decay 1e-4, 500 warm-up steps,
 gradient clipping at norm 1.0, EMA 0.9999; no caption dropout (the model runs no classifier-free guidance); bf16
@@ -24,34 +24,21 @@ Expected time and result (not measured here; estimates): one 1024 px step costs 
 with remat), about 3.8 h on a TPU v4-64 (32 chips) at 40% MFU (2.7 s per step). Fine-tuning quality depends on the data.
 """
 
-from dit_jax.train.config import base_config
+from dit_jax.train.config import load_config_file
 
 
 def get_config():
-    c = base_config()
+    c = load_config_file("sd35_medium_finetune", relative_to=__file__)  # the same optimizer, EMA and schedule keys
     c.model = dict(name="FLUX.1-dev", dtype="bfloat16", scan_blocks=True, remat="full")
-    c.objective = "flow"
     c.diffusion = dict(dynamic_shift=True, weighting="logit_normal", logit_mean=0.0, logit_std=1.0)
     c.condition_inputs = dict(guidance=3.5)  # the embedded guidance of every training example
     c.data = dict(name="latents", path="data/flux_1024_latents", random_flip=False)
     c.init_from.model_dir = "models/flux1_dev"
-    c.optimizer.name = "adamw"
-    c.optimizer.lr = 1e-5
-    c.optimizer.b1, c.optimizer.b2, c.optimizer.eps = 0.9, 0.999, 1e-8
-    c.optimizer.weight_decay = 1e-4
-    c.optimizer.warmup_steps = 500
-    c.optimizer.grad_clip = 1.0
     c.batch_size = 32
     c.total_steps = 5_000
-    c.ema_decay = 0.9999
-    c.cfg_dropout_prob = 0.0
-    c.log_every = 50
     c.checkpoint_every = 500
     c.sample_every = 1_000
     c.sample.method = "euler"  # FluxPipeline's FlowMatchEulerDiscreteScheduler
-    c.sample.num_steps = 28
     c.sample.guidance_scale = 3.5  # the embedded guidance of the grids (no classifier-free guidance)
-    c.sample.per_class = 2
-    c.sample.num_classes = 2
     c.mesh = dict(data=-1, fsdp=32, sequence=1, tensor=1)
     return c
