@@ -1,11 +1,12 @@
 """FLUX.1-dev full fine-tuning with rectified flow on precomputed Flux-VAE latents and CLIP-L + T5 features.
 
-Recipe (optimizer, EMA and logging keys from configs/sd35_medium_finetune.py): rectified flow with a velocity
-target, σ drawn logit-normal (mean 0, std 1) and shifted by the resolution-dependent shift FLUX.1-dev samples with (μ linear in the packed image token count: 0.5 at 256 tokens, 1.15 at 4096);
-the guidance-distilled model gets its embedded guidance 3.5 as a constant input (`condition_inputs`, diffusers'
-DreamBooth Flux default); AdamW lr 1e-5, betas (0.9, 0.999), eps 1e-8, weight decay 1e-4, 500 warm-up steps,
-gradient clipping at norm 1.0, EMA 0.9999; no caption dropout (the model runs no classifier-free guidance); bf16
-compute with fp32 params, scanned blocks with full remat; 1024 px with aspect-ratio buckets.
+Recipe (optimizer, EMA and logging keys from configs/sd35_medium_finetune.py): rectified flow with a velocity target,
+σ drawn logit-normal (mean 0, std 1) and shifted by the resolution-dependent shift FLUX.1-dev samples with (μ linear
+in the packed image token count: 0.5 at 256 tokens, 1.15 at 4096); the guidance-distilled model gets its embedded
+guidance 3.5 as a constant input (`condition_inputs`, diffusers' DreamBooth Flux default); AdamW lr 1e-5, betas (0.9,
+0.999), eps 1e-8, weight decay 1e-4, 500 warm-up steps, gradient clipping at norm 1.0, EMA 0.9999; no caption dropout
+(the model runs no classifier-free guidance); bf16 compute with fp32 params, scanned blocks with full remat; 1024 px
+with aspect-ratio buckets.
 
 Data (once; images + .txt captions → Flux-VAE latents + FluxPipeline.encode_prompt's 512 T5 tokens (width 4096) and
 the CLIP-L pooled vector (768), float16 on disk):
