@@ -129,6 +129,11 @@ def plan(config, devices: list | None = None, *, mfu: float = 0.4, sample: bool 
     from dit_jax.train.steps import make_train_step
 
     setup = prepare(config, devices=devices)
+    if devices and devices[0].platform == "tpu" and setup.model_config.attention_backend == "auto":
+        # this process runs on the CPU, where `auto` would pick XLA: compile what a TPU host's `auto` runs
+        tpu_model = setup.model_config.replace(attention_backend="pallas")
+        step_cfg = dataclasses.replace(setup.step_cfg, model_config=tpu_model)
+        setup = dataclasses.replace(setup, model_config=tpu_model, step_cfg=step_cfg)
     cfg, model_config, mesh = setup.config, setup.model_config, setup.mesh
     rows = 2 * cfg.batch_size if sample else cfg.batch_size
     batch = abstract_batch(model_config, rows)
