@@ -36,6 +36,7 @@ from benchmarks.common import (
     default_dtype,
     emit,
     jax_sync,
+    load_average,
     on_accelerator,
     peak_flops,
     time_interleaved,
@@ -81,16 +82,69 @@ def jax_forward(config, batch: int, latent: int, caption: int = 300, params=None
         cond = {k: jnp.asarray(v) for k, v in inputs["condition"].items()}
         text_fn = jax.jit(lambda p, x, t, c: family.apply(model, p, x, t, c))
         return lambda: text_fn(params, x, t, cond)
+    args = image_args(config, batch, latent, caption)
+    fn = jax.jit(model.apply)
+    return lambda: fn({"params": params}, *args)
+
+
+def image_args(config, batch: int, latent: int, caption: int = 300) -> tuple:
+    """The DiT / PixArt forward's inputs after the params: NHWC latents, t = 500, labels or captions + mask."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, latent, latent, config.in_channels)), jnp.float32)
     t = jnp.full((batch,), 500.0)
     if isinstance(config, models.DiTConfig):
-        args = (x, t, jnp.arange(batch) % config.num_classes)
+        return (x, t, jnp.arange(batch) % config.num_classes)
+    cap = jnp.asarray(rng.standard_normal((batch, caption, config.caption_width)), jnp.float32)
+    return (x, t, cap, jnp.ones((batch, caption), jnp.int32))
+
+
+GIB = 2**30
+
+
+def compiled_forward(config, batch: int, latent: int, *, compile_only: bool = False, caption: int = 300):
+    """``(call or None, fields)``: the DiT/PixArt forward compiled ahead of time (fp32 params; bf16 configs cast),
+    with the compile time and XLA's ``memory_analysis()`` (temporaries, arguments, output in GiB). With
+    ``compile_only`` nothing is allocated: the forward is lowered from abstract shapes and ``call`` is None."""
+    import time
+
+    model = models.build(config)
+    bf16 = config.dtype in ("bfloat16", "bf16")
+    if compile_only:
+        params = nn_unbox(models.abstract_params(config))
+        if bf16:
+            params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), params)
+        args = jax.eval_shape(lambda: image_args(config, batch, latent, caption))
     else:
-        cap = jnp.asarray(rng.standard_normal((batch, caption, config.caption_width)), jnp.float32)
-        args = (x, t, cap, jnp.ones((batch, caption), jnp.int32))
-    fn = jax.jit(model.apply)
-    return lambda: fn({"params": params}, *args)
+        params = jax.device_put(jax_model_params(config))
+        if bf16:
+            params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+        args = image_args(config, batch, latent, caption)
+    t0 = time.perf_counter()
+    compiled = jax.jit(model.apply).lower({"params": params}, *args).compile()
+    fields = {"compile_s": round(time.perf_counter() - t0, 1)}
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        fields.update(
+            temp_gib=round(mem.temp_size_in_bytes / GIB, 3),
+            argument_gib=round(mem.argument_size_in_bytes / GIB, 3),
+            output_gib=round(mem.output_size_in_bytes / GIB, 3),
+        )
+    if compile_only:
+        return None, fields
+    return (lambda: compiled({"params": params}, *args)), fields
+
+
+def nn_unbox(tree):
+    import flax.linen as nn
+
+    return nn.meta.unbox(tree)
+
+
+def peak_rss_gib() -> float:
+    """The process's peak resident set so far (``ru_maxrss``, KiB on Linux), in GiB."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
 
 def torch_forward(config, params, batch: int, latent: int, dtype: str, caption: int = 300):
@@ -258,6 +312,10 @@ def main():
     ap.add_argument("--dit-sizes", default="256,512")
     ap.add_argument("--pixart-sizes", default="1024,2K")
     ap.add_argument("--kv-sizes", default="2K,4K")
+    ap.add_argument("--kv-ratio", type=int, default=2, help="kv: compression ratio R (R×R windows)")
+    ap.add_argument("--kv-layers", default=None, help="kv: compressed layers 'lo-hi' (default: the deep half)")
+    ap.add_argument("--kv-variants", default="plain,kv", help="kv: which of plain,kv to run, in timing order")
+    ap.add_argument("--compile-only", action="store_true", help="kv: memory analysis only, nothing run")
     ap.add_argument("--sd3-sizes", default="512,1024")
     ap.add_argument("--flux-sizes", default="512,1024")
     ap.add_argument("--depth-single", type=int, default=None, help="Flux single blocks (default: 2 × --depth)")
@@ -265,7 +323,6 @@ def main():
     over = {"dtype": "bfloat16" if args.dtype == "bf16" else "float32", "scan_blocks": args.scan}
     if args.depth:
         over["depth"] = args.depth
-    timing = dict(iters=args.iters, warmup=args.warmup)
     cases = args.cases.split(",")
 
     if "dit" in cases:
@@ -296,34 +353,64 @@ def main():
             report(f"{name} {size} forward", cfg, latent, args.batch, args.dtype, j, t, load, **extra)
     if "kv" in cases:
         for size in args.kv_sizes.split(","):
-            latent = PX[size]
-            base = models.preset("PixArt-Sigma-XL-2-2K-MS", **over)
-            kv = dataclasses.replace(base, kv_compress_layers=tuple(range(base.depth // 2, base.depth)))
-            load = wait_quiet(args.wait_quiet, timeout_s=args.wait_max)
-            t = time_interleaved(
-                {
-                    "plain": (jax_forward(base, args.batch, latent), jax_sync),
-                    "kv": (jax_forward(kv, args.batch, latent), jax_sync),
-                },
-                **timing,
-            )
-            plain, comp = t["plain"], t["kv"]
-            emit(
-                {
-                    "case": f"PixArt-Sigma KV compression R=2 layers {base.depth // 2}-{base.depth - 1}, {size}",
-                    "dtype": args.dtype,
-                    "batch": args.batch,
-                    "depth": base.depth,
-                    "tokens": (latent // 2) ** 2,
-                    "plain_ms": round(plain["median_ms"], 2),
-                    "kv_ms": round(comp["median_ms"], 2),
-                    "time_cut": round(1 - comp["median_ms"] / plain["median_ms"], 3),
-                    "time_cut_by_min": round(1 - comp["min_ms"] / plain["min_ms"], 3),
-                    "iters": args.iters,
-                    "load_before": load,
-                    "load": plain["load"],
-                }
-            )
+            kv_case(size, over, args)
+
+
+def kv_case(size: str, over: dict, args) -> None:
+    """PixArt-Σ (2K preset) with and without KV compression at ``size``: both compiled ahead of time (XLA's memory
+    analysis of each), then timed round-robin in ``--kv-variants`` order, with the process's peak RSS after each
+    variant's calls (``ru_maxrss`` only grows: the first variant's figure is its own, a later one's is the maximum
+    so far). ``--compile-only``: the memory analysis alone, nothing allocated or run."""
+    latent = PX[size]
+    base = models.preset("PixArt-Sigma-XL-2-2K-MS", **over)
+    if args.kv_layers:
+        lo, hi = (int(x) for x in args.kv_layers.split("-"))
+        layers = tuple(range(lo, hi + 1))
+    else:
+        layers = tuple(range(base.depth // 2, base.depth))
+    configs = {
+        "plain": base,
+        "kv": dataclasses.replace(base, kv_compress_layers=layers, kv_compress_ratio=args.kv_ratio),
+    }
+    variants = args.kv_variants.split(",")
+    load = wait_quiet(args.wait_quiet, timeout_s=args.wait_max)
+    rec = {
+        "case": f"PixArt-Sigma KV compression R={args.kv_ratio} layers {layers[0]}-{layers[-1]}, {size}",
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "depth": base.depth,
+        "tokens": (latent // 2) ** 2,
+        "scan": base.scan_blocks,
+    }
+    fns, rss = {}, {}
+    for name in variants:
+        call, fields = compiled_forward(configs[name], args.batch, latent, compile_only=args.compile_only)
+        rec.update({f"{name}_{k}": v for k, v in fields.items()})
+        if call is not None:
+
+            def run(call=call, name=name):
+                out = call()
+                jax.block_until_ready(out)
+                rss[name] = peak_rss_gib()
+                return out
+
+            fns[name] = (run, jax_sync)
+    rec["rss_before_calls_gib"] = peak_rss_gib()
+    if args.compile_only:
+        rec["load"] = [load, load_average()]
+        emit({**rec, "note": "compile only (memory_analysis), not run"})
+        return
+    t = time_interleaved(fns, warmup=args.warmup, iters=args.iters)
+    for name in variants:
+        rec[f"{name}_ms"] = round(t[name]["median_ms"], 2)
+        rec[f"{name}_min_ms"] = round(t[name]["min_ms"], 2)
+        rec[f"{name}_peak_rss_gib"] = rss[name]
+    if "plain" in t and "kv" in t:
+        plain, comp = t["plain"], t["kv"]
+        rec["time_cut"] = round(1 - comp["median_ms"] / plain["median_ms"], 3)
+        rec["time_cut_by_min"] = round(1 - comp["min_ms"] / plain["min_ms"], 3)
+    rec.update(order=variants, iters=args.iters, warmup=args.warmup, load_before=load, load=t[variants[0]]["load"])
+    emit(rec)
 
 
 if __name__ == "__main__":
