@@ -57,14 +57,19 @@ def to_float32(x: Any) -> Array:
 # ---- reading -----------------------------------------------------------------------------------------------------
 
 
+def _safetensors_header(path: Path) -> tuple[int, Any]:
+    """``(header length, parsed JSON header)`` of a ``.safetensors`` file; ValueError when it cannot be one."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 0 < size <= os.path.getsize(path) - 8:
+            raise ValueError(f"header length {size} does not fit the file")
+        return size, json.loads(f.read(size))
+
+
 def safetensors_keys(path: str | os.PathLike) -> list[str]:
     """The tensor names of a ``.safetensors`` file, from its header alone ([] if it is not one)."""
     try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 0 < size <= os.path.getsize(path) - 8:
-                return []
-            header = json.loads(f.read(size))
+        _, header = _safetensors_header(Path(path))
     except (OSError, ValueError):
         return []
     return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
@@ -80,13 +85,9 @@ def read_safetensors(path: str | os.PathLike) -> StateDict:
         return ConversionError(f"{path}: not a readable safetensors file (truncated or corrupt?): {why}")
 
     try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 0 < size <= os.path.getsize(path) - 8:
-                raise corrupt(f"header length {size} does not fit the file")
-            header = json.loads(f.read(size))
+        size, header = _safetensors_header(path)
         data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size) if os.path.getsize(path) > 8 + size else None
-    except (FileNotFoundError, ConversionError):
+    except FileNotFoundError:
         raise
     except Exception as e:  # bad JSON, unreadable file, …
         raise corrupt(str(e)) from e
