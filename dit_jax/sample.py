@@ -145,6 +145,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (jax.random; not torch's)")
     p.add_argument("--batch-size", type=int, help="images per sampler call (default: all at once)")
     p.add_argument("--dtype", default="fp32", choices=_DTYPES, help="compute dtype of the transformer and the VAE")
+    p.add_argument(
+        "--sequence-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split each image's tokens over N devices (2K/4K images; the batch goes over the other devices)",
+    )
+    p.add_argument(
+        "--sequence-mode",
+        default="auto",
+        choices=["auto", "ulysses", "ring"],
+        help="sequence parallelism: ulysses (heads divisible by N), ring, or auto (ulysses when it applies)",
+    )
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", help="write one PNG grid to this file")
     out.add_argument("--out-dir", help="write one PNG per image into this folder (NNNN_CLASS.png or NNNN_PROMPT.png)")
@@ -230,7 +243,15 @@ def run(args: argparse.Namespace) -> list[Path]:
     _check_outputs(args)
     source = args.pipeline or args.model or args.workdir
     extra = {k: v for k, v in (("text_encoder", args.text_encoder), ("text_dtype", args.text_dtype)) if v is not None}
-    pipe = load(source, vae=args.vae, scheduler=args.scheduler, dtype=args.dtype, **extra)
+    pipe = load(
+        source,
+        vae=args.vae,
+        scheduler=args.scheduler,
+        dtype=args.dtype,
+        sequence_parallel=args.sequence_parallel,
+        sequence_mode=args.sequence_mode,
+        **extra,
+    )
     text = isinstance(pipe, TextToImagePipeline)
     items = _check_inputs(args, text, pipe.family.display_name)
     if text:

@@ -283,6 +283,24 @@ def test_prompt_embeds_sharding_and_no_text_encoder(folders, dpm_pipe, monkeypat
     assert per_prompt.shape == (4, 64, 64, 3) and float(np.abs(per_prompt - repeated).max()) <= 1e-6
 
 
+def test_sequence_parallel_sampling_equals_data_parallel(folders, dpm_pipe):
+    """``sequence_parallel=4``: each image's 16 tokens split over 4 devices (ring attention: 3 heads), 2 images over
+    the 2 data rows, the same images as the batch-only mesh; a bad split is one clear error before anything runs."""
+    lat = nhwc(initial_latents(seed=6))
+    kw = dict(num_inference_steps=4, latents=lat)
+    want = dpm_pipe(PROMPTS, **kw)
+    split = pipelines.load(folders["dpm"][0], sequence_parallel=4)
+    assert dict(split.mesh.shape) == {"data": 2, "fsdp": 1, "sequence": 4, "tensor": 1}
+    got = split(PROMPTS, **kw)
+    err = float(np.abs(got - want).max())
+    print(f"sequence_parallel=4 (ring) vs data-parallel images: max diff {err:.1e}")
+    assert err <= 1e-5
+    with pytest.raises(ValueError, match="sequence_parallel=3 must be a positive integer that divides the 8 devices"):
+        dataclasses.replace(dpm_pipe, sequence_parallel=3)
+    with pytest.raises(ValueError, match="sequence_mode='tree' is invalid"):
+        dataclasses.replace(dpm_pipe, sequence_parallel=2, sequence_mode="tree")
+
+
 def test_model_directory_and_original_checkpoint(folders, dpm_pipe, tmp_path):
     """A PixArt model directory / original ``.pth`` with ``vae=`` and ``text_encoder=``; α's learned null caption
     is the negative caption ``y_embedding`` under the prompt's mask; the original DPM-Solver runs."""

@@ -7,8 +7,9 @@ the null condition of guidance: ``ClassConditionalPipeline`` (labels, the null c
 (text features + masks, a negative or learned null caption).
 """
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -25,9 +26,10 @@ from dit_jax.diffusion.schedules import DDPMSchedule, FlowSchedule
 from dit_jax.encoders.vae import VAEConfig, unscale_latents
 from dit_jax.models import build, family_of
 from dit_jax.parallel import logical_rules
+from dit_jax.parallel.mesh import MESH_AXES
+from dit_jax.parallel.sequence import SEQUENCE_MODES, sequence_mode
 
 OUTPUT_TYPES = ("np", "pil", "latent")
-_MESH_AXES = ("data", "fsdp", "tensor")
 
 
 def freeze(value: Any) -> Any:
@@ -115,7 +117,9 @@ class SamplingPipeline:
 
     ``schedule``/``method``/``options`` are what ``dit_jax.diffusion.sample`` gets by default; ``scheduler_config``
     (a diffusers scheduler config, when known) configures other methods the way ``from_config`` does in diffusers.
-    ``devices`` (default: all local devices) carry the sharded batch.
+    ``devices`` (default: all local devices) carry the sharded batch. ``sequence_parallel`` = n > 1 splits each
+    image's tokens over n of them (sequence parallelism, ``dit_jax.parallel.sequence``; ``sequence_mode`` "auto",
+    "ulysses" or "ring") and the batch over the rest: for 2K/4K images whose attention does not fit one device.
     """
 
     model_config: Any
@@ -130,6 +134,8 @@ class SamplingPipeline:
     guidance_scale: float = 4.0
     devices: Sequence[Any] | None = None
     source: str = ""
+    sequence_parallel: int = 1
+    sequence_mode: str = "auto"
 
     def __post_init__(self):
         self._check_model()
@@ -142,8 +148,16 @@ class SamplingPipeline:
             )
         self.sampler_settings()  # validate the default method and options now
         self._devices = list(self.devices) if self.devices is not None else jax.local_devices()
+        n, s = len(self._devices), self.sequence_parallel
+        if not (isinstance(s, int) and s >= 1 and n % s == 0):
+            raise ValueError(f"sequence_parallel={s!r} must be a positive integer that divides the {n} devices")
+        if self.sequence_mode not in SEQUENCE_MODES:
+            raise ValueError(f"sequence_mode={self.sequence_mode!r} is invalid: expected one of {SEQUENCE_MODES}")
+        shape = {"data": n // s, "fsdp": 1, "sequence": s, "tensor": 1}
         self._mesh = Mesh(
-            np.array(self._devices).reshape(len(self._devices), 1, 1), _MESH_AXES, axis_types=(AxisType.Auto,) * 3
+            np.array(self._devices).reshape([shape[a] for a in MESH_AXES]),
+            MESH_AXES,
+            axis_types=(AxisType.Auto,) * len(MESH_AXES),
         )
         self._rules = logical_rules()
         self._placed: dict[str, Any] = {}
@@ -184,7 +198,7 @@ class SamplingPipeline:
 
     @property
     def mesh(self) -> Mesh:
-        """The (data = all devices, fsdp = 1, tensor = 1) mesh the batch is sharded over."""
+        """The mesh the batch is sharded over: data = devices / sequence_parallel, sequence = sequence_parallel."""
         return self._mesh
 
     # ---- sampler settings ------------------------------------------------------------------------------------
@@ -263,7 +277,7 @@ class SamplingPipeline:
         return jax.random.normal(key, (int(batch_size), *shape), jnp.float32)
 
     def _padded(self, b: int) -> int:
-        n = len(self._devices)
+        n = self._mesh.shape["data"]
         return -(-b // n) * n
 
     def _pad(self, x: Any, value: float = 0) -> Any:
@@ -283,6 +297,12 @@ class SamplingPipeline:
         if name not in self._placed:
             self._placed[name] = jax.device_put(tree, self._replicated())
         return self._placed[name]
+
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        """The mesh, logical axis rules and sequence mode the pipeline's functions are traced and run under."""
+        with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules), sequence_mode(self.sequence_mode):
+            yield
 
     def _report(self, i: int, n: int) -> None:
         if self._progress is not None:
@@ -394,7 +414,7 @@ class SamplingPipeline:
         rng = jax.random.fold_in(key, 1)
         self._progress = progress
         try:
-            with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules):
+            with self._context():
                 out = fn(params, x, cond, null_cond, jnp.float32(scale), rng)
             out = jax.block_until_ready(out)
             if progress is not None:
@@ -423,5 +443,5 @@ class SamplingPipeline:
             batch = self._batch_sharding()
             self._compiled[cache_key] = jax.jit(decode, in_shardings=(self._replicated(), batch), out_shardings=batch)
         vae_params = self._put("vae", self.vae_params) if self.vae_config is not None else None
-        with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules):
+        with self._context():
             return self._compiled[cache_key](vae_params, jax.device_put(x, self._batch_sharding()))

@@ -252,6 +252,8 @@ def load(
     text_encoders: Mapping[str, Any] | None = None,
     text_dtype: str | None = None,
     max_sequence_length: int | None = None,
+    sequence_parallel: int = 1,
+    sequence_mode: str = "auto",
     **model_overrides: Any,
 ) -> ClassConditionalPipeline | TextToImagePipeline:
     """A ``ClassConditionalPipeline`` (e.g. DiT) or ``TextToImagePipeline`` (e.g. PixArt) from ``path``: a diffusers
@@ -271,7 +273,9 @@ def load(
     required for a model directory or checkpoint, optional for a pipeline folder (they replace the folder's own); a
     pipeline folder saved without a component (SD3 without T5: ``text_encoder_3`` null) leaves that slot empty.
     ``text_dtype``: the text encoders' compute dtype (default ``dtype``). ``max_sequence_length``: text tokens
-    (default: the family's, e.g. PixArt-Σ 300, α 120, SD3 256, Flux 512).
+    (default: the family's, e.g. PixArt-Σ 300, α 120, SD3 256, Flux 512). ``sequence_parallel``: split each image's
+    tokens over this many devices (the batch over the rest) with ``sequence_mode`` "auto", "ulysses" or "ring" — for
+    2K/4K images (see ``SamplingPipeline``).
     ``model_overrides``: model config fields (e.g. ``attention_backend="xla"``, ``scan_blocks=True``; for torch
     checkpoints anything ``from_torch`` takes, e.g. ``num_heads=16``).
     """
@@ -374,6 +378,8 @@ def load(
         num_inference_steps=spec["num_inference_steps"],
         guidance_scale=spec["guidance_scale"],
         source=source,
+        sequence_parallel=sequence_parallel,
+        sequence_mode=sequence_mode,
     )
     if text:
         common.update(max_sequence_length=max_length)
