@@ -55,6 +55,12 @@ V5P_TOPOLOGIES = {
     "v5p-2048": "8x8x16",
     "v5p-4096": "8x16x16",
 }
+# Cloud TPU v5e slice names (chips: one TensorCore each, no megacore) → topology; "v5e-8" is accepted as well.
+V5E_TOPOLOGIES = {
+    f"v5litepod-{n}": dims
+    for n, dims in ((1, "1x1"), (4, "2x2"), (8, "2x4"), (16, "4x4"), (32, "4x8"), (64, "8x8"), (128, "8x16"),
+                    (256, "16x16"))
+}  # fmt: skip
 PEAK_BF16 = {"tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5": 459e12, "tpu v6 lite": 918e12, "h100": 989e12,
              "h200": 989e12}  # fmt: skip
 # What XLA treats as usable per chip (its out-of-memory message); v5p reports device_kind "TPU v5", v5e "TPU v5 lite".
@@ -68,7 +74,8 @@ def per_kind(table: dict[str, float], kind: str) -> float | None:
 
 
 def topology_devices(name: str) -> list:
-    """Compile-only devices of a TPU topology: ``v4-128``/``v5p-16`` (slice name) or ``v4:4x4x4``/``v5p:2x2x2``."""
+    """Compile-only devices of a TPU topology: ``v4-128``/``v5p-16``/``v5litepod-8`` (slice name; ``v5e-8`` too) or
+    ``v4:4x4x4``/``v5p:2x2x2``/``v5e:2x4``."""
     try:
         from jax.experimental import topologies
     except ImportError as e:  # pragma: no cover - jax always has it
@@ -77,10 +84,12 @@ def topology_devices(name: str) -> list:
         name = "v4:" + V4_TOPOLOGIES[name]
     elif name in V5P_TOPOLOGIES:
         name = "v5p:" + V5P_TOPOLOGIES[name]
+    elif name.replace("v5e-", "v5litepod-", 1) in V5E_TOPOLOGIES:
+        name = "v5e:" + V5E_TOPOLOGIES[name.replace("v5e-", "v5litepod-", 1)]
     if ":" not in name:
+        slices = sorted(V4_TOPOLOGIES) + sorted(V5P_TOPOLOGIES) + sorted(V5E_TOPOLOGIES)
         raise ValueError(
-            f"unknown topology {name!r}: use a slice name {sorted(V4_TOPOLOGIES) + sorted(V5P_TOPOLOGIES)} "
-            "or e.g. 'v4:4x4x4', 'v5p:2x2x2'"
+            f"unknown topology {name!r}: use a slice name {slices} or e.g. 'v4:4x4x4', 'v5p:2x2x2', 'v5e:2x4'"
         )
     generation, dims = name.split(":", 1)
     shape = tuple(int(d) for d in dims.split("x"))
@@ -152,8 +161,8 @@ def plan(config, devices: list | None = None, *, mfu: float = 0.4, sample: bool 
             compiled, error, seconds = _compile(step, params, batch, t)
         else:
             step_cfg = dataclasses.replace(setup.step_cfg, example_order=example_order(mesh, cfg.batch_size))
-            abstract, shardings = state_shardings(model_config, setup.tx, mesh)
-            params = abstract.params
+            abstract, shardings = state_shardings(model_config, setup.tx, mesh, lora=setup.step_cfg.lora)
+            params = abstract.params if abstract.base_params is None else abstract.base_params  # the model's
             step = jax.jit(
                 make_train_step(step_cfg),
                 in_shardings=(shardings, batch_sh),

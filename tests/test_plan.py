@@ -71,6 +71,9 @@ def test_slice_names_and_device_kind_tables():
             for d in dims.split("x"):
                 chips *= int(d)
             assert 2 * chips == int(slice_name.split("-")[1])  # slice names count TensorCores, two per chip
+    for slice_name, dims in plan_lib.V5E_TOPOLOGIES.items():  # v5e: one TensorCore per chip, the name counts chips
+        assert int(dims.split("x")[0]) * int(dims.split("x")[1]) == int(slice_name.split("-")[1])
+    assert plan_lib.V5E_TOPOLOGIES["v5litepod-8"] == "2x4"
     assert plan_lib.per_kind(plan_lib.PEAK_BF16, "TPU v5") == 459e12
     assert plan_lib.per_kind(plan_lib.PEAK_BF16, "TPU v5 lite") == 197e12
     assert (
