@@ -1,12 +1,14 @@
-"""T5 encoder conversion: the transformers key table, config mapping, folder reading, export.
+"""T5 / mT5 / UMT5 encoder conversion: the transformers key table, config mapping, folder reading, export.
 
-Keys of transformers ``T5EncoderModel`` / ``T5ForConditionalGeneration`` (and ``MT5…``) encoders:
+Keys of transformers ``T5EncoderModel`` / ``T5ForConditionalGeneration`` (and ``MT5…``, ``UMT5…``) encoders:
 ``shared.weight`` (or only ``encoder.embed_tokens.weight``, its tied copy), ``encoder.block.{i}.layer.0.SelfAttention.
-{q,k,v,o}.weight``, ``encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight`` (block 0 only; every
-block uses it), ``encoder.block.{i}.layer.0.layer_norm.weight``, ``encoder.block.{i}.layer.1.DenseReluDense.{wi_0,
-wi_1,wo}.weight`` (``wi`` when not gated), ``encoder.block.{i}.layer.1.layer_norm.weight``,
-``encoder.final_layer_norm.weight``. Decoder keys and ``lm_head.weight`` are ignored. One table serves import and
-export (``dit_jax.convert.rules``), so round trips are bit-exact.
+{q,k,v,o}.weight``, ``encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight`` (T5/mT5: block 0 only;
+every block uses it. UMT5: in every block ``{i}``), ``encoder.block.{i}.layer.0.layer_norm.weight``,
+``encoder.block.{i}.layer.1.DenseReluDense.{wi_0,wi_1,wo}.weight`` (``wi`` when not gated),
+``encoder.block.{i}.layer.1.layer_norm.weight``, ``encoder.final_layer_norm.weight``. Decoder keys and
+``lm_head.weight`` are ignored. One table serves import and export (``dit_jax.convert.rules``), so round trips are
+bit-exact. A ``config.json``'s ``model_type`` (``t5``, ``mt5``, ``umt5``) picks the variant; without one, the
+weights do (a bias table in block 1: UMT5; a 250112-token vocabulary: mT5).
 
 Reading the XXL encoder (19 GB as float32) needs about twice that in host memory (the file's arrays and the
 transposed kernels); a bf16 checkpoint is read as float32.
@@ -23,27 +25,31 @@ from dit_jax.convert import io
 from dit_jax.convert.api import expected_shapes
 from dit_jax.convert.common import TextEncoderConversion
 from dit_jax.convert.rules import ConversionError, Rule, export, import_, linear, rule
-from dit_jax.encoders.t5 import T5Config
+from dit_jax.encoders.t5 import MODEL_TYPES, T5Config
 
-MODEL_TYPES = ("t5", "mt5")
 _EMBED_COPY = "encoder.embed_tokens.weight"
-# transformers T5Config defaults, for fields a config.json leaves out
+_BIAS = "encoder.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight"
+_ARCHITECTURES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
+_MT5_VOCAB = 250112
+# transformers T5Config defaults, for fields a config.json leaves out; MT5Config and UMT5Config differ in a few
 _HF_DEFAULTS = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
                     relative_attention_num_buckets=32, relative_attention_max_distance=128,
                     feed_forward_proj="relu", layer_norm_epsilon=1e-6)  # fmt: skip
+_MT5_DEFAULTS = dict(_HF_DEFAULTS, vocab_size=_MT5_VOCAB, d_ff=1024, num_layers=8, num_heads=6,
+                     feed_forward_proj="gated-gelu")  # fmt: skip
 
 
 def t5_rules(config: T5Config) -> list[Rule]:
-    """The conversion table (transformers key ↔ Flax path) of a T5 encoder."""
+    """The conversion table (transformers key ↔ Flax path) of a T5, mT5 or UMT5 encoder."""
     h, dk = config.num_heads, config.d_kv
-    rules = [
-        rule("shared.weight", "shared"),
-        rule("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "relative_attention_bias"),
-        rule("encoder.final_layer_norm.weight", "final_norm/scale"),
-    ]
+    rules = [rule("shared.weight", "shared"), rule("encoder.final_layer_norm.weight", "final_norm/scale")]
+    if not config.relative_bias_per_layer:
+        rules.append(rule(_BIAS.format(i=0), "relative_attention_bias"))
     ff = ("wi_0", "wi_1", "wo") if config.is_gated else ("wi", "wo")
     for i in range(config.num_layers):
         t, f = f"encoder.block.{i}.layer", f"blocks_{i}"
+        if config.relative_bias_per_layer:
+            rules.append(rule(_BIAS.format(i=i), f"{f}/relative_attention_bias"))
         rules.append(rule(f"{t}.0.layer_norm.weight", f"{f}/attention_norm/scale"))
         for name in ("q", "k", "v"):
             rules.append(rule(f"{t}.0.SelfAttention.{name}.weight", f"{f}/attention/{name}/kernel", linear((h, dk))))
@@ -57,19 +63,23 @@ def t5_rules(config: T5Config) -> list[Rule]:
 
 
 def config_from_transformers(d: Mapping[str, Any], **overrides: Any) -> T5Config:
-    """A ``T5Config`` from a transformers T5 ``config.json`` dict (missing fields take transformers' defaults)."""
+    """A ``T5Config`` from a transformers T5, mT5 or UMT5 ``config.json`` dict (missing fields take that
+    transformers config class's defaults)."""
     model_type = d.get("model_type", "t5")
     if model_type not in MODEL_TYPES:
         raise ConversionError(f"config.json model_type={model_type!r} is not supported: expected one of {MODEL_TYPES}")
-    fields = {k: d.get(k, default) for k, default in _HF_DEFAULTS.items()}
+    defaults = _HF_DEFAULTS if model_type == "t5" else _MT5_DEFAULTS
+    fields = {k: d.get(k, default) for k, default in defaults.items()}
     fields["layer_norm_epsilon"] = float(fields["layer_norm_epsilon"])
+    fields.update(model_type=model_type, relative_bias_per_layer=model_type == "umt5")
     return T5Config(**{**fields, **overrides})
 
 
 def config_to_transformers(config: T5Config) -> dict[str, Any]:
-    """The transformers ``T5EncoderModel`` ``config.json`` dict of ``config``."""
+    """The transformers ``T5EncoderModel`` / ``MT5EncoderModel`` / ``UMT5EncoderModel`` ``config.json`` dict of
+    ``config`` (by its ``model_type``)."""
     d = {k: getattr(config, k) for k in _HF_DEFAULTS}
-    return {"architectures": ["T5EncoderModel"], "model_type": "t5", **d}
+    return {"architectures": [_ARCHITECTURES[config.model_type]], "model_type": config.model_type, **d}
 
 
 def _shape(sd: Mapping[str, Any], key: str) -> tuple[int, ...]:
@@ -80,12 +90,16 @@ def _shape(sd: Mapping[str, Any], key: str) -> tuple[int, ...]:
 
 def infer_config(state_dict: Mapping[str, Any], **overrides: Any) -> T5Config:
     """A ``T5Config`` from key names and shapes. ``relative_attention_max_distance`` (128), ``layer_norm_epsilon``
-    (1e-6) and, for gated nets, the activation (GELU-tanh) are not in the weights: pass them as ``overrides``."""
+    (1e-6) and, for gated nets, the activation (GELU-tanh) are not in the weights: pass them as ``overrides``. A bias
+    table in block 1 means UMT5; otherwise a 250112-token vocabulary means mT5 (a one-block UMT5 or an mT5 with
+    another vocabulary needs ``model_type=`` and ``relative_bias_per_layer=``)."""
     blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.block\.(\d+)\.", k))}
     if not blocks:
         raise ConversionError("cannot infer the T5 config: no encoder.block.{i} keys")
     vocab, d_model = _shape(state_dict, "shared.weight")
-    buckets, heads = _shape(state_dict, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+    buckets, heads = _shape(state_dict, _BIAS.format(i=0))
+    per_layer = _BIAS.format(i=1) in state_dict
+    model_type = "umt5" if per_layer else "mt5" if vocab == _MT5_VOCAB else "t5"
     inner = _shape(state_dict, "encoder.block.0.layer.0.SelfAttention.q.weight")[0]
     gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in state_dict
     wi = "wi_0" if gated else "wi"
@@ -100,6 +114,8 @@ def infer_config(state_dict: Mapping[str, Any], **overrides: Any) -> T5Config:
         relative_attention_max_distance=128,
         feed_forward_proj="gated-gelu" if gated else "relu",
         layer_norm_epsilon=1e-6,
+        relative_bias_per_layer=per_layer,
+        model_type=model_type,
     )
     return T5Config(**{**fields, **overrides})
 
@@ -108,7 +124,7 @@ def infer_config(state_dict: Mapping[str, Any], **overrides: Any) -> T5Config:
 
 
 def read_t5(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, str]:
-    """``(state_dict, transformers config or None, source name)`` of a T5 folder, a pipeline folder with
+    """``(state_dict, transformers config or None, source name)`` of a T5/mT5/UMT5 folder, a pipeline folder with
     ``text_encoder/``, or one weights file / shard index (its sibling ``config.json`` is used when present)."""
     return io.read_transformers(path, what="T5", config_keys=("model_type", "d_model"), hint="")
 
@@ -120,7 +136,7 @@ def _ignored(key: str) -> bool:
 def t5_from_torch(
     source: str | os.PathLike | Mapping[str, Any], *, config: T5Config | None = None, **overrides: Any
 ) -> tuple[T5Config, dict[str, Any]]:
-    """Import a T5 encoder → ``(T5Config, float32 params)``.
+    """Import a T5, mT5 or UMT5 encoder → ``(T5Config, float32 params)``.
 
     ``source``: a transformers folder (``config.json`` + ``model.safetensors``, sharded or ``.bin``), a diffusers
     pipeline folder (its ``text_encoder/``), one weights file, or a state dict. The config comes from ``config``,
@@ -140,13 +156,14 @@ def t5_from_torch(
     elif overrides:
         config = config.replace(**overrides)
     params = import_(t5_rules(config), sd, expected=expected_shapes(config), ignore=_ignored,
-                     source=f"{name} (transformers T5 keys)")  # fmt: skip
+                     source=f"{name} (transformers {_ARCHITECTURES[config.model_type]} keys)")  # fmt: skip
     return config, params
 
 
 def t5_to_torch(config: T5Config, params: Mapping[str, Any], *, tied_copy: bool = True) -> dict[str, np.ndarray]:
-    """Export params to a transformers ``T5EncoderModel`` state dict (numpy); ``tied_copy`` adds
-    ``encoder.embed_tokens.weight`` (= ``shared.weight``), as ``T5EncoderModel.state_dict()`` has it."""
+    """Export params to a transformers ``T5EncoderModel`` / ``MT5EncoderModel`` / ``UMT5EncoderModel`` state dict
+    (numpy); ``tied_copy`` adds ``encoder.embed_tokens.weight`` (= ``shared.weight``), as their ``state_dict()`` has
+    it."""
     sd = export(t5_rules(config), params)
     if tied_copy:
         sd[_EMBED_COPY] = sd["shared.weight"]

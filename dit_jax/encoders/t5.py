@@ -1,11 +1,17 @@
-"""The T5 encoder (T5 v1.0 and v1.1, e.g. T5-v1.1-XXL, PixArt's caption encoder) in Flax.
+"""The T5 encoder (T5 v1.0 and v1.1, e.g. T5-v1.1-XXL, PixArt's caption encoder; mT5, Hunyuan-DiT's mT5-XL; UMT5,
+Wan's UMT5-XXL) in Flax.
 
-Matches transformers ``T5EncoderModel``: token embedding (no scaling), pre-norm blocks of self-attention and a
-feed-forward net with T5's RMS LayerNorm (no mean subtraction, no bias, fp32 variance, explicit eps), attention logits
-``q·kᵀ`` without the 1/√d scale (T5 folds it into the init) plus a relative position bias that the first block owns
-and every block shares (bidirectional log buckets), padding keys masked out, a ReLU (v1.0) or gated tanh-GELU (v1.1,
-``gelu_new``) feed-forward, and a final RMS norm. ``apply({"params": p}, input_ids, attention_mask)`` returns the
-last hidden state (B, L, d_model) in float32 whatever the compute dtype; the residual stream stays float32.
+Matches transformers ``T5EncoderModel`` / ``MT5EncoderModel`` / ``UMT5EncoderModel``: token embedding (no scaling),
+pre-norm blocks of self-attention and a feed-forward net with T5's RMS LayerNorm (no mean subtraction, no bias, fp32
+variance, explicit eps), attention logits ``q·kᵀ`` without the 1/√d scale (T5 folds it into the init) plus a relative
+position bias (bidirectional log buckets) — T5 and mT5: one table that the first block owns and every block shares;
+UMT5 (``relative_bias_per_layer``): a table in every block — padding keys masked out (before the softmax, as
+transformers' additive mask does), a ReLU (v1.0) or gated tanh-GELU (v1.1, mT5, UMT5: ``gelu_new``) feed-forward, and
+a final RMS norm. mT5 is T5 v1.1 with a 250112-token vocabulary. ``apply({"params": p}, input_ids, attention_mask)``
+returns the last hidden state (B, L, d_model) in float32 whatever the compute dtype; the residual stream stays
+float32. In float16 compute the feed-forward output projection ``wo`` runs in float32 (its input cast up), as
+transformers keeps ``wo`` in float32 when it loads T5/mT5/UMT5 in float16 (``_keep_in_fp32_modules``; in bfloat16 it
+does not, nor do we).
 
 Memory (T5-v1.1-XXL, 4.76 B parameters): 19.0 GB as float32, 9.5 GB as bfloat16. Every matrix carries logical axis
 names (``embed`` → ``fsdp``, ``heads``/``mlp`` → ``tensor``), so under a mesh the encoder runs ZeRO-3 style with each
@@ -33,6 +39,7 @@ from dit_jax.nn.stack import REMAT_POLICIES
 from dit_jax.parallel.rules import constrain
 
 FEED_FORWARD = ("relu", "gelu", "gated-gelu", "gated-relu", "gated-silu")
+MODEL_TYPES = ("t5", "mt5", "umt5")  # transformers' names of the three encoders
 _ACT = ("act_batch", "act_length", "act_embed")  # B L D activations
 
 
@@ -40,8 +47,11 @@ _ACT = ("act_batch", "act_length", "act_embed")  # B L D activations
 class T5Config(ExecutionConfig):
     """Every architecture and numerics switch of a T5 encoder (transformers ``T5Config`` names). Defaults: T5-v1.1-XXL.
 
-    ``feed_forward_proj``: ``relu`` (T5 v1.0: ``wo(relu(wi x))``), ``gated-gelu`` (v1.1 / Flan / mT5:
+    ``feed_forward_proj``: ``relu`` (T5 v1.0: ``wo(relu(wi x))``), ``gated-gelu`` (v1.1 / Flan / mT5 / UMT5:
     ``wo(gelu_tanh(wi_0 x) · wi_1 x)``), ``gelu`` (exact erf GELU), ``gated-relu``, ``gated-silu``.
+    ``relative_bias_per_layer``: every block has its own relative position bias table (UMT5) instead of all sharing
+    block 0's (T5, mT5). ``model_type``: the transformers encoder these weights are (``t5``, ``mt5``, ``umt5``), what
+    an export writes; ``umt5`` goes with ``relative_bias_per_layer`` and only with it.
     """
 
     family: ClassVar[str] = "t5"
@@ -56,6 +66,8 @@ class T5Config(ExecutionConfig):
     relative_attention_max_distance: int = 128
     feed_forward_proj: str = "gated-gelu"
     layer_norm_epsilon: float = 1e-6
+    relative_bias_per_layer: bool = False
+    model_type: str = "t5"
 
     def __post_init__(self):
         super().__post_init__()
@@ -67,6 +79,10 @@ class T5Config(ExecutionConfig):
         check(distance > buckets // 4, "relative_attention_max_distance", distance, f"more than {buckets // 4}")
         check(ff in FEED_FORWARD, "feed_forward_proj", ff, f"one of {FEED_FORWARD}")
         check(self.layer_norm_epsilon > 0, "layer_norm_epsilon", self.layer_norm_epsilon, "positive")
+        check(self.model_type in MODEL_TYPES, "model_type", self.model_type, f"one of {MODEL_TYPES}")
+        per_layer = self.model_type == "umt5"  # only UMT5 has a bias table in every block
+        want = f"{per_layer} for model_type={self.model_type!r}"
+        check(self.relative_bias_per_layer == per_layer, "relative_bias_per_layer", self.relative_bias_per_layer, want)
         check(not self.scan_blocks, "scan_blocks", self.scan_blocks, "False (T5 blocks are not scanned)")
 
     @property
@@ -85,11 +101,18 @@ PRESETS: dict[str, T5Config] = {
     "t5-v1_1-large": T5Config(**_V11, d_model=1024, d_ff=2816, num_layers=24, num_heads=16),
     "t5-v1_1-base": T5Config(**_V11, d_model=768, d_ff=2048, num_layers=12, num_heads=12),
     "t5-v1_1-small": T5Config(**_V11, d_model=512, d_ff=1024, num_layers=8, num_heads=6),
-}
+    # google/mt5-xl's encoder: Hunyuan-DiT's text_encoder_2 (1.670 B parameters)
+    "mT5-XL": T5Config(d_kv=64, feed_forward_proj="gated-gelu", vocab_size=250112, d_model=2048, d_ff=5120,
+                       num_layers=24, num_heads=32, model_type="mt5"),
+    # google/umt5-xxl's encoder: Wan 2.1's text encoder (5.681 B parameters)
+    "UMT5-XXL": T5Config(d_kv=64, feed_forward_proj="gated-gelu", vocab_size=256384, d_model=4096, d_ff=10240,
+                         num_layers=24, num_heads=64, model_type="umt5", relative_bias_per_layer=True),
+}  # fmt: skip
 
 
 def t5_preset(name: str, **overrides: Any) -> T5Config:
-    """The named T5 encoder preset (``t5-v1_1-xxl`` … ``t5-v1_1-small``), with ``overrides``."""
+    """The named T5 encoder preset (``t5-v1_1-xxl`` … ``t5-v1_1-small``, ``mT5-XL``, ``UMT5-XXL``), with
+    ``overrides``."""
     if name not in PRESETS:
         raise ValueError(f"unknown T5 preset {name!r}; known presets: {sorted(PRESETS)}")
     return dataclasses.replace(PRESETS[name], **overrides) if overrides else PRESETS[name]
@@ -162,7 +185,8 @@ _ACTIVATIONS = {
 
 
 class FeedForward(nn.Module):
-    """``wo(act(wi x))`` or, gated, ``wo(act(wi_0 x) · wi_1 x)``; the activation and gate product in fp32."""
+    """``wo(act(wi x))`` or, gated, ``wo(act(wi_0 x) · wi_1 x)``; the activation and gate product in fp32, and ``wo``
+    in fp32 when the compute dtype is float16 (transformers' ``_keep_in_fp32_modules``: its products overflow)."""
 
     d_ff: int
     kind: str
@@ -179,13 +203,22 @@ class FeedForward(nn.Module):
             h = _ACTIVATIONS[self.kind[len("gated-") :]](wi("wi_0")) * wi("wi_1")
         else:
             h = _ACTIVATIONS[self.kind](wi("wi"))
-        h = constrain(h.astype(self.dtype), ("act_batch", "act_length", "act_mlp"))
-        return dense(d, ("mlp", "embed"), dtype=self.dtype, use_bias=False,
+        out_dtype = jnp.float32 if jnp.dtype(self.dtype) == jnp.float16 else self.dtype
+        h = constrain(h.astype(out_dtype), ("act_batch", "act_length", "act_mlp"))
+        return dense(d, ("mlp", "embed"), dtype=out_dtype, use_bias=False,
                      kernel_init=_normal(self.d_ff**-0.5), name="wo")(h)  # fmt: skip
 
 
+def position_bias(module: nn.Module, config: T5Config, buckets: jax.Array) -> jax.Array:
+    """``module``'s relative position bias table (buckets, heads) looked up at ``buckets`` (T, S) → (1, H, T, S)."""
+    rel = module.param("relative_attention_bias", partitioned(_normal(config.d_model**-0.5), (None, "heads")),
+                       (config.relative_attention_num_buckets, config.num_heads), jnp.float32)  # fmt: skip
+    return jnp.take(rel, buckets, axis=0).transpose(2, 0, 1)[None]
+
+
 class Block(nn.Module):
-    """``x += attn(norm x)``; ``x += ff(norm x)``; the residual stream ``x`` is float32."""
+    """``x += attn(norm x)``; ``x += ff(norm x)``; the residual stream ``x`` is float32. ``bias`` is the shared
+    position bias (1, H, T, S), or, with ``relative_bias_per_layer``, the buckets (T, S) of the block's own table."""
 
     config: T5Config
 
@@ -193,6 +226,8 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array, bias: jax.Array, mask: jax.Array) -> jax.Array:
         cfg = self.config
         dtype = compute_dtype(cfg.dtype)
+        if cfg.relative_bias_per_layer:
+            bias = position_bias(self, cfg, bias)  # 1 H T S, this block's table
         h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="attention_norm")(x)
         x = x + SelfAttention(cfg.num_heads, cfg.d_kv, dtype, name="attention")(h, bias, mask).astype(jnp.float32)
         h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="ff_norm")(x)
@@ -203,9 +238,9 @@ class Block(nn.Module):
 class T5Encoder(nn.Module):
     """``apply({"params": p}, input_ids (B, L) int, attention_mask (B, L) 1 = token | None) -> (B, L, d_model)`` fp32.
 
-    Parameters: ``shared/embedding`` (vocab, d_model), ``relative_attention_bias`` (buckets, heads) (block 0's in
-    transformers), ``blocks_{i}/{attention_norm,attention/{q,k,v,o},ff_norm,ff/{wi_0,wi_1|wi,wo}}``,
-    ``final_norm/scale``.
+    Parameters: ``shared`` (vocab, d_model), ``relative_attention_bias`` (buckets, heads) (block 0's in
+    transformers; with ``relative_bias_per_layer`` one ``blocks_{i}/relative_attention_bias`` per block instead),
+    ``blocks_{i}/{attention_norm,attention/{q,k,v,o},ff_norm,ff/{wi_0,wi_1|wi,wo}}``, ``final_norm/scale``.
     """
 
     config: T5Config
@@ -224,12 +259,11 @@ class T5Encoder(nn.Module):
                            (cfg.vocab_size, cfg.d_model), jnp.float32)  # fmt: skip
         x = constrain(jnp.take(table, input_ids, axis=0), _ACT)  # B L D float32
 
-        rel = self.param("relative_attention_bias", partitioned(_normal(cfg.d_model**-0.5), (None, "heads")),
-                         (cfg.relative_attention_num_buckets, cfg.num_heads), jnp.float32)  # fmt: skip
-        buckets = relative_position_buckets(
+        buckets = jnp.asarray(relative_position_buckets(
             length, length, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
-        )
-        bias = jnp.take(rel, jnp.asarray(buckets), axis=0).transpose(2, 0, 1)[None]  # 1 H T S, shared by all blocks
+        ))  # fmt: skip
+        # T5/mT5: 1 H T S, shared by all blocks; UMT5: the buckets, each block looks up its own table
+        bias = buckets if cfg.relative_bias_per_layer else position_bias(self, cfg, buckets)
 
         mask = attention_mask.astype(bool)
         block = Block if cfg.remat == "none" else nn.remat(Block, policy=REMAT_POLICIES[cfg.remat])

@@ -1,8 +1,8 @@
-"""``TextEncoder``: prompts → text features (T5 or CLIP), with the tokenizer, the weights sharded over the local
-devices, and loading from transformers folders, diffusers pipeline folders or model directories.
+"""``TextEncoder``: prompts → text features (T5/mT5/UMT5, CLIP or BERT), with the tokenizer, the weights sharded over
+the local devices, and loading from transformers folders, diffusers pipeline folders or model directories.
 
-The architectures are ``dit_jax.encoders.t5`` and ``dit_jax.encoders.clip``; conversion of transformers weights is
-``dit_jax.convert.t5`` / ``dit_jax.convert.clip``.
+The architectures are ``dit_jax.encoders.t5``, ``dit_jax.encoders.clip`` and ``dit_jax.encoders.bert``; conversion of
+transformers weights is ``dit_jax.convert.t5`` / ``dit_jax.convert.clip`` / ``dit_jax.convert.bert``.
 """
 
 from __future__ import annotations
@@ -21,18 +21,23 @@ import numpy as np
 from dit_jax.models import build
 from dit_jax.nn.layers import compute_dtype
 
-_TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+_TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "vocab.txt")
 
 
-TEXT_FAMILIES = ("t5", "clip")
+TEXT_FAMILIES = ("t5", "clip", "bert")
+
+
+def _model_type(folder: Path) -> str:
+    """The ``model_type`` of a transformers folder's config.json, lower case ("" when there is none)."""
+    from dit_jax.files import read_json
+
+    config = folder / "config.json"
+    return str(read_json(config).get("model_type", "")).lower() if config.is_file() else ""
 
 
 def _is_clip_folder(folder: Path) -> bool:
     """A transformers CLIP text folder (its config.json says so), rather than a T5 one."""
-    from dit_jax.files import read_json
-
-    config = folder / "config.json"
-    return config.is_file() and "clip" in str(read_json(config).get("model_type", "")).lower()
+    return "clip" in _model_type(folder)
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -92,7 +97,7 @@ def _width(config: Any) -> int:
 
 
 class TextEncoder:
-    """Captions → text features of a T5 or CLIP encoder, tokenized with the folder's tokenizer.
+    """Captions → text features of a T5 (mT5, UMT5), CLIP or BERT encoder, tokenized with the folder's tokenizer.
 
     ``__call__(captions)`` gives ``(embeddings float32 (b, max_length, width), mask int32 (b, max_length))``, PixArt's
     T5 features: captions truncated and padded to ``max_length`` (120 for PixArt-α, 300 for Σ) with the tokenizer's
@@ -197,9 +202,9 @@ class TextEncoder:
         param_dtype: str | None = None,
         tokenizer: str | os.PathLike | None = None,
     ) -> TextEncoder:
-        """Load a transformers T5 or CLIP text folder, a diffusers pipeline folder (``text_encoder/`` +
-        ``tokenizer/``) or a dit_jax model directory; the tokenizer comes from ``tokenizer`` or the folder
-        (``AutoTokenizer``)."""
+        """Load a transformers T5 / mT5 / UMT5, CLIP or BERT text folder (by its config.json ``model_type``), a
+        diffusers pipeline folder (``text_encoder/`` + ``tokenizer/``) or a dit_jax model directory; the tokenizer
+        comes from ``tokenizer`` or the folder (``AutoTokenizer``; BERT's ``vocab.txt`` with its config)."""
         from transformers import AutoTokenizer
 
         path = Path(path)
@@ -214,6 +219,10 @@ class TextEncoder:
             from dit_jax.convert.clip import clip_from_torch
 
             config, params = clip_from_torch(model_dir)
+        elif _model_type(model_dir) == "bert":
+            from dit_jax.convert.bert import bert_from_torch
+
+            config, params = bert_from_torch(model_dir)
         else:
             from dit_jax.convert.t5 import t5_from_torch
 
@@ -274,8 +283,9 @@ class TextEncoder:
         use_mask: bool = True,
         clip_skip: int | None = None,
     ) -> dict[str, np.ndarray]:
-        """Captions → ``{"hidden", "mask"}`` (T5) or ``{"hidden", "mask", "penultimate", "pooled", "text_embeds"}``
-        (CLIP; ``text_embeds`` with a projection), tokenized to ``max_length`` (default: the encoder's).
+        """Captions → ``{"hidden", "mask"}`` (T5, mT5, UMT5, BERT) or ``{"hidden", "mask", "penultimate", "pooled",
+        "text_embeds"}`` (CLIP; ``text_embeds`` with a projection), tokenized to ``max_length`` (default: the
+        encoder's).
         ``use_mask=False`` encodes without the padding mask (the pad tokens attend and are attended to), as SD3
         and Flux do; ``mask`` is the tokenizer's either way. ``clip_skip`` (CLIP; default: the encoder's
         ``clip_skip``): ``penultimate`` is transformers' ``hidden_states[-(clip_skip + 2)]`` instead of
