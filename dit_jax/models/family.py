@@ -19,7 +19,7 @@ import jax
 
 Condition = dict[str, Any]
 
-TASKS = ("class-to-image", "text-to-image")
+TASKS = ("class-to-image", "text-to-image", "text-to-video")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +180,11 @@ class Family:
         """Turn ``(source config, looped params)`` into params for ``target`` when fine-tuning from another
         checkpoint of the family (e.g. PixArt's KV compression is enabled here). Returns ``(config, params)``."""
         return source, params
+
+    def lora_targets(self, config: Any) -> tuple[str, ...]:
+        """Regexes (``re.search``) over parameter paths of the Dense kernels ``dit_jax.lora`` adapts by default: the
+        attention projections (fused q|k|v, q, k|v and output) of self-, cross- and joint attention."""
+        return (r"(^|/)[a-z_]*attn\d*/(qkv|q|kv|proj)/kernel$",)
 
     def forward_flops(self, config: Any, height: int, width: int, text_length: int | None = None) -> int:
         """Analytic FLOPs of one forward pass for one sample of latent size ``height × width``."""
