@@ -18,7 +18,12 @@ OBJECTIVES = ("flow", "ddpm")
 DEFAULT_METHODS = {"flow": "euler", "ddpm": "ddpm"}
 # The diffusers scheduler class of each DDPM-family method: a method other than the pipeline's default is configured
 # like ``<Class>.from_config(pipe.scheduler.config)`` in diffusers (shared keys carry over, the rest are defaults).
-SCHEDULER_CLASSES = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
+SCHEDULER_CLASSES = {
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
 
 
 def default_method(objective: str, method: str | None = None) -> str:

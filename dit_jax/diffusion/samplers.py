@@ -21,6 +21,12 @@ Methods and options (defaults = the diffusers scheduler's, except ``clip_sample=
                              lower_order_final=True is PixArt-Σ's rule, False PixArt-α's for ≥ 10 steps),
                              with skip_type ("time_uniform", "time_quadratic"), t_start, t_end, solver_order,
                              solver_type, lower_order_final
+               ``unipc``     ``UniPCMultistepScheduler`` (UniP predictor + UniC corrector, B(h) variants):
+                             solver_order=2, solver_type="bh2" ("bh1"), lower_order_final=True (the order is at most
+                             the number of steps left, at any step count), disable_corrector=() (indices of predictor
+                             steps whose result is not corrected), final_sigmas_type="zero" ("sigma_min"),
+                             timestep_spacing="linspace", steps_offset=0, predict_x0=True (False: the ε form, with
+                             final_sigmas_type="sigma_min"); float32 ᾱ as diffusers
                schedule_dtype (ddpm/ddim/dpmpp_2m): "float32" = diffusers' float32 ᾱ and step arithmetic (the
                              default), "float64" = exact (ADM; the default with ``respacing``)
   FlowSchedule ``euler``     ``FlowMatchEulerDiscreteScheduler`` (``set_timesteps(n, sigmas=, mu=, timesteps=)`` and
@@ -35,6 +41,11 @@ Methods and options (defaults = the diffusers scheduler's, except ``clip_sample=
                              variant="k_diffusion": Stability's SD3 reference sampler (``sd3_infer.py``:
                              k-diffusion ``sample_dpmpp_2m`` on ``get_sigmas``, see ``sd3_reference_sigmas``; a
                              constant shift only; the diffusers-only options above are rejected)
+               ``unipc``     ``UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")``
+                             (Wan 2.1: flow_shift 3 at 480p, 5 at 720p; 50 steps): solver_order, solver_type,
+                             lower_order_final, disable_corrector, final_sigmas_type, shift_terminal, image_seq_len
+                             or mu (``use_dynamic_shifting``); the model sees int(σ·1000) as in diffusers. The
+                             corrector runs after every model call but the first, so n steps take n model calls.
   How the pipelines pass the flow options (reproducing diffusers exactly):
     SD3/SD3.5   ``sample(..., method="euler", num_steps=n)``; nothing else (image_seq_len = (h/p)·(w/p) may be
                 passed, it only matters with a dynamic-shift config). ``dpmpp_2m, variant="k_diffusion"`` is SAI's.
@@ -64,8 +75,8 @@ from dit_jax.diffusion.schedules import (
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
-DDPM_METHODS = ("ddpm", "ddim", "dpmpp_2m")
-FLOW_METHODS = ("euler", "heun", "dpmpp_2m")
+DDPM_METHODS = ("ddpm", "ddim", "dpmpp_2m", "unipc")
+FLOW_METHODS = ("euler", "heun", "dpmpp_2m", "unipc")
 _SPACINGS = ("leading", "trailing", "linspace")
 
 # Options per (family, method) with their defaults (= the matching diffusers scheduler's defaults, except
@@ -131,6 +142,15 @@ _FLOW_DPM_OPTIONS = {
     "image_seq_len": None,
     "mu": None,
 }
+_UNIPC_OPTIONS = {
+    "solver_order": 2,
+    "solver_type": "bh2",
+    "lower_order_final": True,
+    "disable_corrector": (),
+    "final_sigmas_type": "zero",
+}
+_DDPM_UNIPC_OPTIONS = {**_UNIPC_OPTIONS, "predict_x0": True, "timestep_spacing": "linspace", "steps_offset": 0}
+_FLOW_UNIPC_OPTIONS = {**_UNIPC_OPTIONS, "shift_terminal": None, "image_seq_len": None, "mu": None}
 _OPTIONS = {
     ("ddpm", "ddpm"): _DDPM_OPTIONS,
     ("ddpm", "ddim"): _DDIM_OPTIONS,
@@ -138,6 +158,8 @@ _OPTIONS = {
     ("flow", "euler"): _FLOW_OPTIONS,
     ("flow", "heun"): _FLOW_HEUN_OPTIONS,
     ("flow", "dpmpp_2m"): _FLOW_DPM_OPTIONS,
+    ("ddpm", "unipc"): _DDPM_UNIPC_OPTIONS,
+    ("flow", "unipc"): _FLOW_UNIPC_OPTIONS,
 }
 _DPM_SOLVER_ONLY = ("skip_type", "t_start", "t_end")
 DPM_DIFFUSERS_ONLY = (
@@ -523,6 +545,15 @@ def _respace_sigmas(sig: np.ndarray, o: dict) -> np.ndarray:
     return np.array([s_min + p * (s_max - s_min) for p in ppf], np.float64)
 
 
+def _stretch_to_terminal(sig: np.ndarray, shift_terminal) -> np.ndarray:
+    """diffusers' ``shift_terminal``: 1 − σ scaled so that the last σ becomes ``shift_terminal``."""
+    terminal = float(shift_terminal)
+    if not 0.0 <= terminal < 1.0:
+        raise ValueError(f"shift_terminal must be in [0, 1), got {terminal!r}")
+    one_minus = 1.0 - sig
+    return 1.0 - one_minus / (one_minus[-1] / (1.0 - terminal))
+
+
 def _flow_sigmas(schedule: FlowSchedule, num_steps, o: dict) -> tuple[np.ndarray, np.ndarray]:
     """``FlowMatchEulerDiscreteScheduler.set_timesteps``: (n + 1 sigmas (float32, the last 0, or 1 with
     ``invert_sigmas``), n model timesteps (float32)).
@@ -555,11 +586,7 @@ def _flow_sigmas(schedule: FlowSchedule, num_steps, o: dict) -> tuple[np.ndarray
     with np.errstate(divide="ignore"):
         sig = shift(base)
     if o.get("shift_terminal"):
-        terminal = float(o["shift_terminal"])
-        if not 0.0 <= terminal < 1.0:
-            raise ValueError(f"shift_terminal must be in [0, 1), got {terminal!r}")
-        one_minus = 1.0 - sig
-        sig = 1.0 - one_minus / (one_minus[-1] / (1.0 - terminal))
+        sig = _stretch_to_terminal(sig, o["shift_terminal"])
     sig = np.asarray(_respace_sigmas(np.asarray(sig), o), np.float64).astype(np.float32)
     if not np.all(np.isfinite(sig)):
         raise ValueError(f"the flow sigmas are not finite: {sig.tolist()} (check sigmas/timesteps/mu)")
@@ -663,12 +690,191 @@ def _k_diffusion_dpm_trajectory(schedule: FlowSchedule, num_steps) -> Trajectory
     return Trajectory("dpm", model_t, tables, "flow", sigmas=sig)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# UniPC trajectories (DDPM and flow)
+# --------------------------------------------------------------------------------------------------------------------
+
+UNIPC_SOLVER_TYPES = ("bh1", "bh2")
+
+
+def _unipc_orders(n: int, o: dict) -> list[int]:
+    """The predictor order of each step as ``UniPCMultistepScheduler.step`` picks it: warm-up 1, 2, … up to
+    ``solver_order``; with ``lower_order_final`` at most the number of steps left (at any n, unlike DPM-Solver)."""
+    k = o["solver_order"]
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"solver_order must be a positive integer, got {k!r}")
+    return [min(int(k), i + 1, n - i if o["lower_order_final"] else int(k)) for i in range(n)]
+
+
+def _unipc_disabled(value) -> frozenset[int]:
+    """``disable_corrector``: the predictor steps whose result is not corrected (diffusers' list of step indices)."""
+    try:
+        steps = list(value)
+    except TypeError:
+        raise ValueError(f"disable_corrector must be a list of step indices, got {value!r}") from None
+    if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in steps):
+        raise ValueError(f"disable_corrector must be a list of step indices, got {value!r}")
+    return frozenset(int(s) for s in steps)
+
+
+def _unipc_interval(lam, s: int, t: int, x0_pred: bool, solver_type: str, order: int):
+    """(h, h·φ₁, B(h), b) of a UniPC update from point s to point t (λ = log α − log σ, h = λ_t − λ_s).
+
+    The data-prediction form (``predict_x0``) integrates in hh = −h, the noise form in hh = h; h·φ₁ = e^hh − 1;
+    B(h) = hh (bh1) or e^hh − 1 (bh2); b_k = k!·φ_{k+1}(hh)·hh / B(h) (k = 1 … order) are the right-hand sides of
+    the order conditions (computed only when ``order`` > 0 asks for them)."""
+    h = lam[t] - lam[s]
+    hh = -h if x0_pred else h
+    h_phi_1 = np.expm1(hh)
+    b_h = hh if solver_type == "bh1" else h_phi_1
+    b, h_phi_k, factorial = [], h_phi_1 / hh - 1.0, 1.0
+    for k in range(1, order + 1):
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1.0 / factorial
+    return h, h_phi_1, b_h, np.asarray(b)
+
+
+def _unipc_tables(alpha, sigma, orders: list[int], o: dict, x0_pred: bool) -> dict:
+    """Per model call i, the UniC corrector and the UniP predictor as linear combinations of the model outputs
+    m_{i−j} (x₀ with ``predict_x0``, else ε), j = 0 … depth − 1:
+
+      x_i ← c_x·x_{i−1} + Σ_j c_m[j]·m_{i−j}   (when corr: x_{i−1} is the previous corrected sample)
+      x_{i+1} = p_x·x_i + Σ_j p_m[j]·m_{i−j}
+
+    Predictor of order p from point i: x_{i+1} = scale·x_i − lead·hφ₁·m_i − lead·B(h)·Σ_k ρ_k·(m_{i−k} − m_i)/r_k,
+    r_k = (λ_{i−k} − λ_i)/h, ρ = (½) for p = 2, else the solution of Σ_k ρ_k·r_k^{j−1} = b_j (j < p). The corrector at
+    call i redoes step i − 1 (its order q) with the new output m_i: the same form from point i − 1 plus
+    −lead·B(h)·ρ_q·(m_i − m_{i−1}), where ρ = (½) for q = 1, else the solution of the q conditions with r_q = 1.
+    ``scale``/``lead`` are σ_t/σ_s and α_t (data prediction) or α_t/α_s and σ_t (noise prediction).
+    """
+    _check_choice("solver_type", o["solver_type"], UNIPC_SOLVER_TYPES)
+    disabled = _unipc_disabled(o["disable_corrector"])
+    alpha, sigma = np.asarray(alpha, np.float64), np.asarray(sigma, np.float64)
+    n, depth = len(orders), max(orders) + 1
+    if sigma[-1] == 0.0 and not x0_pred:
+        raise ValueError(
+            "predict_x0=False needs final_sigmas_type='sigma_min': with a final sigma of 0 the noise-prediction "
+            "update is 0·inf (diffusers' UniPCMultistepScheduler returns NaN)"
+        )
+    if sigma[-1] == 0.0 and o["solver_type"] == "bh1":
+        raise ValueError(
+            "solver_type='bh1' needs final_sigmas_type='sigma_min': onto a final sigma of 0 its B(h) is infinite "
+            "(diffusers' UniPCMultistepScheduler returns NaN)"
+        )
+    if sigma[-1] == 0.0 and orders[-1] > 1:
+        raise ValueError(
+            "lower_order_final=False with final_sigmas_type='zero' is not supported: a last step of order > 1 onto "
+            "sigma = 0 divides by 0 (diffusers' UniPCMultistepScheduler returns inf/NaN)"
+        )
+    tables = {
+        "p_x": np.zeros(n),
+        "p_m": np.zeros((n, depth)),
+        "corr": np.zeros(n),
+        "c_x": np.zeros(n),
+        "c_m": np.zeros((n, depth)),
+    }
+    solver = o["solver_type"]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        lam = np.log(alpha) - np.log(sigma)
+
+        def base(s: int, t: int, order: int):  # scale, lead, hφ₁, B(h), b of the step from s to t
+            h, h_phi_1, b_h, b = _unipc_interval(lam, s, t, x0_pred, solver, order)
+            scale = sigma[t] / sigma[s] if x0_pred else alpha[t] / alpha[s]
+            lead = alpha[t] if x0_pred else sigma[t]
+            return h, scale, lead, h_phi_1, b_h, b
+
+        for i, p in enumerate(orders):
+            # UniP from point i (m_i is m_{i−0}, m_{i−k} is history slot k)
+            h, scale, lead, h_phi_1, b_h, b = base(i, i + 1, p if p > 2 else 0)
+            tables["p_x"][i] = scale
+            tables["p_m"][i, 0] = -lead * h_phi_1
+            if p >= 2:
+                r = np.array([(lam[i - k] - lam[i]) / h for k in range(1, p)])
+                rho = np.array([0.5]) if p == 2 else np.linalg.solve(np.vander(r, p - 1, increasing=True).T, b[:-1])
+                for k in range(1, p):
+                    w = -lead * b_h * rho[k - 1] / r[k - 1]
+                    tables["p_m"][i, k] += w
+                    tables["p_m"][i, 0] -= w
+            # UniC at call i: redo step i − 1 (order q) from the corrected x_{i−1} with the new output m_i
+            if i == 0 or (i - 1) in disabled:
+                continue
+            q = orders[i - 1]
+            h, scale, lead, h_phi_1, b_h, b = base(i - 1, i, q if q > 1 else 0)
+            r = np.array([(lam[i - 1 - k] - lam[i - 1]) / h for k in range(1, q)] + [1.0])
+            rho = np.array([0.5]) if q == 1 else np.linalg.solve(np.vander(r, q, increasing=True).T, b)
+            tables["corr"][i] = 1.0
+            tables["c_x"][i] = scale
+            tables["c_m"][i, 1] = -lead * h_phi_1
+            for k in range(1, q):  # the older outputs m_{i−1−k}, slot k + 1
+                w = -lead * b_h * rho[k - 1] / r[k - 1]
+                tables["c_m"][i, k + 1] += w
+                tables["c_m"][i, 1] -= w
+            w = -lead * b_h * rho[-1]  # the new output: ρ_q·(m_i − m_{i−1})
+            tables["c_m"][i, 0] += w
+            tables["c_m"][i, 1] -= w
+    bad = sorted(k for k, v in tables.items() if not np.all(np.isfinite(v)))
+    if bad:
+        raise ValueError(
+            f"the UniPC coefficients {bad} are not finite for this schedule (check the sigmas and options)"
+        )
+    return tables
+
+
+def _ddpm_unipc_trajectory(schedule: DDPMSchedule, num_steps, o: dict) -> Trajectory:
+    """``UniPCMultistepScheduler`` on a VP schedule: diffusers' float32 ᾱ and sigmas √((1 − ᾱ)/ᾱ) at the spaced
+    integer timesteps (as ``DPMSolverMultistepScheduler``), α = 1/√(σ² + 1), σ·α; final sigma 0 or σ(t = 0)."""
+    n = _check_steps(num_steps, schedule.num_train_timesteps)
+    _check_choice("final_sigmas_type", o["final_sigmas_type"], ("zero", "sigma_min"))
+    f32 = {"schedule_dtype": "float32"}
+    ts = _dpm_timesteps(schedule, n, {**o, **f32, "lambda_min_clipped": -math.inf})
+    if ts.max() >= schedule.num_train_timesteps or ts.min() < 0:
+        raise ValueError(f"timesteps {ts.tolist()} fall outside [0, {schedule.num_train_timesteps}) ({o})")
+    ac = _alphas_cumprod(schedule, f32).astype(np.float32)
+    vp = np.sqrt((np.float32(1.0) - ac) / ac)  # float32, as the scheduler holds its sigmas
+    last = np.float32(0.0) if o["final_sigmas_type"] == "zero" else vp[0]
+    sig = np.append(vp[ts], last).astype(np.float32)
+    # α_t, σ_t in float32 as the scheduler computes them: x₀ = (x − σ_t·ε)/α_t amplifies their rounding by 1/α_t
+    alpha = np.float32(1.0) / np.sqrt(sig * sig + np.float32(1.0))
+    alpha, sigma = alpha.astype(np.float64), (sig * alpha).astype(np.float64)
+    x0_pred = bool(o["predict_x0"])
+    tables = _unipc_tables(alpha, sigma, _unipc_orders(n, o), o, x0_pred)
+    tables["sa"], tables["s1m"] = alpha[:-1], sigma[:-1]
+    return Trajectory("unipc", ts.astype(np.float32), tables, schedule.prediction, (("predict_x0", x0_pred),))
+
+
+def _flow_unipc_trajectory(schedule: FlowSchedule, num_steps, o: dict) -> Trajectory:
+    """``UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")`` (Wan 2.1): sigmas
+    linspace(1, 1/T, n + 1)[:-1] shifted (float64), stretched to ``shift_terminal`` if set, the first lowered by 1e-6
+    when it is 1 (so that log α stays finite), model timesteps int(σ·T); final sigma 0 or the last sigma again
+    (``sigma_min``: the last step then returns its input). α = 1 − σ, σ from the float32 sigmas."""
+    n = _check_steps(num_steps)
+    t_total = schedule.num_train_timesteps
+    _check_choice("final_sigmas_type", o["final_sigmas_type"], ("zero", "sigma_min"))
+    shift = _flow_shift_fn(schedule, o)
+    s = np.asarray(shift(np.linspace(1.0, 1.0 / t_total, n + 1)[:-1]), np.float64)
+    if o["shift_terminal"]:
+        s = _stretch_to_terminal(s, o["shift_terminal"])
+    if abs(s[0] - 1.0) < 1e-6:
+        s[0] -= 1e-6
+    model_t = (s * t_total).astype(np.int64)  # diffusers keeps these as int64 (truncated)
+    last = 0.0 if o["final_sigmas_type"] == "zero" else s[-1]
+    sig = np.append(s, last).astype(np.float32)
+    sigma = sig.astype(np.float64)
+    tables = _unipc_tables(1.0 - sigma, sigma, _unipc_orders(n, o), o, x0_pred=True)
+    tables["sa"], tables["s1m"] = 1.0 - sigma[:-1], sigma[:-1]
+    flags = (("predict_x0", True),)
+    return Trajectory("unipc", model_t.astype(np.float32), tables, "flow", flags, sigmas=sig)
+
+
 def make_trajectory(schedule: DDPMSchedule | FlowSchedule, method: str, num_steps: int | None, **options) -> Trajectory:
     """Resolve the trajectory (timesteps and per-call coefficients) of ``sample`` on the host."""
     options = {k: v for k, v in options.items() if k != "progress"}
     if isinstance(schedule, DDPMSchedule):
         _check_choice("method for a DDPMSchedule", method, DDPM_METHODS)
         o, given = _resolve_options("ddpm", method, options)
+        if method == "unipc":
+            return _ddpm_unipc_trajectory(schedule, num_steps, o)
         builder = {"ddpm": _ddpm_trajectory, "ddim": _ddim_trajectory, "dpmpp_2m": _dpm_trajectory}[method]
         return builder(schedule, num_steps, o, given)
     if isinstance(schedule, FlowSchedule):
@@ -676,6 +882,8 @@ def make_trajectory(schedule: DDPMSchedule | FlowSchedule, method: str, num_step
         o, given = _resolve_options("flow", method, options)
         if method == "dpmpp_2m":
             return _flow_dpm_trajectory(schedule, num_steps, o, given)
+        if method == "unipc":
+            return _flow_unipc_trajectory(schedule, num_steps, o)
         return {"euler": _euler_trajectory, "heun": _heun_trajectory}[method](schedule, num_steps, o)
     raise TypeError(f"schedule must be a DDPMSchedule or FlowSchedule, got {type(schedule).__name__}")
 
@@ -734,7 +942,7 @@ def sample(
     """Run a sampler from ``latents`` (pure noise at the first timestep) to x₀, in one ``lax.fori_loop``.
 
     ``model_fn(x, t)`` gets ``t`` of shape (B,) float32 with the values diffusers passes to the model (DDPM family:
-    the scheduler's integer timesteps; flow: σ·1000; flow ``dpmpp_2m``: int(σ·1000) as diffusers, σ·1000 with
+    the scheduler's integer timesteps; flow: σ·1000; flow ``dpmpp_2m``/``unipc``: int(σ·1000) as diffusers, σ·1000 with
     ``variant="k_diffusion"``) and returns the
     model output; with ``schedule.learned_sigma`` it has 2·C channels (last axis) and only ``ddpm`` uses the
     variance half. ``key`` is needed by the stochastic samplers (``ddpm``, ``ddim`` with ``eta > 0``, ``euler``
@@ -849,6 +1057,25 @@ def sample(
 
         x32 = latents.astype(jnp.float32)
         carry = (x32, x32, jnp.zeros_like(x32))
+    elif traj.kind == "unipc":
+        x0_pred = flags["predict_x0"]
+        depth = traj.tables["p_m"].shape[1]
+
+        def combine(name, i, history):  # Σ_j w[j]·m_{i−j}
+            w = tables[name][i]
+            return sum(w[j] * history[j] for j in range(depth))
+
+        def body(i, state):
+            x, x_prev, history = state
+            out, _ = call_model(i, x)
+            x0, eps = _to_x0_eps(traj.prediction, x, out, at("sa", i), at("s1m", i), need_eps=not x0_pred)
+            history = ((x0 if x0_pred else eps), *history[:-1])  # m_i, m_{i−1}, …
+            corrected = at("c_x", i) * x_prev + combine("c_m", i, history)  # UniC: step i − 1 redone with m_i
+            x = jnp.where(at("corr", i) > 0, corrected, x)
+            return at("p_x", i) * x + combine("p_m", i, history), x, history  # UniP: to step i + 1
+
+        x32 = latents.astype(jnp.float32)
+        carry = (x32, jnp.zeros_like(x32), tuple(jnp.zeros_like(x32) for _ in range(depth)))
     else:  # pragma: no cover - make_trajectory only builds the kinds above
         raise AssertionError(traj.kind)
 

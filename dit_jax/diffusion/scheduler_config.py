@@ -74,7 +74,31 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "stochastic_sampling": False,
     },
     "FlowMatchHeunDiscreteScheduler": {"num_train_timesteps": 1000, "shift": 1.0},
+    "UniPCMultistepScheduler": {
+        **_BETAS,
+        **_NO_THRESHOLDING,
+        "solver_order": 2,
+        "prediction_type": "epsilon",
+        "predict_x0": True,
+        "solver_type": "bh2",
+        "lower_order_final": True,
+        "disable_corrector": [],
+        "solver_p": None,
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "use_flow_sigmas": False,
+        "flow_shift": 1.0,
+        "timestep_spacing": "linspace",
+        "steps_offset": 0,
+        "final_sigmas_type": "zero",
+        "use_dynamic_shifting": False,
+        "time_shift_type": "exponential",
+        "shift_terminal": None,
+    },
 }
+# UniPC reads DPM-Solver's solver types as its bh2 (as diffusers' constructor does)
+_UNIPC_SOLVER_ALIASES = {"bh1": "bh1", "bh2": "bh2", "midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}
 SUPPORTED_SCHEDULERS = tuple(_DEFAULTS)
 
 
@@ -102,9 +126,11 @@ def from_diffusers_scheduler_config(config: dict) -> tuple[DDPMSchedule | FlowSc
 
     Supported ``_class_name``: DDPMScheduler → ``ddpm``, DDIMScheduler → ``ddim``, DPMSolverMultistepScheduler →
     ``dpmpp_2m`` (VP or, with ``use_flow_sigmas``, flow), FlowMatchEulerDiscreteScheduler → ``euler``,
-    FlowMatchHeunDiscreteScheduler → ``heun``. FlowMatchEulerDiscreteScheduler: ``shift``, the dynamic shift
-    (``use_dynamic_shifting`` with ``base/max_image_seq_len``, ``base/max_shift``, ``time_shift_type``) go to the
-    ``FlowSchedule``; ``shift_terminal``, ``use_karras/exponential/beta_sigmas``, ``invert_sigmas`` and
+    FlowMatchHeunDiscreteScheduler → ``heun``, UniPCMultistepScheduler → ``unipc`` (VP or, with ``use_flow_sigmas``,
+    flow, e.g. Wan 2.1; ``solver_type`` midpoint/heun/logrho read as bh2, as diffusers does; ``solver_p``, the
+    karras/exponential/beta sigmas and thresholding are rejected). FlowMatchEulerDiscreteScheduler: ``shift``, the
+    dynamic shift (``use_dynamic_shifting`` with ``base/max_image_seq_len``, ``base/max_shift``, ``time_shift_type``)
+    go to the ``FlowSchedule``; ``shift_terminal``, ``use_karras/exponential/beta_sigmas``, ``invert_sigmas`` and
     ``stochastic_sampling`` become ``euler`` options (only when set); μ (``mu``/``image_seq_len``) and Flux's explicit
     ``sigmas`` are per-call options of ``sample``, as they are arguments of diffusers' ``set_timesteps``.
     ``learned_sigma`` is set where the config says so (``variance_type`` learned_range); DDIM configs do not, so set
@@ -135,6 +161,8 @@ def from_diffusers_scheduler_config(config: dict) -> tuple[DDPMSchedule | FlowSc
         if cfg["solver_order"] not in (1, 2):
             raise ValueError(f"{cls} config solver_order={cfg['solver_order']!r} is not supported (only 1 or 2)")
         options = {k: cfg[k] for k in ("solver_order", "solver_type", "lower_order_final", "euler_at_final")}
+        if options["solver_type"] in ("logrho", "bh1", "bh2"):  # e.g. a UniPC config: diffusers reads midpoint
+            options["solver_type"] = "midpoint"
         options["final_sigmas_type"] = cfg["final_sigmas_type"]
         if cfg["use_flow_sigmas"]:
             _require(cfg, "thresholding", False, cls)
@@ -178,5 +206,54 @@ def from_diffusers_scheduler_config(config: dict) -> tuple[DDPMSchedule | FlowSc
             options["shift_terminal"] = float(cfg["shift_terminal"])
         return schedule, "euler", options
 
+    if cls == "UniPCMultistepScheduler":
+        return _unipc(cfg, cls)
+
     schedule = FlowSchedule(shift=float(cfg["shift"]), num_train_timesteps=int(cfg["num_train_timesteps"]))
     return schedule, "heun", {}
+
+
+def _unipc(cfg: dict, cls: str) -> tuple[DDPMSchedule | FlowSchedule, str, dict]:
+    """UniPCMultistepScheduler → ``unipc`` on a FlowSchedule (``use_flow_sigmas``, Wan 2.1) or a DDPMSchedule."""
+    for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+        _require(cfg, key, False, cls)
+    _require(cfg, "solver_p", None, cls)  # another scheduler as the predictor: not a config value we can run
+    order = cfg["solver_order"]
+    if not isinstance(order, int) or isinstance(order, bool) or order < 1:
+        raise ValueError(f"{cls} config solver_order={order!r} is not supported (a positive integer)")
+    if cfg["solver_type"] not in _UNIPC_SOLVER_ALIASES:
+        raise ValueError(f"{cls} config solver_type={cfg['solver_type']!r} is not supported (bh1 or bh2)")
+    if cfg["final_sigmas_type"] not in ("zero", "sigma_min"):
+        raise ValueError(f"{cls} config final_sigmas_type={cfg['final_sigmas_type']!r} is not supported")
+    disabled = cfg["disable_corrector"] or []
+    if not isinstance(disabled, (list, tuple)) or not all(isinstance(i, int) for i in disabled):
+        raise ValueError(f"{cls} config disable_corrector={disabled!r} is not supported (a list of step indices)")
+    options = {
+        "solver_order": order,
+        "solver_type": _UNIPC_SOLVER_ALIASES[cfg["solver_type"]],
+        "lower_order_final": bool(cfg["lower_order_final"]),
+        "disable_corrector": tuple(disabled),
+        "final_sigmas_type": cfg["final_sigmas_type"],
+    }
+    if cfg["use_flow_sigmas"]:
+        _require(cfg, "thresholding", False, cls)
+        _require(cfg, "prediction_type", "flow_prediction", cls)
+        _require(cfg, "predict_x0", True, cls)
+        if cfg["use_dynamic_shifting"]:
+            _require(cfg, "time_shift_type", "exponential", cls)
+        schedule = FlowSchedule(
+            shift=float(cfg["flow_shift"]),
+            dynamic_shift=True if cfg["use_dynamic_shifting"] else None,
+            num_train_timesteps=int(cfg["num_train_timesteps"]),
+        )
+        if cfg["shift_terminal"]:
+            options["shift_terminal"] = float(cfg["shift_terminal"])
+        return schedule, "unipc", options
+    if cfg["prediction_type"] == "flow_prediction":
+        raise ValueError(f"{cls} config prediction_type='flow_prediction' needs use_flow_sigmas=True")
+    if cfg["shift_terminal"] is not None:
+        raise ValueError(f"{cls} config shift_terminal={cfg['shift_terminal']!r} needs use_flow_sigmas=True")
+    schedule = _ddpm_schedule(cfg, cls, learned_sigma=False)
+    options.update({k: cfg[k] for k in ("timestep_spacing", "steps_offset")})
+    options["predict_x0"] = bool(cfg["predict_x0"])
+    return schedule, "unipc", options
