@@ -15,9 +15,16 @@ LAYERS = [
     {"dit_jax", "dit_jax.files", "dit_jax.parallel", "dit_jax.diffusion"},
     {"dit_jax.nn"},
     {"dit_jax.models"},
-    {"dit_jax.encoders", "dit_jax.convert", "dit_jax.checkpoint", "dit_jax.runs"},
-    {"dit_jax.pipelines", "dit_jax.train", "dit_jax.data"},
-    {"dit_jax.sample", "dit_jax.evaluate", "dit_jax.plan", "dit_jax.train.__main__", "dit_jax.convert.__main__"},
+    {"dit_jax.encoders", "dit_jax.convert", "dit_jax.checkpoint", "dit_jax.runs", "dit_jax.lora"},
+    {"dit_jax.pipelines", "dit_jax.train", "dit_jax.data", "dit_jax.metrics"},
+    {
+        "dit_jax.sample",
+        "dit_jax.evaluate",
+        "dit_jax.plan",
+        "dit_jax.train.__main__",
+        "dit_jax.convert.__main__",
+        "dit_jax.demo",
+    },
 ]
 # Rooms that reach a family only through dit_jax.models.family (DESIGN.md rule 11).
 FAMILY_FREE = ["train", "pipelines", "plan.py", "evaluate.py", "sample.py", "convert/api.py", "train/__main__.py"]
