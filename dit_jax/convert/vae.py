@@ -349,6 +349,8 @@ def detect(keys) -> str | None:
     sd = strip_prefix(dict.fromkeys(keys))
     if "decoder.conv_in.weight" not in sd or "encoder.conv_in.weight" not in sd:
         return None
+    if any(k.endswith(".gamma") for k in sd):  # RMS-norm gammas: a causal video VAE (convert/wan_vae.py)
+        return None
     try:
         return "original" if detect_format(sd) == "ldm" else "diffusers"
     except ConversionError:
