@@ -93,6 +93,11 @@ def load_ema_params(
     array lands on the first local device. ``item="params"`` gives the raw (non-EMA) weights instead.
     """
     step, model_config, _ = run_config(workdir, step)
+    if os.path.isdir(os.path.join(checkpoint_dir(workdir), str(step), "lora")):
+        raise ValueError(
+            f"{workdir}: checkpoint {step} is a LoRA run's (it holds adapters, not the model): merge them into its "
+            f"base with dit_jax.convert.lora.merged_run, or export them with python -m dit_jax.convert --lora"
+        )
     abstract = unbox_abstract(abstract_params(model_config))
     if shardings is None:
         shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -2,6 +2,8 @@
 imports a PyTorch checkpoint into a model directory; ``python -m dit_jax.convert --to-torch MODEL_DIR OUT_FILE
 --format original|diffusers`` exports one (``.safetensors``, ``.pt``, or a diffusers folder for a path without a
 suffix). ``--set`` values are parsed as JSON where possible (``--set num_heads=16 --set preset=DiT-XL/2``).
+``python -m dit_jax.convert --lora WORKDIR OUT.safetensors [--lora-format peft|kohya]`` writes a LoRA run's EMA
+adapters as a diffusers/peft or kohya file.
 A failed conversion prints one error line and leaves nothing behind.
 """
 
@@ -40,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of a training ckpt")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--lora", action="store_true", help="SRC is a LoRA training run: write its adapters to OUT")
+    p.add_argument("--lora-format", choices=("peft", "kohya"), default="peft", help="LoRA file format (with --lora)")
     return p
 
 
@@ -56,6 +60,19 @@ def main(argv: list[str] | None = None) -> int:
     from dit_jax.models import count_params
 
     try:
+        if args.lora:  # --format: the model's torch names (default: diffusers for peft, original for kohya)
+            from dit_jax.convert.lora import export_run
+
+            path = export_run(
+                args.src,
+                args.out,
+                format=args.lora_format,
+                naming=args.format,
+                ema=args.weights == "ema",
+                overwrite=args.overwrite,
+            )
+            print(f"wrote {path} ({args.lora_format} LoRA)")
+            return 0
         if args.to_torch:
             if args.format is None:
                 print("error: --to-torch needs --format original|diffusers", file=sys.stderr)

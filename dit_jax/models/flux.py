@@ -374,6 +374,10 @@ class FluxFamily(Family):
     sampling = {"num_inference_steps": 28, "guidance_scale": 3.5}
     diffusers_pipelines = {"FluxPipeline": {"max_sequence_length": 512}}
 
+    def lora_targets(self, config: FluxConfig) -> tuple[str, ...]:
+        """The attention projections, plus the single-stream blocks' fused ``linear1`` (q|k|v|mlp) and ``linear2``."""
+        return (*super().lora_targets(config), r"(^|/)linear[12]/kernel$")
+
     def embedded_guidance(self, config: FluxConfig) -> bool:
         """True for guidance-distilled models (FLUX.1-dev): the guidance scale is the model input ``guidance`` and
         sampling runs without classifier-free guidance (``guidance_conditions`` gives no null condition)."""

@@ -106,7 +106,11 @@ def count_params(params) -> int:
 
 def param_shapes(params: Any) -> dict[str, tuple[int, ...]]:
     """``{"a/b/kernel": shape}`` of a (possibly boxed or abstract) parameter tree."""
-    leaves = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(params))
+    # strip the boxes without nn.meta.unbox: under a mesh and logical rules that would constrain abstract values
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    leaves = jax.tree_util.tree_leaves_with_path(
+        jax.tree.map(lambda x: x.value if is_box(x) else x, params, is_leaf=is_box)
+    )
     return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(x)) for path, x in leaves}
 
 

@@ -52,8 +52,11 @@ class Checkpointer:
         model_config: ModelConfig,
         config: dict[str, Any],
         step: int | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
-        """Start an async save of checkpoint ``step`` (default: ``state.step``); returns once arrays are copied."""
+        """Start an async save of checkpoint ``step`` (default: ``state.step``); returns once arrays are copied.
+        ``extra``: more JSON items by name (a LoRA run's config and base reference); ``state.base_params`` (LoRA's
+        frozen weights) is not saved."""
         step = int(jax.device_get(state.step)) if step is None else step
         items = dict(
             params=ocp.args.StandardSave(state.params),
@@ -62,6 +65,7 @@ class Checkpointer:
             meta=ocp.args.StandardSave(_meta(state)),
             model_config=ocp.args.JsonSave(model_config.to_dict()),
             config=ocp.args.JsonSave(config),
+            **{name: ocp.args.JsonSave(value) for name, value in (extra or {}).items()},
         )
         if data_iter is not None:
             import grain

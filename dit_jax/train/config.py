@@ -62,6 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.sequence_mode = "auto"
     # start from another run or a model directory (fine-tuning stages); the model may add KV compression
     c.init_from = ml_collections.ConfigDict(dict(workdir="", model_dir="", step=-1, use_ema=True))
+    # LoRA fine-tuning (dit_jax.lora): rank > 0 trains only adapters over the frozen base (init_from, else a fresh
+    # init); alpha None: = rank (scale 1); targets: regexes over parameter paths, () = the family's defaults
+    c.lora = ml_collections.ConfigDict(
+        dict(rank=0, alpha=ml_collections.config_dict.placeholder(float), targets=(), dropout=0.0, init="kaiming")
+    )
     # sample grids (and the defaults of python -m dit_jax.evaluate)
     c.sample = ml_collections.ConfigDict(
         dict(
@@ -172,6 +177,35 @@ def model_config_from(model: Mapping[str, Any]) -> ModelConfig:
         return preset(model["name"], **fields)
     except TypeError as e:
         raise ValueError(f"config.model has an unknown field: {e}") from e
+
+
+def lora_config_from(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Any:
+    """``config.lora`` → a ``dit_jax.lora.LoraConfig`` with the family's default targets filled in, or None when
+    ``rank`` is 0 (full fine-tuning)."""
+    settings = dict(config.get("lora") or {})
+    if not settings.get("rank"):
+        return None
+    from dit_jax.lora import LoraConfig, resolve
+
+    targets = settings.get("targets") or ()
+    try:
+        lora = LoraConfig(
+            rank=settings["rank"],
+            alpha=settings.get("alpha"),
+            targets=(targets,) if isinstance(targets, str) else tuple(targets),
+            dropout=float(settings.get("dropout", 0.0)),
+            init=settings.get("init", "kaiming"),
+        )
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"config.lora: {e}") from e
+    lora = resolve(lora, model_config)
+    from dit_jax.lora import target_paths
+    from dit_jax.models import abstract_params
+    from dit_jax.runs import unbox_abstract
+
+    if not target_paths(unbox_abstract(abstract_params(model_config)), lora):
+        raise ValueError(f"config.lora.targets={list(lora.targets)} match no Dense kernel of {config.model.name}")
+    return lora
 
 
 def load_config_file(path: str, relative_to: str | None = None) -> ml_collections.ConfigDict:

@@ -60,6 +60,7 @@ def prepare(config: ml_collections.ConfigDict, devices: list | None = None) -> S
             accum_steps=config.grad_accum_steps,
             cond_dropout_prob=cond_dropout_prob(config.cfg_dropout_prob, model_config),
             condition_inputs=tuple(sorted((str(k), float(v)) for k, v in dict(config.condition_inputs).items())),
+            lora=config_lib.lora_config_from(config, model_config),
         )
         if config.batch_size % jax.process_count():
             raise ValueError(

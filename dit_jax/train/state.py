@@ -3,6 +3,9 @@
 Nothing is ever materialised whole on one device: parameters, optimizer moments and the EMA are created directly
 in their shards. Optimizer-state leaves inherit the sharding of the parameter they belong to (matched by tree path);
 factored statistics (CAME rows/columns) take the parameter's spec without the reduced axis.
+
+LoRA (``lora=`` a ``dit_jax.lora.LoraConfig``): ``params``, ``opt_state`` and ``ema_params`` hold the adapters
+(replicated: they are small), and ``base_params`` the frozen model weights in their usual shards.
 """
 
 from typing import Any
@@ -15,6 +18,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dit_jax.lora import init_lora
 from dit_jax.models import ModelConfig, build
 from dit_jax.parallel.mesh import fit_sharding
 from dit_jax.runs import unbox_abstract
@@ -30,6 +34,7 @@ class TrainState(struct.PyTreeNode):
     rng: jax.Array  # (2,) uint32 raw key data; step keys are fold_in(rng, step)
     nan_skips: jax.Array  # () int32, consecutive skipped updates
     nan_total: jax.Array  # () int32, all skipped updates
+    base_params: Any = None  # LoRA: the frozen weights the adapters in params/ema_params apply to
 
 
 def _boxed_abstract_params(model_config: ModelConfig, batch: int) -> Any:
@@ -80,12 +85,17 @@ def opt_state_shardings(abstract_opt_state: Any, abstract_params: Any, shardings
 
 
 def state_shardings(
-    model_config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh
+    model_config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, *, lora: Any = None
 ) -> tuple[TrainState, TrainState]:
     """``(abstract TrainState, TrainState of NamedShardings)``; call inside ``nn.logical_axis_rules``."""
     abstract_params, p_sh = param_shardings(model_config, mesh)
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
     replicated = NamedSharding(mesh, P())
+    base, base_sh = None, None
+    if lora is not None:
+        base, base_sh = abstract_params, p_sh
+        abstract_params = jax.eval_shape(lambda p: init_lora(p, lora, jax.random.key(0)), base)
+        p_sh = jax.tree.map(lambda _: replicated, abstract_params)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
     abstract = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32),
         params=abstract_params,
@@ -94,6 +104,7 @@ def state_shardings(
         rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
         nan_skips=jax.ShapeDtypeStruct((), jnp.int32),
         nan_total=jax.ShapeDtypeStruct((), jnp.int32),
+        base_params=base,
     )
     shardings = TrainState(
         step=replicated,
@@ -103,6 +114,7 @@ def state_shardings(
         rng=replicated,
         nan_skips=replicated,
         nan_total=replicated,
+        base_params=base_sh,
     )
     return abstract, shardings
 
@@ -113,8 +125,12 @@ def create_train_state(
     shardings: TrainState,
     seed: int,
     params: Any | None = None,
+    *,
+    lora: Any = None,
 ) -> TrainState:
-    """A fresh state built in its shards; ``params`` (already sharded like ``shardings.params``) skip the init."""
+    """A fresh state built in its shards; ``params`` (already sharded like ``shardings.params``, or like
+    ``shardings.base_params`` with ``lora``) skip the init. With ``lora`` the params are the frozen base and the
+    trained ones are fresh adapters (``B = 0``: the model starts as the base)."""
     model = build(model_config)
     mesh = jax.tree.leaves(shardings.params)[0].mesh
     batch = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -124,6 +140,10 @@ def create_train_state(
         if params is None:
             params = nn.meta.unbox(model.init(init_key, *model_config.dummy_inputs(batch))["params"])
         params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+        base = None
+        if lora is not None:
+            base = jax.lax.with_sharding_constraint(params, shardings.base_params)
+            params = init_lora(base, lora, jax.random.fold_in(jax.random.key(seed), 1))
         params = jax.lax.with_sharding_constraint(params, shardings.params)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
@@ -133,8 +153,10 @@ def create_train_state(
             rng=jax.random.key_data(rng_key).astype(jnp.uint32),
             nan_skips=jnp.zeros((), jnp.int32),
             nan_total=jnp.zeros((), jnp.int32),
+            base_params=base,
         )
 
     if params is None:
         return jax.jit(lambda: init(None), out_shardings=shardings)()
-    return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+    given = shardings.params if lora is None else shardings.base_params
+    return jax.jit(init, in_shardings=(given,), out_shardings=shardings)(params)

@@ -5,6 +5,9 @@ Randomness is per example: example k of step s (k counts the step's examples in 
 ``split(fold_in(state.rng, s), B)[k]``, from which it draws its conditioning dropout, timestep and noise. So a
 step gives the same result however the batch is laid out: in micro-batches (gradient accumulation equals the big
 batch) or over processes (``example_order`` maps global array positions back to stream order).
+
+LoRA (``StepConfig.lora``): ``state.params`` are the adapters and the model runs on ``apply_lora(state.base_params,
+state.params)``, so gradients, the optimizer update and the EMA cover the adapters only and the base never changes.
 """
 
 import dataclasses
@@ -15,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dit_jax.lora import apply_lora
 from dit_jax.models import ModelConfig, build
 from dit_jax.parallel.rules import constrain
 from dit_jax.train.objectives import LossFn, conditioned_model_fn
@@ -36,6 +40,7 @@ class StepConfig:
     cond_dropout_prob: float = 0.0
     example_order: tuple[int, ...] | None = None  # stream index of each global batch position; None: identity
     condition_inputs: tuple[tuple[str, float], ...] = ()  # constant per-example model inputs the batch lacks
+    lora: Any = None  # a dit_jax.lora.LoraConfig: state.params are adapters over the frozen state.base_params
 
 
 def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
@@ -80,6 +85,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], cfg: StepConfig) 
     def loss(params, mb, mdrop, mkeys):
         rows = mb["x"].shape[0]
         mb = {**{k: jnp.full((rows,), v, jnp.float32) for k, v in cfg.condition_inputs}, **mb}
+        if cfg.lora is not None:  # gradients reach the adapters only; the base is a constant of the step
+            params = apply_lora(state.base_params, params, cfg.lora)
         model_fn = conditioned_model_fn(model, cfg.model_config, params, mb, mdrop, objective=cfg.objective)
         per_example, aux = cfg.loss_fn(model_fn, mb["x"], mkeys)
         return jnp.mean(per_example), _mean_aux(aux)

@@ -179,6 +179,36 @@ def _check_batch(batch: dict[str, np.ndarray], model_config: ModelConfig, per_pr
         )
 
 
+def _base_reference(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Where a LoRA run's frozen weights come from (checkpoints hold only the adapters): ``init_from`` with the step
+    it resolved to, or the seed of a fresh init."""
+    src = config.init_from
+    if src.get("model_dir"):
+        return {"model_dir": os.path.abspath(src.model_dir)}
+    if src.get("workdir"):
+        from dit_jax.runs import checkpoint_steps
+
+        step = int(src.get("step", -1))
+        step = step if step >= 0 else checkpoint_steps(src.workdir)[-1]
+        return {"workdir": os.path.abspath(src.workdir), "step": step, "use_ema": bool(src.get("use_ema", True))}
+    return {"seed": int(config.seed)}
+
+
+def _pinned_base(config: ml_collections.ConfigDict, workdir: str, step: int) -> ml_collections.ConfigDict:
+    """``config`` with ``init_from.step`` set to the step checkpoint ``step`` of a LoRA run recorded for its base, so
+    a resumed run merges its adapters into the weights it started from (not a newer checkpoint of that run)."""
+    from dit_jax.files import read_json
+    from dit_jax.runs import checkpoint_dir
+
+    path = os.path.join(checkpoint_dir(workdir), str(step), "lora", "metadata")
+    ref = read_json(path).get("base", {}) if os.path.exists(path) else {}
+    if "step" not in ref:
+        return config
+    config = config.copy_and_resolve_references()
+    config.init_from.step = int(ref["step"])
+    return config
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train (or resume) the run of ``config`` in ``workdir``; returns the last logged metrics."""
     from dit_jax import data as data_lib
@@ -199,7 +229,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         dcn = {k: int(v) for k, v in config.dcn_mesh.items() if int(v) > 1}
         if dcn:
             logging.info("multi-slice mesh: DCN factors %s across slices/processes", dcn)
-        abstract, shardings = state_shardings(model_config, tx, mesh)
+        lora = step_cfg.lora
+        abstract, shardings = state_shardings(model_config, tx, mesh, lora=lora)
+        base = (lambda s: s) if lora is None else (lambda s: s.replace(params=s.base_params))  # the model weights
         try:
             dataset = data_lib.create_dataset(config.data, batch_size=per_process, seed=config.seed, split="train")
         except (ValueError, FileNotFoundError) as e:
@@ -210,13 +242,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if start:
             state, data_iter = checkpointer.restore(start, abstract, shardings, data_iter)
             state = state.replace(nan_skips=jax.device_put(np.int32(0), shardings.nan_skips))
+            if lora is not None:  # checkpoints hold the adapters; the frozen base is rebuilt as the run started
+                base_config = _pinned_base(config, workdir, start)
+                init = initial_params(base_config, model_config, base(abstract), base(shardings))
+                fresh = create_train_state(model_config, tx, shardings, config.seed, init, lora=lora)
+                state = state.replace(base_params=fresh.base_params)
             logging.info("resumed from %s at step %d", checkpointer.manager.directory, start)
         else:
-            state = create_train_state(
-                model_config, tx, shardings, config.seed, initial_params(config, model_config, abstract, shardings)
-            )
-        n_params = count_params(abstract.params)
+            base_config = config
+            init = initial_params(config, model_config, base(abstract), base(shardings))
+            state = create_train_state(model_config, tx, shardings, config.seed, init, lora=lora)
+        n_params = count_params(base(abstract).params)
         logging.info("model %s: %s parameters (%.1fM)", config.model.name, f"{n_params:,}", n_params / 1e6)
+        if lora is not None:
+            n_lora = f"{count_params(abstract.params):,}"
+            logging.info(
+                "LoRA rank %d, alpha %s on %s: %s trainable parameters", lora.rank, lora.alpha, lora.targets, n_lora
+            )
         writer = MetricWriter(workdir, resume_step=start)
         writer.write_text("config", "```\n" + json.dumps(config_json, indent=2) + "\n```", start)
 
@@ -240,9 +282,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if config.sample.enabled:
             from dit_jax.train.grids import GridSampler
 
-            sampler = GridSampler(config, model_config, schedule, mesh, shardings.ema_params, batch)
+            sampler = GridSampler(config, model_config, schedule, mesh, base(shardings).params, batch)
 
         loop = _Loop(config, workdir, writer, checkpointer, model_config, config_json, start, flops, peak, mesh)
+        if lora is not None:  # grids sample the EMA adapters merged into the base
+            from dit_jax.lora import apply_lora
+
+            merged = jax.jit(lambda b, a: apply_lora(b, a, lora), out_shardings=shardings.base_params)
+            loop.sample_params = lambda s: merged(s.base_params, s.ema_params)
+            loop.checkpoint_extra = {"lora": {"config": lora.to_dict(), "base": _base_reference(base_config)}}
         try:
             with _Preemption() as preemption:
                 state = loop.run(steps, state, batch, data_iter, mesh, preemption, sampler)
@@ -270,12 +318,19 @@ class _Loop:
         self.last_metrics: dict[str, Any] = {}
         self.throughput = Throughput(start)
         self.bar = None
+        self.sample_params = lambda state: state.ema_params
+        self.checkpoint_extra = None  # more JSON items of each checkpoint (LoRA: its config and base reference)
 
     def save(self, state: TrainState, data_iter: Any, step: int) -> None:
         if step == self.checkpointer.latest_step():
             return  # already saved at this step (e.g. a preemption right after a periodic save)
         self.checkpointer.save(
-            state, data_iter=data_iter, model_config=self.model_config, config=self.config_json, step=step
+            state,
+            data_iter=data_iter,
+            model_config=self.model_config,
+            config=self.config_json,
+            step=step,
+            extra=self.checkpoint_extra,
         )
 
     def run(self, steps, state, batch, data_iter, mesh, preemption, sampler) -> TrainState:
@@ -300,7 +355,7 @@ class _Loop:
                 if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
                     self.save(state, data_iter, step)
                 if sampler is not None and config.sample_every and step % config.sample_every == 0 and step < total:
-                    sampler.write(state.ema_params, step, self.workdir)
+                    sampler.write(self.sample_params(state), step, self.workdir)
                 if preemption.reached(step):
                     self._after(pending, state, data_iter)
                     pending = None
@@ -312,7 +367,7 @@ class _Loop:
                 self._after(pending, state, data_iter)
             self.save(state, data_iter, step)
             if sampler is not None:
-                sampler.write(state.ema_params, step, self.workdir)
+                sampler.write(self.sample_params(state), step, self.workdir)
             return state
         finally:
             if self.bar is not None:
