@@ -136,7 +136,8 @@ def _is_tensor_dict(d: Mapping) -> bool:
 def unwrap(obj: Any, weights: str = "ema", *, source: str = "checkpoint") -> Mapping[str, Any]:
     """Pick the weights out of a training checkpoint.
 
-    Wrappers: DiT ``{"model", "ema", "opt", "args"}`` (``weights`` picks ``"ema"`` or ``"model"``), PixArt
+    Wrappers: DiT ``{"model", "ema", "opt", "args"}`` (``weights`` picks ``"ema"`` or ``"model"``), DeepSpeed model
+    states ``{"module", "ema", ...}`` (``"model"`` picks ``"module"``), PixArt
     ``{"state_dict", "state_dict_ema", ...}`` (``"state_dict_ema"`` is the EMA; a file with only ``"state_dict"``
     holds one set of weights and is used for either choice). A bare state dict is returned as is.
     """
@@ -147,6 +148,14 @@ def unwrap(obj: Any, weights: str = "ema", *, source: str = "checkpoint") -> Map
     if _is_tensor_dict(obj):
         return obj
     nested = {k for k, v in obj.items() if isinstance(v, Mapping)}
+    if "module" in nested and "model" not in nested:  # DeepSpeed model states: "module" is the model, "ema" the EMA
+        key = "ema" if weights == "ema" else "module"
+        if key not in nested:
+            raise ConversionError(
+                f"{source}: weights={weights!r} requested but the checkpoint has no {key!r} entry; "
+                f"available keys: {sorted(obj)}"
+            )
+        return unwrap(obj[key], weights, source=f"{source}[{key!r}]")
     if {"ema", "model"} & nested:
         if weights not in nested:
             raise ConversionError(
