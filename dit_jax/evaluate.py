@@ -1,10 +1,15 @@
-"""``python -m dit_jax.evaluate --workdir runs/quickstart``: do the samples of a digits run show the right digit?
+"""``python -m dit_jax.evaluate``: check a digits run's samples (``--workdir``), or score samples by FID (``--fid``).
 
-Generates ``--samples_per_class`` images per class with the run's EMA params (the sampler settings of the run's
+``--workdir runs/quickstart`` (the default mode): do the samples of a digits run show the right digit? Generates
+``--samples_per_class`` images per class with the run's EMA params (the sampler settings of the run's
 ``config.sample`` unless overridden), shrinks them back to 8×8 by area averaging, and classifies them with an SVM
 fitted on the real digits passed through the same resize and shrink. Prints per-class and overall accuracy and
 writes ``WORKDIR/eval/step_<N>.json`` (and a PNG of the first samples of each class). The quickstart's bar: every
 class ≥ 90%.
+
+``--fid REF.npz --samples SAMPLES.npz|DIR --inception pt_inception-2015-12-05-6726825d.pth``: FID, sFID, Inception
+Score and precision/recall of the samples against an ADM reference batch (``dit_jax.metrics``), printed as JSON
+(and written atomically to ``--out`` when given). The Inception weights are a local file; nothing is downloaded.
 """
 
 import argparse
@@ -140,25 +145,87 @@ def evaluate(workdir: str, **kwargs) -> dict[str, Any]:
     return report
 
 
+_WORKDIR_FLAGS = ("workdir", "step", "samples_per_class", "num_steps", "guidance_scale", "method", "seed")
+_FID_FLAGS = ("samples", "inception", "batch_size", "stored_stats", "out")
+
+
+def _flag(name: str) -> str:
+    return "--" + (name.replace("_", "-") if name in _FID_FLAGS else name)
+
+
+def fid_main(args: argparse.Namespace) -> int:
+    """The ``--fid`` mode: score ``--samples`` against the reference batch; prints the report as JSON."""
+    import json
+
+    from dit_jax.files import write_json
+    from dit_jax.metrics import evaluate_samples
+
+    def progress(what: str, done: int, total: int) -> None:
+        print(f"\r{what}: {done}/{total} images", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    try:
+        report = evaluate_samples(
+            args.fid,
+            args.samples,
+            args.inception,
+            batch_size=args.batch_size or 64,
+            stored_stats=args.stored_stats,
+            progress=progress,
+        )
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report["inception"] = os.path.abspath(args.inception)
+    print(json.dumps(report, indent=2))
+    if args.out:
+        write_json(args.out, report)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dit_jax.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", default="runs/quickstart", help="training run directory (default: %(default)s)")
-    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    p.add_argument("--samples_per_class", type=int, default=100)
-    p.add_argument("--num_steps", type=int, help="sampler steps (default: the run's config.sample.num_steps)")
-    p.add_argument("--guidance_scale", type=float, help="CFG scale (default: the run's config.sample)")
-    p.add_argument("--method", help="sampler (default: the run's config.sample.method or the objective's)")
-    p.add_argument("--seed", type=int, default=1234)
+    run = p.add_argument_group("digits run (default mode)")
+    run.add_argument("--workdir", help="training run directory (default: runs/quickstart)")
+    run.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    run.add_argument("--samples_per_class", type=int, help="samples per class (default: 100)")
+    run.add_argument("--num_steps", type=int, help="sampler steps (default: the run's config.sample.num_steps)")
+    run.add_argument("--guidance_scale", type=float, help="CFG scale (default: the run's config.sample)")
+    run.add_argument("--method", help="sampler (default: the run's config.sample.method or the objective's)")
+    run.add_argument("--seed", type=int, help="sampling seed (default: 1234)")
+    fid = p.add_argument_group("FID mode")
+    fid.add_argument("--fid", metavar="REF.npz", help="ADM reference batch (arr_0 and/or mu, sigma, mu_s, sigma_s)")
+    fid.add_argument("--samples", metavar="SAMPLES", help="samples: an .npz with arr_0 (uint8 NHWC) or a PNG folder")
+    fid.add_argument("--inception", metavar="PATH.pth", help="pytorch-fid's pt_inception-2015-12-05-*.pth (local)")
+    fid.add_argument("--batch-size", dest="batch_size", type=int, help="images per Inception batch (default: 64)")
+    fid.add_argument(
+        "--stored-stats", dest="stored_stats", action="store_true",
+        help="use the reference's stored mu/sigma even when it holds images (ADM's evaluator does)",
+    )  # fmt: skip
+    fid.add_argument("--out", metavar="FILE.json", help="also write the report there (atomically)")
     args = p.parse_args(argv)
+    given = lambda names: [_flag(n) for n in names if getattr(args, n) not in (None, False)]  # noqa: E731
+    if args.fid is not None:
+        if given(_WORKDIR_FLAGS):
+            p.error(
+                f"{', '.join(given(_WORKDIR_FLAGS))} belong to the digits-run mode and cannot be combined with --fid"
+            )
+        missing = [f"--{n}" for n in ("samples", "inception") if getattr(args, n) is None]
+        if missing:
+            p.error(f"--fid needs {' and '.join(missing)}")
+        if args.batch_size is not None and args.batch_size < 1:
+            p.error(f"--batch-size must be a positive integer, got {args.batch_size}")
+        return fid_main(args)
+    if given(_FID_FLAGS):
+        p.error(f"{', '.join(given(_FID_FLAGS))} need --fid REF.npz (the FID mode)")
     try:
         r = evaluate(
-            args.workdir,
+            args.workdir or "runs/quickstart",
             step=args.step,
-            samples_per_class=args.samples_per_class,
+            samples_per_class=100 if args.samples_per_class is None else args.samples_per_class,
             num_steps=args.num_steps,
             guidance_scale=args.guidance_scale,
             method=args.method,
-            seed=args.seed,
+            seed=1234 if args.seed is None else args.seed,
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
