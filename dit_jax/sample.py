@@ -1,5 +1,5 @@
 """Command line: sample class-conditional (DiT) or text-to-image (PixArt, SD3/SD3.5, Flux) images and write a PNG
-grid or one PNG per image.
+grid or one PNG per image, or text-to-video (Wan 2.1) videos (``--video``) and write MP4/GIF/WebP files.
 
     python -m dit_jax.sample --pipeline DIR --classes 207,360,387 --steps 250 --method ddpm --guidance 4.0 \\
         --seed 0 --out grid.png
@@ -12,6 +12,11 @@ grid or one PNG per image.
     python -m dit_jax.sample --pipeline SD3.5_MEDIUM_DIR --prompt "a cat" --prompt-3 "a cat, photo" \\
         --skip-guidance-layers 7,8,9 --out grid.png
     python -m dit_jax.sample --pipeline FLUX_DEV_DIR --prompt "a cat" --guidance 3.5 --height 768 --out cat.png
+    python -m dit_jax.sample --pipeline FLUX_DEV_DIR --prompt "a cat" --dtype bf16 --quantize int8 --out cat.png
+    python -m dit_jax.sample --pipeline WAN_DIR --video --prompt "a cat walking on grass" --num-frames 81 \
+        --height 480 --width 832 --out cat.mp4
+    python -m dit_jax.sample --model WAN_MODEL --vae WAN_VAE_DIR --text-encoder UMT5_DIR --video \
+        --prompts-file prompts.txt --out-dir videos/ --video-format gif
 
 The source is a diffusers pipeline folder (``--pipeline``), a model directory or PyTorch checkpoint with a VAE
 (``--model``, ``--vae``; a text-to-image model also ``--text-encoder``: a T5 folder for PixArt, a pipeline folder
@@ -26,6 +31,12 @@ with ``--negative-prompt``. Unset sampler flags take the source's defaults (``di
 Initial noise is drawn once for all images from ``--seed``
 (``jax.random``), so ``--batch-size`` does not change the images of deterministic samplers; batch j of a
 stochastic sampler draws its noise from seed + j. A failed run prints one error line and writes nothing.
+
+Text-to-video models take ``--video``: one video per prompt of ``--num-frames`` frames (default 81) at ``--height``
+× ``--width`` (default 480 × 832), written with ``--fps`` frames per second (default 16) to ``--out FILE.mp4``
+(``.gif``/``.webp``: animated previews; one prompt) or ``--out-dir DIR`` (``NNNN_PROMPT.mp4``; ``--video-format
+gif``/``webp`` for previews). MP4 needs ``imageio-ffmpeg`` (``pip install 'dit-jax[video]'``). Image flags on a
+video model, or ``--video`` on an image model, are one clear error.
 """
 
 import argparse
@@ -103,10 +114,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--text-encoder",
         help="text encoder(s) for --model: a T5 folder or pipeline folder (PixArt), a "
-        "pipeline folder holding the text encoders (SD3, Flux)",
+        "pipeline folder holding the text encoders (SD3, Flux), a UMT5 folder or pipeline folder (Wan)",
     )
     p.add_argument("--classes", help="comma-separated class ids, one image each, e.g. 207,360,387 (DiT)")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt, one image each (text-to-image; repeatable)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt, one image or video each (repeatable)")
     p.add_argument("--prompts-file", help="text file with one prompt per line (text-to-image)")
     p.add_argument("--prompt-2", help="the second text encoder's prompt for every image (SD3: CLIP-G, Flux: T5)")
     p.add_argument("--prompt-3", help="the third text encoder's prompt for every image (SD3: T5)")
@@ -127,8 +138,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="CLIP layers to skip: the CLIP features are hidden_states[-(K + 2)] instead of the penultimate (SD3)",
     )
-    p.add_argument("--height", type=int, help="image height in pixels (text-to-image; default: the model's size)")
-    p.add_argument("--width", type=int, help="image width in pixels (text-to-image; default: the model's size)")
+    p.add_argument("--height", type=int, help="image/video height in pixels (default: the model's size; video 480)")
+    p.add_argument("--width", type=int, help="image/video width in pixels (default: the model's size; video 832)")
     p.add_argument("--no-resolution-binning", action="store_true", help="sample at the exact size (PixArt)")
     p.add_argument("--text-dtype", choices=_DTYPES, help="compute dtype of the text encoders (default: --dtype)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the source's: DiT 50, PixArt 20, SD3/Flux 28)")
@@ -146,6 +157,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images per sampler call (default: all at once)")
     p.add_argument("--dtype", default="fp32", choices=_DTYPES, help="compute dtype of the transformer and the VAE")
     p.add_argument(
+        "--quantize", choices=["int8"], help="int8 weights for the transformer and the text encoders (weight-only)"
+    )
+    p.add_argument(
         "--sequence-parallel",
         type=int,
         default=1,
@@ -161,17 +175,57 @@ def _parser() -> argparse.ArgumentParser:
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", help="write one PNG grid to this file")
     out.add_argument("--out-dir", help="write one PNG per image into this folder (NNNN_CLASS.png or NNNN_PROMPT.png)")
-    p.add_argument("--nrow", type=int, default=8, help="images per row of the grid (default 8)")
+    p.add_argument("--nrow", type=int, help="images per row of the grid (default 8)")
+    p.add_argument("--video", action="store_true", help="sample videos (text-to-video models, e.g. Wan 2.1)")
+    p.add_argument("--num-frames", type=int, help="frames per video (--video; default 81: 1 + 4k for Wan)")
+    p.add_argument("--fps", type=float, help="frames per second of the written videos (--video; default 16)")
+    p.add_argument(
+        "--video-format",
+        choices=["mp4", "gif", "webp"],
+        help="file format of --out-dir videos (--video; default mp4, which needs imageio-ffmpeg)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
+_VIDEO_FLAGS = ("--num-frames", "--fps", "--video-format")
+# flags of image sampling that a text-to-video run does not take
+_IMAGE_ONLY_FLAGS = ("--classes", "--nrow", "--prompt-2", "--prompt-3", "--negative-prompt-2",
+                     "--negative-prompt-3", "--true-cfg", "--skip-guidance-layers", "--clip-skip",
+                     "--guidance-channels", "--respacing")  # fmt: skip
+
+
+def _given(args: argparse.Namespace, flags: tuple[str, ...]) -> list[str]:
+    return [f for f in flags if getattr(args, f[2:].replace("-", "_")) is not None]
+
+
 def _check_outputs(args: argparse.Namespace) -> None:
-    if args.out is not None and Path(args.out).suffix.lower() != ".png":
-        raise ValueError(f"--out {args.out}: expected a .png file name")
+    from dit_jax.pipelines.video import VIDEO_SUFFIXES
+
+    if args.video:
+        given = _given(args, _IMAGE_ONLY_FLAGS) + (["--no-resolution-binning"] if args.no_resolution_binning else [])
+        if given:
+            verb = "does" if len(given) == 1 else "do"
+            raise ValueError(f"--video samples text-to-video models from prompts: {', '.join(given)} {verb} not apply")
+        if args.out is not None and Path(args.out).suffix.lower() not in VIDEO_SUFFIXES:
+            raise ValueError(f"--out {args.out}: expected a video file name ending in {', '.join(VIDEO_SUFFIXES)}")
+        if args.out is not None and args.video_format is not None:
+            raise ValueError("--video-format applies to --out-dir; with --out the file name's suffix says the format")
+        if args.num_frames is not None and args.num_frames < 1:
+            raise ValueError(f"--num-frames {args.num_frames}: expected a positive integer")
+        if args.fps is not None and not args.fps > 0:
+            raise ValueError(f"--fps {args.fps}: expected a positive number")
+    else:
+        given = _given(args, _VIDEO_FLAGS)
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise ValueError(f"{', '.join(given)} {verb} to videos: add --video (text-to-video models)")
+        if args.out is not None and Path(args.out).suffix.lower() != ".png":
+            hint = " (videos: add --video)" if Path(args.out).suffix.lower() in VIDEO_SUFFIXES else ""
+            raise ValueError(f"--out {args.out}: expected a .png file name{hint}")
     if args.out_dir is not None and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         raise ValueError(f"--out-dir {args.out_dir} exists and is not a folder")
-    if args.nrow < 1:
+    if args.nrow is not None and args.nrow < 1:
         raise ValueError(f"--nrow {args.nrow}: expected a positive integer")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size}: expected a positive integer")
@@ -231,18 +285,24 @@ def _check_inputs(args: argparse.Namespace, text: bool, kind: str) -> list:
 
 
 def run(args: argparse.Namespace) -> list[Path]:
-    """Load, sample and write; returns the written PNG paths."""
+    """Load, sample and write; returns the written PNG (or video) paths."""
     import numpy as np
 
-    from dit_jax.pipelines import TextToImagePipeline, load, make_grid, save_png, to_uint8
+    from dit_jax.pipelines import TextToImagePipeline, TextToVideoPipeline, load, make_grid, save_png, to_uint8
 
+    _check_outputs(args)
     if args.classes is not None:
         parse_classes(args.classes)  # a malformed list fails before loading anything
     elif not args.prompt and args.prompts_file is None:
         raise ValueError("give --classes (DiT) or --prompt/--prompts-file (PixArt)")
-    _check_outputs(args)
+    if args.video and args.out is not None:
+        n = len(read_prompts(args.prompt, args.prompts_file))
+        if n != 1:
+            raise ValueError(f"--out writes one video but {n} prompts are given: use --out-dir (one video per prompt)")
     source = args.pipeline or args.model or args.workdir
     extra = {k: v for k, v in (("text_encoder", args.text_encoder), ("text_dtype", args.text_dtype)) if v is not None}
+    if args.quantize:
+        extra["quantize"] = args.quantize
     pipe = load(
         source,
         vae=args.vae,
@@ -252,6 +312,17 @@ def run(args: argparse.Namespace) -> list[Path]:
         sequence_mode=args.sequence_mode,
         **extra,
     )
+    video = isinstance(pipe, TextToVideoPipeline)
+    kind = f"{pipe.family.task} {pipe.family.display_name}"
+    if video and not args.video:
+        raise ValueError(
+            f"this source is a {kind} model: add --video (and write --out FILE.mp4|.gif|.webp or --out-dir)"
+        )
+    if args.video and not video:
+        flags = ", ".join(["--video"] + _given(args, _VIDEO_FLAGS))
+        raise ValueError(f"this source is a {kind} model, not a text-to-video one: {flags} do not apply")
+    if video:
+        return _run_video(args, pipe)
     text = isinstance(pipe, TextToImagePipeline)
     items = _check_inputs(args, text, pipe.family.display_name)
     if text:
@@ -313,12 +384,78 @@ def run(args: argparse.Namespace) -> list[Path]:
             bar.close()
     pixels = to_uint8(np.concatenate(images))
     if args.out is not None:
-        return [save_png(args.out, make_grid(pixels, nrow=args.nrow))]
+        return [save_png(args.out, make_grid(pixels, nrow=args.nrow or 8))]
     width = max(4, int(math.log10(n)) + 1)
     names = [slug(p) for p in items] if text else [str(c) for c in items]
     return [
         save_png(Path(args.out_dir) / f"{i:0{width}d}_{name}.png", im)
         for i, (name, im) in enumerate(zip(names, pixels))
+    ]
+
+
+def _progress_bar(args: argparse.Namespace, total: int):
+    if args.no_progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sampling", unit="step", dynamic_ncols=True)
+
+
+def _run_video(args: argparse.Namespace, pipe: Any) -> list[Path]:
+    """Sample one video per prompt with a text-to-video pipeline and write them; returns the written paths."""
+    import numpy as np
+
+    from dit_jax.pipelines import save_video
+
+    prompts = read_prompts(args.prompt, args.prompts_file)
+    size = dict(height=args.height, width=args.width, num_frames=args.num_frames)
+    pipe.video_size(**size)  # a bad size fails before any compile
+    call = {k: getattr(args, k) for k in ("negative_prompt", "max_sequence_length") if getattr(args, k) is not None}
+    steps = pipe.num_inference_steps if args.steps is None else args.steps
+    _, method, _ = pipe.sampler_settings(args.method)
+    options = sampler_options(args, method, steps)
+    calls = pipe.trajectory(steps, method, **size, **options).num_model_calls
+
+    n = len(prompts)
+    per_call = args.batch_size or n
+    batches = [(i, min(i + per_call, n)) for i in range(0, n, per_call)]
+    latents = pipe.prepare_latents(n, args.seed, **size)
+    bar = _progress_bar(args, len(batches) * calls)
+    videos = []
+    try:
+        for j, (lo, hi) in enumerate(batches):
+            done = j * calls
+
+            def progress(i: int, total: int, done: int = done) -> None:
+                if bar is not None and done + i > bar.n:
+                    bar.update(done + i - bar.n)
+
+            videos.append(
+                pipe(
+                    prompts[lo:hi],
+                    num_inference_steps=steps,
+                    guidance_scale=args.guidance,
+                    method=method,
+                    latents=latents[lo:hi],
+                    seed=args.seed + j,
+                    progress=progress if bar is not None else None,
+                    **size,
+                    **call,
+                    **options,
+                )
+            )
+    finally:
+        if bar is not None:
+            bar.close()
+    frames = np.concatenate(videos)
+    fps = 16.0 if args.fps is None else args.fps
+    if args.out is not None:
+        return [save_video(frames[0], args.out, fps=fps)]
+    width = max(4, int(math.log10(n)) + 1)
+    suffix = args.video_format or "mp4"
+    return [
+        save_video(video, Path(args.out_dir) / f"{i:0{width}d}_{slug(p)}.{suffix}", fps=fps)
+        for i, (p, video) in enumerate(zip(prompts, frames))
     ]
 
 

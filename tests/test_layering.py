@@ -1,8 +1,8 @@
 """The package's imports point strictly downward and form no cycle, and the shared rooms never name a model family.
 
-Layers (README "Layout"): foundation (files, parallel, diffusion) ← nn ← models ← (encoders, convert, checkpoint,
-runs) ← (pipelines, train, data) ← entry points. Every import statement counts, also those inside functions. Within
-a layer arrows are allowed, but no cycle, neither between modules nor between packages.
+Layers (README "Layout"): foundation (files, parallel, diffusion) ← (nn, quantize) ← models ← (encoders, convert,
+checkpoint, runs) ← (pipelines, train, data) ← entry points. Every import statement counts, also those inside
+functions. Within a layer arrows are allowed, but no cycle, neither between modules nor between packages.
 """
 
 import ast
@@ -13,10 +13,10 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "dit_jax"
 
 LAYERS = [
     {"dit_jax", "dit_jax.files", "dit_jax.parallel", "dit_jax.diffusion"},
-    {"dit_jax.nn"},
+    {"dit_jax.nn", "dit_jax.quantize"},
     {"dit_jax.models"},
     {"dit_jax.encoders", "dit_jax.convert", "dit_jax.checkpoint", "dit_jax.runs", "dit_jax.lora"},
-    {"dit_jax.pipelines", "dit_jax.train", "dit_jax.data", "dit_jax.metrics"},
+    {"dit_jax.pipelines", "dit_jax.train", "dit_jax.data", "dit_jax.metrics", "dit_jax.features"},
     {
         "dit_jax.sample",
         "dit_jax.evaluate",

@@ -125,22 +125,24 @@ def readme_sampling_commands() -> list[list[str]]:
     section = text[text.index("## Sampling") :]
     blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
     inline = re.findall(r"`(python -m dit_jax\.sample [^`]*)`", section)
-    lines = [ln for b in blocks for ln in b.splitlines() if ln.startswith("python -m")]
-    return [shlex.split(" ".join(c.split())) for c in lines + inline]
+    joined = [b.replace("\\\n", " ") for b in blocks]  # shell line continuations
+    lines = [ln for b in joined for ln in b.splitlines() if ln.startswith("python -m")]
+    return [shlex.split(" ".join(c.split()), comments=True) for c in lines + inline]
 
 
 def test_readme_commands_parse():
     commands = readme_sampling_commands()
     samples = [c[3:] for c in commands if c[:3] == ["python", "-m", "dit_jax.sample"]]
     converts = [c[3:] for c in commands if c[:3] == ["python", "-m", "dit_jax.convert"]]
-    assert len(samples) >= 7 and len(converts) == 1
+    assert len(samples) >= 7 and len(converts) >= 1
     for argv in samples:
         args = _parser().parse_args(argv)  # every documented flag exists (SystemExit otherwise)
         assert args.classes or args.prompt or args.prompts_file
     assert any(args.count("--prompt") >= 2 for args in samples)  # the PixArt commands are documented
     from dit_jax.convert.__main__ import _parser as convert_parser
 
-    convert_parser().parse_args(converts[0])
+    for argv in converts:
+        convert_parser().parse_args(argv)
     flags = {a for argv in samples for a in argv if a.startswith("--")}
     # the flags of the paper recipe are exercised end to end above on tiny models
     assert {"--method", "--steps", "--respacing", "--guidance-channels", "--vae", "--out-dir", "--batch-size"} <= flags

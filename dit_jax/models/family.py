@@ -12,7 +12,7 @@ Conditions are dicts of batch-leading arrays, one key per model input (DiT: ``{"
 """
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -119,8 +119,19 @@ class Family:
         """Inputs that encode the sampled image size (micro-conditions), if the model has any."""
         return {}
 
+    def size_condition_options(self, config: Any) -> tuple[str, ...]:
+        """The request options (e.g. ``original_size``) that ``size_condition`` also takes as keywords, beside the
+        sampled size; none by default."""
+        return ()
+
     def aspect_ratio_bins(self, config: Any) -> tuple[tuple[int, int], ...] | None:
         """Text-to-image families: the (height, width) pixel sizes of resolution binning, if any."""
+        return None
+
+    def binned_size(self, config: Any, height: int, width: int) -> tuple[int, int] | None:
+        """Text-to-image families whose reference pipeline bins sizes by a rule of its own: the (height, width) in
+        pixels at which a request of ``height × width`` is sampled and returned (no resize back to the request).
+        None (default): binning, if any, takes the closest of ``aspect_ratio_bins`` and resizes the image back."""
         return None
 
     def text_width(self, config: Any) -> int:
@@ -189,6 +200,27 @@ class Family:
     def forward_flops(self, config: Any, height: int, width: int, text_length: int | None = None) -> int:
         """Analytic FLOPs of one forward pass for one sample of latent size ``height × width``."""
         raise NotImplementedError
+
+    def batch_flops(self, config: Any, shapes: Mapping[str, Sequence[int]]) -> int:
+        """Analytic FLOPs of one forward pass over a training batch whose arrays have these ``shapes`` (key → shape,
+        batch axis first). Default: images ``x`` (B, H, W, C), the text length from ``caption`` (B, L, C) if any."""
+        x = shapes["x"]
+        caption = shapes.get("caption")
+        return int(x[0]) * self.forward_flops(config, x[1], x[2], None if caption is None else caption[1])
+
+    # ---- sizes of the model input --------------------------------------------------------------------------------
+
+    def example_shape(self, config: Any) -> tuple[int, ...]:
+        """One training example's model input at the config's training size, without the batch axis (planning,
+        sample grids): ``(H, W, C)`` by default; video families add the frame axis, ``(F, H, W, C)``."""
+        s = config.input_size
+        return (s, s, config.in_channels)
+
+    def num_tokens(self, config: Any, shape: Sequence[int]) -> int:
+        """Tokens the model makes of one example of shape ``shape`` (no batch axis), e.g. the ``image_seq_len`` of a
+        resolution-dependent flow shift. Default: ``(H / p) · (W / p)`` of an image ``(H, W, C)``."""
+        p = config.patch_size
+        return (shape[0] // p) * (shape[1] // p)
 
 
 _FAMILIES: dict[str, Family] = {}

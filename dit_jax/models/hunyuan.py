@@ -573,6 +573,33 @@ _SCHEDULER_V11 = {
 _SCHEDULER_V12 = {**_SCHEDULER_V11, "beta_end": 0.02}
 _TEXT_KEYS = ("clip", "clip_mask", "t5", "t5_mask")
 _SIZE_KEYS = ("image_meta_size", "style")
+_SIZE_OPTIONS = ("original_size", "target_size", "crops_coords_top_left")
+# HunyuanDiTPipeline's resolution binning: its standard width/height ratios, each with its (width, height) pixel sizes
+# (diffusers' STANDARD_RATIO / STANDARD_SHAPE); the supported shapes are all of them.
+BINNING_SHAPES: tuple[tuple[float, tuple[tuple[int, int], ...]], ...] = (
+    (1.0, ((1024, 1024), (1280, 1280))),
+    (4.0 / 3.0, ((1024, 768), (1152, 864), (1280, 960))),
+    (3.0 / 4.0, ((768, 1024), (864, 1152), (960, 1280))),
+    (16.0 / 9.0, ((1280, 768),)),
+    (9.0 / 16.0, ((768, 1280),)),
+)
+BINNING_MULTIPLE = 16  # HunyuanDiTPipeline floors height and width to multiples of 16 px (VAE factor 8 × patch 2)
+
+
+def binned_size(height: int, width: int) -> tuple[int, int]:
+    """``(height, width)`` of HunyuanDiTPipeline's resolution binning: the request floored to multiples of 16 px, kept
+    if it is a supported shape, else the shape of the closest standard width/height ratio whose area is closest
+    (ties: the first in the table)."""
+    m = BINNING_MULTIPLE
+    h, w = (height // m) * m, (width // m) * m
+    if h <= 0 or w <= 0:
+        raise ValueError(f"height={height}, width={width}: resolution binning needs at least {m} pixels a side")
+    if any((w, h) in shapes for _, shapes in BINNING_SHAPES):
+        return h, w
+    ratio, area = w / h, w * h
+    _, shapes = min(BINNING_SHAPES, key=lambda entry: abs(entry[0] - ratio))
+    w, h = min(shapes, key=lambda wh: abs(wh[0] * wh[1] - area))
+    return h, w
 
 
 class HunyuanFamily(Family):
@@ -665,14 +692,37 @@ class HunyuanFamily(Family):
         n = min(int(sample["per_class"]) * int(sample["num_classes"]), batch["x"].shape[0])
         return self.condition(config, batch), n, max(1, int(np.sqrt(n)))
 
-    def size_condition(self, config, height, width, batch):
-        """v1.1: ``image_meta_size`` = original size (1024, 1024) + target size (height, width) + crop (0, 0) and
-        style 0, as ``HunyuanDiTPipeline`` builds them (the original repository's sampler passes the target as
-        (width, height); the same at square sizes). v1.2: nothing."""
+    def size_condition(
+        self, config, height, width, batch, original_size=None, target_size=None, crops_coords_top_left=None
+    ):
+        """v1.1: ``image_meta_size`` = ``original_size`` (default (1024, 1024)) + ``target_size`` (default the sampled
+        (height, width)) + ``crops_coords_top_left`` (default (0, 0)) and style 0, as ``HunyuanDiTPipeline`` builds
+        them (the original repository's sampler passes the target as (width, height); the same at square sizes).
+        v1.2: nothing."""
         if not config.use_style_cond_and_image_meta_size:
             return {}
-        meta = np.array([[*ORIGINAL_SIZE, height, width, 0, 0]], np.float32)
+        sizes = {"original_size": original_size or ORIGINAL_SIZE, "target_size": target_size or (height, width),
+                 "crops_coords_top_left": crops_coords_top_left or (0, 0)}  # fmt: skip
+        for name, value in sizes.items():
+            if np.shape(value) != (2,):
+                raise ValueError(f"{name}={value!r} must be two numbers (height, width) / (top, left) in pixels")
+        meta = np.concatenate([np.asarray(v, np.float32) for v in sizes.values()])[None]
         return {"image_meta_size": np.tile(meta, (batch, 1)), "style": np.zeros((batch,), np.int32)}
+
+    def size_condition_options(self, config):
+        """v1.1: ``original_size``, ``target_size`` and ``crops_coords_top_left`` (HunyuanDiTPipeline's arguments);
+        v1.2 has no size conditions."""
+        return _SIZE_OPTIONS if config.use_style_cond_and_image_meta_size else ()
+
+    def binned_size(self, config, height, width):
+        """HunyuanDiTPipeline's resolution binning (``binned_size``; any model size): the image is sampled and
+        returned at the binned size."""
+        return binned_size(height, width)
+
+    def sampler_options(self, config, num_steps, image_seq_len):
+        """HunyuanDiTPipeline keeps the first ``in_channels`` of a learned-sigma output, so its DDPM steps use the
+        scheduler's fixed variance (``fixed_small``), not the learned one."""
+        return {"variance_type": "fixed_small"}
 
     def text_width(self, config):
         """The width of the joined text tokens (CLIP's; mT5 goes through ``mlp_t5`` to it)."""

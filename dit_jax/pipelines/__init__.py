@@ -2,7 +2,9 @@
 sampler, e.g. DiT mirroring diffusers ``DiTPipeline``) or a ``TextToImagePipeline`` (a text-to-image model + VAE +
 one ``TextEncoder`` per text slot of its family: PixArt's T5 mirroring ``PixArtSigmaPipeline`` /
 ``PixArtAlphaPipeline``, SD3's CLIP-L, CLIP-G and T5 mirroring ``StableDiffusion3Pipeline``, Flux's CLIP and T5
-mirroring ``FluxPipeline``); the model's family says which. ``python -m dit_jax.sample`` is their command line."""
+mirroring ``FluxPipeline``) or a ``TextToVideoPipeline`` (a text-to-video model + causal video VAE + its text encoder:
+Wan 2.1's UMT5 mirroring ``WanPipeline``; ``save_video`` writes MP4 or an animated GIF/WebP); the model's family says
+which. ``python -m dit_jax.sample`` is their command line."""
 
 from typing import Any
 
@@ -12,6 +14,8 @@ from dit_jax.pipelines.images import make_grid, save_png, to_pil, to_uint8
 from dit_jax.pipelines.loading import PIPELINES, load, load_text_encoder, load_vae, read_scheduler_config
 from dit_jax.pipelines.text_encoder import TextEncoder
 from dit_jax.pipelines.text_to_image import TextToImagePipeline, closest_bin
+from dit_jax.pipelines.text_to_video import TextToVideoPipeline
+from dit_jax.pipelines.video import save_video
 
 __all__ = [
     "OUTPUT_TYPES",
@@ -20,6 +24,7 @@ __all__ = [
     "SamplingPipeline",
     "TextEncoder",
     "TextToImagePipeline",
+    "TextToVideoPipeline",
     "closest_bin",
     "load",
     "load_text_encoder",
@@ -28,6 +33,7 @@ __all__ = [
     "read_scheduler_config",
     "resize_and_crop",
     "save_png",
+    "save_video",
     "to_pil",
     "to_uint8",
 ]

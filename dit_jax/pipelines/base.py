@@ -3,8 +3,9 @@ jitted once per configuration with the batch padded and sharded over the devices
 
 ``SamplingPipeline`` holds a model (config + params), its VAE (or None in pixel space) and the default sampler; the
 model's family (``dit_jax.models.family``) feeds it its condition. Subclasses turn a request into a condition and
-the null condition of guidance: ``ClassConditionalPipeline`` (labels, the null class) and ``TextToImagePipeline``
-(text features + masks, a negative or learned null caption).
+the null condition of guidance: ``ClassConditionalPipeline`` (labels, the null class), ``TextToImagePipeline``
+(text features + masks, a negative or learned null caption) and ``TextToVideoPipeline`` (video latents
+(B, F, h, w, C), decoded by a causal video VAE through the ``_vae_channels``/``_vae_decode`` hooks).
 """
 
 import contextlib
@@ -111,6 +112,29 @@ def _layer_guided(
     return model_fn
 
 
+def _rescaled_guided(
+    cond_model: Callable, cond: Any, null_cond: Any, scale: jax.Array, guidance_channels: int | None, rescale: float
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """Classifier-free guidance with diffusers' ``guidance_rescale`` φ (``rescale_noise_cfg``): the guided channels
+    g become ``φ·g·std(cond)/std(g) + (1 − φ)·g``, standard deviations (unbiased) over each image's guided channels."""
+
+    def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
+        b, c = x.shape[0], x.shape[-1]
+        k = c if guidance_channels is None else guidance_channels
+        both = jax.tree.map(lambda u, v: jnp.concatenate([u, v.astype(u.dtype)], 0), cond, null_cond)
+        out = cond_model(jnp.concatenate([x, x], 0), jnp.concatenate([t, t], 0), both)
+        pair = out.reshape((2, b) + out.shape[1:]).astype(jnp.float32)
+        text, uncond = pair[0][..., :k], pair[1][..., :k]
+        g = uncond + scale * (text - uncond)
+        axes = tuple(range(1, g.ndim))
+        ratio = jnp.std(text, axis=axes, ddof=1, keepdims=True) / jnp.std(g, axis=axes, ddof=1, keepdims=True)
+        g = rescale * (g * ratio) + (1.0 - rescale) * g
+        g = g if k == out.shape[-1] else jnp.concatenate([g, pair[0][..., k:]], axis=-1)
+        return g.astype(out.dtype)
+
+    return model_fn
+
+
 @dataclasses.dataclass(eq=False)
 class SamplingPipeline:
     """A diffusion model (config + params), its VAE (or None for pixel-space models) and the default sampler.
@@ -141,9 +165,9 @@ class SamplingPipeline:
         self._check_model()
         if (self.vae_config is None) != (self.vae_params is None):
             raise ValueError("give both vae_config and vae_params, or neither (a pixel-space model)")
-        if self.vae_config is not None and self.vae_config.latent_channels != self.model_config.in_channels:
+        if self.vae_config is not None and self._vae_channels() != self.model_config.in_channels:
             raise ValueError(
-                f"the VAE has {self.vae_config.latent_channels} latent channels but the model takes "
+                f"the VAE has {self._vae_channels()} latent channels but the model takes "
                 f"{self.model_config.in_channels} input channels ({self.source})"
             )
         self.sampler_settings()  # validate the default method and options now
@@ -165,6 +189,16 @@ class SamplingPipeline:
         self._progress: Callable[[int, int], None] | None = None
 
     task = ""  # the model-family task this pipeline drives (``dit_jax.models.family.TASKS``)
+    latent_axes = ("h", "w")  # the latents' axes between batch and channels (for messages)
+
+    def _vae_channels(self) -> int:
+        """The latent channels of the pipeline's VAE (image pipelines: an ``AutoencoderKL``)."""
+        if not isinstance(self.vae_config, VAEConfig):
+            raise TypeError(
+                f"{self.source or 'model'}: a {type(self).__name__} decodes with an AutoencoderKL (VAEConfig), got "
+                f"{type(self.vae_config).__name__}"
+            )
+        return self.vae_config.latent_channels
 
     def _check_model(self) -> None:
         """Raise if ``model_config`` is not a model this pipeline can drive."""
@@ -262,17 +296,21 @@ class SamplingPipeline:
         return self._noise(batch_size, self.latent_shape, seed)
 
     def decode(self, latents: Any) -> np.ndarray:
-        """Final latents (B, h, w, C) → images (B, H, W, 3) in [0, 1] (pixel-space pipelines: ``x / 2 + 0.5``)."""
+        """Final latents (B, h, w, C) → images (B, H, W, 3) in [0, 1] (pixel-space pipelines: ``x / 2 + 0.5``); video
+        pipelines: (B, F, h, w, C) → frames (B, num_frames, H, W, 3)."""
         x = jnp.asarray(latents, jnp.float32)
-        if x.ndim != 4 or x.shape[-1] != self.model_config.in_channels:
-            raise ValueError(f"latents must be (B, h, w, {self.model_config.in_channels}) NHWC, got {x.shape}")
+        c = self.model_config.in_channels
+        if x.ndim != len(self.latent_axes) + 2 or x.shape[-1] != c:
+            layout = ", ".join(("B", *self.latent_axes, str(c)))
+            order = "NHWC" if self.latent_axes == ("h", "w") else "channels-last"
+            raise ValueError(f"latents must be ({layout}) {order}, got {x.shape}")
         b = x.shape[0]
         return np.asarray(self._decode(self._pad(x)))[:b]
 
     # ---- internals -------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _noise(batch_size: int, shape: tuple[int, int, int], seed: int | jax.Array) -> jax.Array:
+    def _noise(batch_size: int, shape: tuple[int, ...], seed: int | jax.Array) -> jax.Array:
         key = jax.random.fold_in(as_key(seed), 0)
         return jax.random.normal(key, (int(batch_size), *shape), jnp.float32)
 
@@ -319,9 +357,11 @@ class SamplingPipeline:
         guidance_channels,
         progress: bool,
         layer_guidance: tuple | None = None,
+        guidance_rescale: float = 0.0,
     ):
         """The jitted sampler loop for one configuration (cached on the pipeline). ``layer_guidance``: ``(skipped
-        layers, scale, model timesteps where it is on)`` of skip-layer guidance (see ``_layer_guided``)."""
+        layers, scale, model timesteps where it is on)`` of skip-layer guidance (see ``_layer_guided``);
+        ``guidance_rescale``: φ of ``_rescaled_guided`` (0: plain guidance)."""
         if key in self._compiled:
             return self._compiled[key]
         cfg, family = self.model_config, self.family
@@ -334,6 +374,18 @@ class SamplingPipeline:
                 out = family.apply(model, params, x, t, cond)
                 return out[..., :c] if keep_mean else out
 
+            if guidance_rescale and guided:
+                guided_fn = _rescaled_guided(cond_model, cond, null_cond, scale, guidance_channels, guidance_rescale)
+                return diffusion.sample(
+                    guided_fn,
+                    x,
+                    key=rng,
+                    schedule=schedule,
+                    method=method,
+                    num_steps=steps,
+                    progress=self._report if progress else None,
+                    **options,
+                )
             if layer_guidance is not None and guided:
                 guided_fn = _layer_guided(cond_model, cond, null_cond, scale, guidance_channels, *layer_guidance)
                 return diffusion.sample(
@@ -381,6 +433,7 @@ class SamplingPipeline:
         options: dict[str, Any],
         progress: Callable[[int, int], None] | None,
         layer_guidance: tuple | None = None,
+        guidance_rescale: float = 0.0,
     ) -> jax.Array:
         """Run the sampler on the padded, sharded batch; ``cond``/``null_cond`` are batch-leading pytrees (padded
         with zeros unless already padded). Returns the padded final latents."""
@@ -398,6 +451,7 @@ class SamplingPipeline:
             guidance_channels if guided else None,
             progress is not None,
             layer_guidance if guided else None,
+            float(guidance_rescale) if guided else 0.0,
         )
         fn = self._sampler_fn(
             cache_key,
@@ -409,6 +463,7 @@ class SamplingPipeline:
             guidance_channels,
             progress is not None,
             layer_guidance if guided else None,
+            float(guidance_rescale) if guided else 0.0,
         )
         params = self._put("model", self.params)
         rng = jax.random.fold_in(key, 1)
@@ -423,19 +478,22 @@ class SamplingPipeline:
             self._progress = None
         return out
 
+    def _vae_decode(self, vae_params: Any, z: jax.Array) -> jax.Array:
+        """Diffusion latents → pixels in about [−1, 1] (traced inside ``_decode``): ``vae.decode`` of the unscaled
+        latents, or the latents themselves in pixel space."""
+        if self.vae_config is None:
+            return z
+        vae = build(self.vae_config)
+        return vae.apply({"params": vae_params}, unscale_latents(self.vae_config, z), method="decode")
+
     def _decode(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
         """Padded latents (sharded) → padded images in [0, 1]; ``size`` (H, W) resizes and centre-crops the decoded
         images (in [−1, 1], before clipping) as diffusers does after resolution binning."""
         cache_key = ("decode", tuple(x.shape), size)
         if cache_key not in self._compiled:
-            vae_cfg = self.vae_config
 
             def decode(vae_params, z):
-                if vae_cfg is None:
-                    img = z
-                else:
-                    vae = build(vae_cfg)
-                    img = vae.apply({"params": vae_params}, unscale_latents(vae_cfg, z), method="decode")
+                img = self._vae_decode(vae_params, z)
                 if size is not None:
                     img = resize_and_crop(img, *size)
                 return jnp.clip(img / 2 + 0.5, 0.0, 1.0)

@@ -1,6 +1,6 @@
-"""``load(path)``: a class-conditional (e.g. DiT) or text-to-image (e.g. PixArt, SD3, Flux) pipeline from a diffusers
-pipeline folder, a model directory, a PyTorch checkpoint or a training workdir, with its VAE, text encoders and default
-sampler.
+"""``load(path)``: a class-conditional (e.g. DiT), text-to-image (e.g. PixArt, SD3, Flux) or text-to-video (e.g. Wan
+2.1) pipeline from a diffusers pipeline folder, a model directory, a PyTorch checkpoint or a training workdir, with its
+VAE, text encoders and default sampler.
 
 The pipeline kind, the default scheduler and settings, and the diffusers pipeline classes come from the model's
 family (``dit_jax.models.family``). Defaults per source (what the matching PyTorch tool does), e.g.:
@@ -12,13 +12,17 @@ family (``dit_jax.models.family``). Defaults per source (what the matching PyTor
                              text slot of the family (``StableDiffusion3Pipeline``: CLIP-L, CLIP-G, T5 in
                              ``text_encoder{,_2,_3}``/``tokenizer{,_2,_3}``, T5 optional; ``FluxPipeline``: CLIP, T5)
                              with the family's defaults (SD3: 28 steps, CFG 7, 256 T5 tokens; Flux: 28 steps,
-                             embedded guidance 3.5, 512 T5 tokens)
+                             embedded guidance 3.5, 512 T5 tokens). ``WanPipeline`` folders (text-to-video) hold
+                             ``text_encoder/`` (UMT5) + ``tokenizer/`` and a causal video VAE
+                             (``AutoencoderKLWan``): UniPC on flow sigmas (shift 3), 50 steps, CFG 5, 512 tokens
   model directory / torch    ``vae=`` is required for a latent model, except for a Stability single file that holds
                              the VAE (``first_stage_model.*``: SD3/SD3.5 files); the sampler is the DDIM scheduler
                              that the diffusers DiT converter writes (linear betas, ε, no clipping): 50 steps,
                              guidance 4.0.
                              A PixArt also needs ``text_encoder=`` (a T5 folder or a pipeline folder) and gets the
-                             diffusers PixArt converters' DPM-Solver++ (linear betas): 20 steps, guidance 4.5
+                             diffusers PixArt converters' DPM-Solver++ (linear betas): 20 steps, guidance 4.5.
+                             Other families get their reference pipeline's scheduler and settings (e.g. Wan:
+                             ``vae=`` an ``AutoencoderKLWan`` folder or file, ``text_encoder=`` a UMT5 folder)
   training workdir           the latest checkpoint's EMA params; schedule, sampler, steps and guidance from the
                              run's config (``config.diffusion``, ``config.sample``); pixel space unless the run
                              trained on latents (then ``config.sample.vae`` or ``vae=``)
@@ -36,16 +40,21 @@ from dit_jax import diffusion
 from dit_jax.checkpoint import is_model_dir as _is_model_dir
 from dit_jax.checkpoint import load_model
 from dit_jax.encoders.vae import PRESETS as VAE_PRESETS
-from dit_jax.encoders.vae import VAEConfig
 from dit_jax.files import read_json as _read_json
 from dit_jax.models import ModelConfig, check_params, families, family_of, set_scan
 from dit_jax.nn.layers import canonical_dtype
 from dit_jax.pipelines.class_conditional import ClassConditionalPipeline
-from dit_jax.pipelines.prompts import text_sources
-from dit_jax.pipelines.text_encoder import TextEncoder
+from dit_jax.pipelines.prompts import takes_text, text_sources
+from dit_jax.pipelines.text_encoder import TEXT_FAMILIES, TextEncoder
 from dit_jax.pipelines.text_to_image import TextToImagePipeline
+from dit_jax.pipelines.text_to_video import TextToVideoPipeline
+from dit_jax.quantize import quantize_config, quantize_params
 
-PIPELINES = {"class-to-image": ClassConditionalPipeline, "text-to-image": TextToImagePipeline}
+PIPELINES = {
+    "class-to-image": ClassConditionalPipeline,
+    "text-to-image": TextToImagePipeline,
+    "text-to-video": TextToVideoPipeline,
+}
 
 
 def _is_workdir(path: Path) -> bool:
@@ -98,10 +107,45 @@ def _bundled_vae(path: Path) -> Path | None:
     return None
 
 
-def load_vae(vae: Any) -> tuple[VAEConfig, Any]:
+def _is_vae(config: Any) -> bool:
+    """A config of a registered component family (no diffusion task) that is not a text encoder: an
+    ``AutoencoderKL`` or another VAE such as a causal video VAE."""
+    try:
+        family = family_of(config)
+    except TypeError:
+        return False
+    return not family.task and family.name not in TEXT_FAMILIES
+
+
+def _other_vae(path: Path) -> bool:
+    """Whether ``path`` holds a VAE other than an ``AutoencoderKL`` (e.g. a causal video VAE), which the registered
+    families' conversions import: a diffusers folder (or a pipeline folder's ``vae/``) whose config.json names another
+    class, or a weights file whose keys another conversion module claims."""
+    from dit_jax.convert import io
+    from dit_jax.convert import vae as autoencoder_kl
+    from dit_jax.convert.api import conversion_modules
+
+    if path.is_dir():
+        folder = path if (path / "config.json").is_file() else path / "vae"
+        if not (folder / "config.json").is_file():
+            return False
+        name = _read_json(folder / "config.json").get("_class_name", autoencoder_kl.DIFFUSERS_CLASS)
+        return name != autoencoder_kl.DIFFUSERS_CLASS
+    keys = io.safetensors_keys(path) if path.suffix == ".safetensors" else list(io.read_file(path))
+    if autoencoder_kl.detect(keys) is not None:
+        return False
+    components = [n for n, f in families().items() if not f.task and n not in TEXT_FAMILIES]
+    modules = conversion_modules()
+    return any(modules[n].detect(keys) for n in components if n in modules)
+
+
+def load_vae(vae: Any) -> tuple[Any, Any]:
     """``(config, params)`` of a VAE given as a diffusers folder (or a pipeline folder with ``vae/``), a VAE model
-    directory, a ``.safetensors``/``.pt``/``.ckpt`` file, or an already loaded ``(config, params)`` pair."""
-    if isinstance(vae, tuple) and len(vae) == 2 and isinstance(vae[0], VAEConfig):
+    directory, a ``.safetensors``/``.pt``/``.ckpt``/``.pth`` file, or an already loaded ``(config, params)`` pair.
+
+    An ``AutoencoderKL`` is read by ``dit_jax.convert.vae``; another VAE (e.g. diffusers ``AutoencoderKLWan`` or the
+    original ``Wan2.1_VAE.pth``) by the conversion of the registered family that recognises it (``from_torch``)."""
+    if isinstance(vae, tuple) and len(vae) == 2 and _is_vae(vae[0]):
         return vae
     path = Path(vae)
     if not path.exists():
@@ -116,8 +160,16 @@ def load_vae(vae: Any) -> tuple[VAEConfig, Any]:
         )
     if _is_model_dir(path):
         config, params = load_model(path)
-        if not isinstance(config, VAEConfig):
+        if not _is_vae(config):
             raise ValueError(f"vae={str(vae)!r} is a model directory of a {type(config).__name__}, not a VAE")
+        return config, params
+    if _other_vae(path):
+        from dit_jax.convert import from_torch
+
+        folder = path / "vae" if path.is_dir() and not (path / "config.json").is_file() else path
+        config, params = from_torch(folder)
+        if not _is_vae(config):
+            raise ValueError(f"vae={str(vae)!r} holds a {type(config).__name__}, not a VAE")
         return config, params
     from dit_jax.convert.vae import vae_from_torch
 
@@ -174,7 +226,7 @@ def _pipeline_folder(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     index = _read_json(path / "model_index.json")
     name = index.get("_class_name")
     family, settings = _pipeline_family(index)
-    text = family is not None and family.task == "text-to-image"
+    text = family is not None and takes_text(family)
     config, params = None, None
     slots: tuple = ()
     if text:
@@ -196,6 +248,8 @@ def _pipeline_folder(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
                 + " or ".join(n for n, t in known.items() if t == "class-to-image")
                 + " folders (transformer, vae, scheduler); text-to-image ones are "
                 + " or ".join(n for n, t in known.items() if t == "text-to-image")
+                + " folders; text-to-video ones are "
+                + " or ".join(n for n, t in known.items() if t == "text-to-video")
                 + " folders"
             )
             raise ValueError(f"{path}: model_index.json ({name}) needs a {part!r} component in {path / part}; {kinds}")
@@ -232,14 +286,16 @@ def _workdir(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_text_encoder(
-    text_encoder: Any, *, max_length: int = 300, dtype: str = "float32", tokenizer: Any = None
+    text_encoder: Any, *, max_length: int = 300, dtype: str = "float32", tokenizer: Any = None, quantize: Any = None
 ) -> TextEncoder:
     """A ``TextEncoder`` from a T5 or CLIP folder (transformers, with its tokenizer or ``tokenizer=``), a diffusers
     pipeline folder (``text_encoder/`` + ``tokenizer/``), a text-encoder model directory, or an already built
-    ``TextEncoder``."""
+    ``TextEncoder`` (used as it is). ``quantize``: ``"int8"`` or a ``QuantizeConfig`` (``dit_jax.quantize``)."""
     if isinstance(text_encoder, TextEncoder):
         return text_encoder
-    return TextEncoder.from_pretrained(text_encoder, max_length=max_length, dtype=dtype, tokenizer=tokenizer)
+    return TextEncoder.from_pretrained(
+        text_encoder, max_length=max_length, dtype=dtype, tokenizer=tokenizer, quantize=quantize
+    )
 
 
 def load(
@@ -254,34 +310,41 @@ def load(
     max_sequence_length: int | None = None,
     sequence_parallel: int = 1,
     sequence_mode: str = "auto",
+    quantize: Any = None,
     **model_overrides: Any,
-) -> ClassConditionalPipeline | TextToImagePipeline:
-    """A ``ClassConditionalPipeline`` (e.g. DiT) or ``TextToImagePipeline`` (e.g. PixArt) from ``path``: a diffusers
-    pipeline folder (``model_index.json`` of a class the families know, e.g. DiTPipeline, PixArtSigmaPipeline,
-    PixArtAlphaPipeline), a model directory written
+) -> ClassConditionalPipeline | TextToImagePipeline | TextToVideoPipeline:
+    """A ``ClassConditionalPipeline`` (e.g. DiT), ``TextToImagePipeline`` (e.g. PixArt) or ``TextToVideoPipeline``
+    (e.g. Wan 2.1) from ``path``: a diffusers pipeline folder (``model_index.json`` of a class the families know, e.g.
+    DiTPipeline, PixArtSigmaPipeline, PixArtAlphaPipeline, WanPipeline), a model directory written
     by ``dit_jax.convert``/``save_model``, a PyTorch checkpoint (``.pt``/``.pth``, ``.safetensors``, a diffusers
     transformer folder; read with ``dit_jax.convert.from_torch``) or a training workdir (latest EMA).
 
-    ``vae``: a diffusers VAE folder, a VAE model directory, a VAE checkpoint or ``(config, params)``; required for
-    latent models from a model directory or checkpoint, optional elsewhere (it replaces the pipeline's own).
+    ``vae``: a diffusers VAE folder (``AutoencoderKL``; ``AutoencoderKLWan`` for Wan), a VAE model directory, a VAE
+    checkpoint or ``(config, params)``; required for latent models from a model directory or checkpoint, optional
+    elsewhere (it replaces the pipeline's own).
     ``scheduler``: a diffusers scheduler config (dict, JSON file or folder) replacing the default sampler.
     ``dtype``: ``"float32"`` or ``"bfloat16"`` compute for the transformer and the VAE (params stay float32).
-    ``text_encoder`` (text-to-image): for one-encoder families (PixArt) a T5 folder, a pipeline folder or a
-    ``TextEncoder``; for families with several text encoders (SD3: CLIP-L, CLIP-G, T5; Flux: CLIP, T5) a pipeline
-    folder holding their components. ``text_encoders``: ``{slot name: folder or TextEncoder}`` per text slot of the
-    family (``family.text_slots``, e.g. ``{"t5": ...}``), replacing those of the other sources. Text encoders are
-    required for a model directory or checkpoint, optional for a pipeline folder (they replace the folder's own); a
-    pipeline folder saved without a component (SD3 without T5: ``text_encoder_3`` null) leaves that slot empty.
+    ``text_encoder`` (text-to-image, text-to-video): for one-encoder families (PixArt; Wan: UMT5) a T5 folder, a
+    pipeline folder or a ``TextEncoder``; for families with several text encoders (SD3: CLIP-L, CLIP-G, T5; Flux:
+    CLIP, T5) a pipeline folder holding their components. ``text_encoders``: ``{slot name: folder or TextEncoder}``
+    per text slot of the family (``family.text_slots``, e.g. ``{"t5": ...}``), replacing those of the other sources.
+    Text encoders are required for a model directory or checkpoint, optional for a pipeline folder (they replace the
+    folder's own); a pipeline folder saved without a component (SD3 without T5: ``text_encoder_3`` null) leaves that
+    slot empty.
     ``text_dtype``: the text encoders' compute dtype (default ``dtype``). ``max_sequence_length``: text tokens
     (default: the family's, e.g. PixArt-Σ 300, α 120, SD3 256, Flux 512). ``sequence_parallel``: split each image's
     tokens over this many devices (the batch over the rest) with ``sequence_mode`` "auto", "ulysses" or "ring" — for
     2K/4K images (see ``SamplingPipeline``).
+    ``quantize``: None (float weights), ``"int8"`` or a ``dit_jax.quantize.QuantizeConfig``: int8 weights with
+    per-output-channel scales for the transformer's and the text encoders' matmul kernels, quantised on the host and
+    dequantised per matmul inside the jitted functions.
     ``model_overrides``: model config fields (e.g. ``attention_backend="xla"``, ``scan_blocks=True``; for torch
     checkpoints anything ``from_torch`` takes, e.g. ``num_heads=16``).
     """
     allowed = ("float32", "bfloat16")
     dtype = canonical_dtype(dtype, allowed=allowed, what="dtype")
     text_dtype = dtype if text_dtype is None else canonical_dtype(text_dtype, allowed=allowed, what="text_dtype")
+    quantize = quantize_config(quantize)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
@@ -321,7 +384,7 @@ def load(
             )  # fmt: skip
             + " pipelines"
         )
-    text = family.task == "text-to-image"
+    text = takes_text(family)
     if not text and (text_encoder is not None or text_encoders is not None or max_sequence_length is not None):
         raise ValueError(
             f"{source} is a class-conditional {family.display_name}: text_encoder(s)= and max_sequence_length= do "
@@ -349,7 +412,9 @@ def load(
         for name, (src, tok) in text_sources(
             family, config, spec.get("text_folders"), text_encoder, text_encoders, source
         ).items():
-            encoders[name] = load_text_encoder(src, max_length=lengths[name], dtype=text_dtype, tokenizer=tok)
+            encoders[name] = load_text_encoder(
+                src, max_length=lengths[name], dtype=text_dtype, tokenizer=tok, quantize=quantize
+            )
 
     vae_config = vae_params = None
     if vae_source is not None:
@@ -368,7 +433,7 @@ def load(
 
     common = dict(
         model_config=config.replace(dtype=dtype),
-        params=spec["params"],
+        params=spec["params"] if quantize is None else quantize_params(spec["params"], quantize),
         schedule=schedule,
         method=method,
         options=options,

@@ -1,5 +1,5 @@
-"""``PromptEncoder``: prompts → a text-to-image model's text condition, through the text encoders of its family's
-text slots (``Family.text_slots``) joined by ``Family.text_condition``.
+"""``PromptEncoder``: prompts → a text-conditioned (text-to-image or text-to-video) model's text condition, through the
+text encoders of its family's text slots (``Family.text_slots``) joined by ``Family.text_condition``.
 
 The pipelines encode prompts with it, and ``python -m dit_jax.data.precompute`` stores its output beside the latents,
 so training and sampling see the same condition (e.g. SD3: 77 CLIP-L ⊕ CLIP-G tokens then the T5 tokens, and the
@@ -19,6 +19,11 @@ from dit_jax.models import family_of
 from dit_jax.pipelines.text_encoder import TextEncoder
 
 PROMPT_NAMES = {1: "prompt", 2: "prompt_2", 3: "prompt_3"}
+
+
+def takes_text(family: Any) -> bool:
+    """Whether a family's models are conditioned on text, i.e. have text slots (its task is ``text-to-…``)."""
+    return str(family.task).startswith("text-to-")
 
 
 def as_prompt_list(prompt: Any, name: str) -> list[str]:
@@ -72,8 +77,8 @@ def text_sources(
     if not sources:
         if len(slots) == 1:
             hint = (
-                f"pass text_encoder= (a T5 folder with its tokenizer, e.g. t5-v1_1-xxl, or a {family.display_name} "
-                f"pipeline folder with {slots[0].encoder}/ and {slots[0].tokenizer}/)"
+                f"pass text_encoder= (a T5/UMT5 folder with its tokenizer, e.g. t5-v1_1-xxl, or a "
+                f"{family.display_name} pipeline folder with {slots[0].encoder}/ and {slots[0].tokenizer}/)"
             )
         else:
             parts = ", ".join(f"{s.encoder}/ + {s.tokenizer}/" for s in slots)
@@ -81,12 +86,12 @@ def text_sources(
                 f"pass text_encoder= (a {family.display_name} pipeline folder with {parts}) or text_encoders="
                 f"{{slot: folder}} for the slots {names}"
             )
-        raise ValueError(f"{source} is a text-to-image {family.display_name}: {hint}")
+        raise ValueError(f"{source} is a {family.task} {family.display_name}: {hint}")
     return sources
 
 
 class PromptEncoder:
-    """The text encoders of a text-to-image model, by text slot, and how their features become its condition.
+    """The text encoders of a text-conditioned model, by text slot, and how their features become its condition.
 
     ``encoders`` maps slot names (``family.text_slots(model_config)``) to ``TextEncoder``s; a slot without one is left
     to the family (SD3 without T5: zero T5 features). ``max_sequence_length`` is the token count of slots without
@@ -201,11 +206,11 @@ class PromptEncoder:
         dtype: str = "bfloat16",
         batch_size: int = 16,
     ) -> PromptEncoder:
-        """The prompt encoder of ``model_config`` (a text-to-image model config) from ``text_encoder`` (a pipeline
+        """The prompt encoder of ``model_config`` (a text-conditioned model config) from ``text_encoder`` (a pipeline
         folder with the slots' ``text_encoder*/`` + ``tokenizer*/`` components; for one-slot families also a T5
         folder) and/or ``text_encoders`` (``{slot name: folder or TextEncoder}``, replacing the folder's)."""
         family = family_of(model_config)
-        if family.task != "text-to-image":
+        if not takes_text(family):
             raise ValueError(f"a {type(model_config).__name__} takes no text: no prompt encoder")
         length = family.max_sequence_length(model_config) if max_sequence_length is None else max_sequence_length
         length = cls.check_length(length)

@@ -20,6 +20,7 @@ import numpy as np
 
 from dit_jax.models import build
 from dit_jax.nn.layers import compute_dtype
+from dit_jax.quantize import quantize_params, quantized_shardings
 
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "vocab.txt")
 
@@ -107,7 +108,8 @@ class TextEncoder:
     (SD3 and Flux encode without one). ``clip_skip`` (CLIP; default None: the encoder's ``clip_skip``, see
     ``with_clip_skip``) makes ``penultimate`` transformers' ``hidden_states[-(clip_skip + 2)]``, as diffusers'
     ``clip_skip``. The encoder is jitted once per ``(batch_size, length, clip_skip)`` (calls are cut into and padded
-    to that batch), with the batch and the weights sharded over the local devices.
+    to that batch), with the batch and the weights sharded over the local devices. ``quantize`` (``"int8"`` or a
+    ``dit_jax.quantize.QuantizeConfig``) stores the matmul kernels as int8, dequantised per matmul.
     """
 
     clip_skip: int | None = None  # the default of features(clip_skip=None) (CLIP only)
@@ -122,6 +124,7 @@ class TextEncoder:
         batch_size: int = 16,
         param_dtype: str | None = None,
         name: str = "",
+        quantize: Any = None,
     ):
         from dit_jax.parallel.rules import DEFAULT_RULES
 
@@ -134,11 +137,15 @@ class TextEncoder:
         n = self.mesh.size
         self.batch_size = math.ceil(batch_size / n) * n
         store = compute_dtype(param_dtype or config.dtype)
+        if quantize is not None:  # int8 kernels from the float ones, on the host (dit_jax.quantize)
+            params = quantize_params(params, quantize)
         params = jax.tree_util.tree_map_with_path(
             lambda path, x: np.asarray(x).astype(store) if path[-1].key == "kernel" else np.asarray(x), params
         )  # matmul kernels are cast to the compute dtype before use anyway: storing them so changes nothing
         self.rules = DEFAULT_RULES
         shardings = _param_shardings(config, params, self.mesh, self.rules)
+        if quantize is not None:
+            shardings = quantized_shardings(params, shardings)
         self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
         self.params = jax.device_put(params, shardings)
         self._model = model = build(config)
@@ -201,6 +208,7 @@ class TextEncoder:
         batch_size: int = 16,
         param_dtype: str | None = None,
         tokenizer: str | os.PathLike | None = None,
+        quantize: Any = None,
     ) -> TextEncoder:
         """Load a transformers T5 / mT5 / UMT5, CLIP or BERT text folder (by its config.json ``model_type``), a
         diffusers pipeline folder (``text_encoder/`` + ``tokenizer/``) or a dit_jax model directory; the tokenizer
@@ -240,7 +248,7 @@ class TextEncoder:
             raise ValueError(f"{tok_dir}: the tokenizer has {len(tok)} tokens, the encoder only {config.vocab_size}")
         name = f"{path.absolute()} (max_length={max_length}, dtype={dtype})"
         return cls(config.replace(dtype=dtype), params, tok, max_length=max_length, batch_size=batch_size,
-                   param_dtype=param_dtype, name=name)  # fmt: skip
+                   param_dtype=param_dtype, name=name, quantize=quantize)  # fmt: skip
 
     def tokenize(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(input_ids, attention_mask)`` int32 (b, max_length): truncated, padded to max_length."""

@@ -22,10 +22,16 @@ sampler options its reference pipeline sets per request. ``TextToImagePipeline._
 * Flux (``FluxPipeline``): CLIP reads ``prompt``, T5 ``prompt_2`` (512 tokens); a guidance-distilled model (dev)
   takes ``guidance_scale`` as an input and runs no classifier-free guidance; true CFG only with ``true_cfg_scale > 1``
   and a negative prompt; explicit sigmas ``linspace(1, 1/n, n)`` shifted by μ of the packed image token count.
+* Hunyuan-DiT (``HunyuanDiTPipeline``): a BERT (77 tokens) and mT5 (256 tokens) both read ``prompt`` with their
+  masks; DDPM v-prediction on the first 4 of the model's 8 output channels (the learned variance is dropped), 50
+  steps, CFG 5 against ``negative_prompt`` (default ``""``), ``guidance_rescale``; v1.1's size conditions
+  (``original_size``, ``target_size``, ``crops_coords_top_left``) and style 0; resolution binning by the family's
+  own rule (``family.binned_size``: standard shapes, the image returned at the binned size).
 
 Precomputed text: ``prompt_embeds`` with ``prompt_attention_mask`` (PixArt) or with ``pooled_prompt_embeds`` (SD3,
-Flux), and the negatives likewise; which model inputs they fill comes from ``family.condition_specs``
-(``embeds_keys``), so the pipeline names no family.
+Flux) or with ``prompt_embeds_2`` and both masks (two text sequences: Hunyuan-DiT), and the negatives likewise;
+which model inputs they fill comes from ``family.condition_specs`` (``embeds_keys``), so the pipeline names no
+family.
 
 Latents are NHWC (B, h, w, C) at the VAE's resolution (Flux: unpacked; the model packs them). The batch is padded to
 a multiple of the device count and sharded; each (shape, method, steps, options) compiles once.
@@ -70,6 +76,17 @@ def _rows(tree: Mapping[str, Any]) -> int:
     return next(iter(sizes.values()))
 
 
+def _sequence_args(keys: "EmbedsKeys", prefix: str) -> list[tuple[str, str, type]]:
+    """``(model input, __call__ argument, dtype)`` of a two-sequence model's embeddings: ``{prefix}_embeds``,
+    ``{prefix}_attention_mask`` and their ``_2`` ones (masks only where the model takes them)."""
+    out = []
+    for seq, mask, suffix in ((keys.sequence, keys.mask, ""), (keys.sequence_2, keys.mask_2, "_2")):
+        out.append((seq, f"{prefix}_embeds{suffix}", np.float32))
+        if mask is not None:
+            out.append((mask, f"{prefix}_attention_mask{suffix}", np.int32))
+    return out
+
+
 def _repeat_rows(tree: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
     """A one-row condition repeated to ``n`` rows (others unchanged)."""
     if n > 1 and _rows(tree) == 1:
@@ -82,7 +99,9 @@ class EmbedsKeys:
     """The model inputs that precomputed text embeddings fill (``TextToImagePipeline.embeds_keys``): ``sequence``
     (``prompt_embeds``, width ``width``), ``mask`` (``prompt_attention_mask``) and ``pooled``
     (``pooled_prompt_embeds``, width ``pooled_width``), None where the model has no such input; ``offset``: the text
-    tokens of the sequence beside the ``max_sequence_length`` ones (e.g. SD3's 77 CLIP tokens)."""
+    tokens of the sequence beside the ``max_sequence_length`` ones (e.g. SD3's 77 CLIP tokens). Models that read two
+    text sequences (Hunyuan-DiT: CLIP and mT5) also have ``sequence_2`` (``prompt_embeds_2``, width ``width_2``) and
+    ``mask_2`` (``prompt_attention_mask_2``)."""
 
     sequence: str
     width: int
@@ -90,6 +109,13 @@ class EmbedsKeys:
     pooled: str | None = None
     pooled_width: int | None = None
     offset: int = 0
+    sequence_2: str | None = None
+    width_2: int | None = None
+    mask_2: str | None = None
+
+    @property
+    def two_sequences(self) -> bool:
+        return self.sequence_2 is not None
 
 
 @dataclasses.dataclass(eq=False)
@@ -179,7 +205,8 @@ class TextToImagePipeline(SamplingPipeline):
         """Which model inputs precomputed embeddings fill, from ``family.condition_specs``: ``prompt_embeds`` the one
         (B, L, C) input, ``prompt_attention_mask`` a (B, L) integer input, ``pooled_prompt_embeds`` a (B, P) float
         input that is no size micro-condition (SD3, Flux: ``context`` and ``pooled``; PixArt: ``caption`` and
-        ``caption_mask``)."""
+        ``caption_mask``); a model with two (B, L, C) inputs and no pooled vector takes ``prompt_embeds`` and
+        ``prompt_embeds_2``, each with its mask (Hunyuan-DiT: ``clip``, ``clip_mask``, ``t5``, ``t5_mask``)."""
         cfg, family = self.model_config, self.family
         specs = family.condition_specs(cfg, 1)
         side = cfg.input_size * self.vae_scale_factor
@@ -188,6 +215,17 @@ class TextToImagePipeline(SamplingPipeline):
         seq = [k for k, s in specs.items() if len(s.shape) == 3]
         masks = [k for k, s in specs.items() if len(s.shape) == 2 and not floating[k]]
         pooled = [k for k, s in specs.items() if len(s.shape) == 2 and floating[k] and k not in sizes]
+        tokens = [int(specs[k].shape[1]) for k in seq]
+        if len(seq) == 2 and not pooled and (not masks or [int(specs[k].shape[1]) for k in masks] == tokens):
+            # two text sequences, each with its mask in the same order (e.g. CLIP and mT5): prompt_embeds and _2
+            return EmbedsKeys(
+                sequence=seq[0],
+                width=int(specs[seq[0]].shape[-1]),
+                mask=masks[0] if masks else None,
+                sequence_2=seq[1],
+                width_2=int(specs[seq[1]].shape[-1]),
+                mask_2=masks[1] if masks else None,
+            )
         if len(seq) != 1 or len(masks) > 1 or len(pooled) > 1:
             shapes = {k: tuple(s.shape) for k, s in specs.items()}
             raise ValueError(
@@ -217,7 +255,7 @@ class TextToImagePipeline(SamplingPipeline):
         do_classifier_free_guidance: bool | None = None,
         num_images_per_prompt: int = 1,
         clip_skip: int | None = None,
-    ) -> tuple:
+    ) -> tuple | dict[str, np.ndarray | None]:
         """Prompts → precomputed text embeddings for ``__call__``.
 
         One-encoder models (PixArt): ``(embeddings float32 (B, L, C), attention mask int32 (B, L))``, the features
@@ -227,8 +265,24 @@ class TextToImagePipeline(SamplingPipeline):
         ``num_images_per_prompt`` rows per prompt; the negatives (``negative_prompt``, default ``""``; ``_2``/``_3``
         default to it) are None with ``do_classifier_free_guidance=False`` (default True). ``clip_skip`` as in
         ``__call__`` (the prompts' features only).
+        Models with two text sequences (Hunyuan-DiT): a dict of ``__call__``'s keyword arguments ``prompt_embeds``,
+        ``prompt_attention_mask``, ``prompt_embeds_2``, ``prompt_attention_mask_2`` and their ``negative_`` ones (of
+        ``negative_prompt``, default ``""``; None without guidance), ``num_images_per_prompt`` rows per prompt, as
+        ``HunyuanDiTPipeline.encode_prompt`` gives them for each encoder: ``pipe(**pipe.encode_prompt(prompt))``.
         """
         keys = self.embeds_keys()
+        if keys.two_sequences:
+            extra = dict(prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt_2=negative_prompt_2,
+                         negative_prompt_3=negative_prompt_3, clip_skip=clip_skip)  # fmt: skip
+            given = sorted(k for k, v in extra.items() if v is not None)
+            if given:
+                raise ValueError(
+                    f"encode_prompt of a {self.family.display_name} model: {', '.join(given)} do not apply (every "
+                    "text encoder reads prompt and negative_prompt)"
+                )
+            return self._encode_sequences(
+                keys, prompt, negative_prompt, max_sequence_length, do_classifier_free_guidance, num_images_per_prompt
+            )
         if keys.pooled is None:
             extra = dict(prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
                          negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
@@ -256,6 +310,30 @@ class TextToImagePipeline(SamplingPipeline):
             return None if d is None else np.repeat(np.asarray(d[key], np.float32), num_images_per_prompt, 0)
 
         return (rows(cond, keys.sequence), rows(null, keys.sequence), rows(cond, keys.pooled), rows(null, keys.pooled))
+
+    def _encode_sequences(
+        self,
+        keys: EmbedsKeys,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None,
+        max_sequence_length: int | None,
+        do_classifier_free_guidance: bool | None,
+        num_images_per_prompt: int,
+    ) -> dict[str, np.ndarray | None]:
+        """``encode_prompt`` of a model with two text sequences: ``__call__``'s embedding arguments."""
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be a positive integer")
+        length = self._length(max_sequence_length)
+        cond = self.text_condition(prompt, max_sequence_length=length)
+        n = _rows(cond)
+        null = None
+        if do_classifier_free_guidance is None or do_classifier_free_guidance:
+            null = _repeat_rows(self._negative_condition({1: negative_prompt, 2: None, 3: None}, n, length), n)
+        out: dict[str, np.ndarray | None] = {}
+        for d, prefix in ((cond, "prompt"), (null, "negative_prompt")):
+            for key, name, dtype in _sequence_args(keys, prefix):
+                out[name] = None if d is None else np.repeat(np.asarray(d[key], dtype), num_images_per_prompt, 0)
+        return out
 
     def _one_slot_features(
         self, prompt: str | Sequence[str], max_sequence_length: int | None
@@ -343,7 +421,9 @@ class TextToImagePipeline(SamplingPipeline):
         """``((sampled height, width), (output height, width))`` in pixels for a request, checked.
 
         Defaults: the model's sample size × the VAE factor. ``use_resolution_binning`` (None: on when the pipeline
-        has bins) samples at the closest aspect-ratio bin and resizes to the request, as diffusers does.
+        has bins or its family a binning rule) samples at the closest aspect-ratio bin and resizes to the request,
+        as diffusers' PixArt pipelines do, or, for a family with a rule of its own (``family.binned_size``, e.g.
+        ``HunyuanDiTPipeline``'s standard shapes), samples and returns the image at the binned size.
         """
         f, p = self.vae_scale_factor, self.model_config.patch_size
         default = self.model_config.input_size * f
@@ -353,13 +433,19 @@ class TextToImagePipeline(SamplingPipeline):
                 raise ValueError(f"{name}={v!r} must be a positive integer (pixels)")
         out = (int(out[0]), int(out[1]))
         bins = self.bins()
-        if use_resolution_binning and not bins:
+        own = None  # the size of the family's own binning rule, if it has one and binning may apply
+        if self.aspect_ratio_bins is None and (use_resolution_binning is None or use_resolution_binning):
+            own = self.family.binned_size(self.model_config, *out)
+        if use_resolution_binning and not bins and own is None:
             raise ValueError(
                 f"use_resolution_binning=True: no aspect-ratio bins for sample size {self.model_config.input_size} "
                 "of this model; pass aspect_ratio_bins= to the pipeline or use_resolution_binning=False"
             )
-        binned = bool(bins) if use_resolution_binning is None else bool(use_resolution_binning)
-        size = closest_bin(*out, bins) if binned else out
+        binned = (bool(bins) or own is not None) if use_resolution_binning is None else bool(use_resolution_binning)
+        if binned and own is not None:
+            size = out = (int(own[0]), int(own[1]))
+        else:
+            size = closest_bin(*out, bins) if binned else out
         m = f * p
         if size[0] % m or size[1] % m:
             raise ValueError(
@@ -501,10 +587,18 @@ class TextToImagePipeline(SamplingPipeline):
         pooled_prompt_embeds: Any = None,
         negative_pooled_prompt_embeds: Any = None,
         clip_skip: int | None = None,
+        prompt_embeds_2: Any = None,
+        prompt_attention_mask_2: Any = None,
+        negative_prompt_embeds_2: Any = None,
+        negative_prompt_attention_mask_2: Any = None,
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """``(cond, null)`` text inputs of the model (one row per prompt); ``null`` is empty without guidance."""
         cfg, family = self.model_config, self.family
-        given = [x is not None for x in (prompts[1], prompt_embeds, condition)]
+        seconds = dict(prompt_embeds_2=prompt_embeds_2, prompt_attention_mask_2=prompt_attention_mask_2,
+                       negative_prompt_embeds_2=negative_prompt_embeds_2,
+                       negative_prompt_attention_mask_2=negative_prompt_attention_mask_2)  # fmt: skip
+        embeds_given = prompt_embeds is not None or prompt_embeds_2 is not None
+        given = [prompts[1] is not None, embeds_given, condition is not None]
         if sum(given) > 1:
             raise ValueError("pass prompt or prompt_embeds, not both (or a precomputed condition= alone)")
         if not any(given):
@@ -514,7 +608,7 @@ class TextToImagePipeline(SamplingPipeline):
         if negative_pooled_prompt_embeds is not None and negative_prompt_embeds is None:
             raise ValueError("negative_pooled_prompt_embeds go with negative_prompt_embeds: pass both")
         keys = None
-        if prompt_embeds is not None or negative_prompt_embeds is not None:
+        if embeds_given or negative_prompt_embeds is not None or any(v is not None for v in seconds.values()):
             keys = self.embeds_keys()
             if keys.pooled is None and (pooled_prompt_embeds is not None or negative_pooled_prompt_embeds is not None):
                 name = "pooled_prompt_embeds" if pooled_prompt_embeds is not None else "negative_pooled_prompt_embeds"
@@ -524,11 +618,21 @@ class TextToImagePipeline(SamplingPipeline):
                     "prompt_attention_mask"
                 )
         pooled = keys is not None and keys.pooled is not None  # embeddings with a pooled vector (SD3, Flux)
+        two = keys is not None and keys.two_sequences  # two text sequences, each with its mask (Hunyuan-DiT)
+        given_2 = [k for k, v in seconds.items() if v is not None]
+        if given_2 and not two:
+            raise ValueError(
+                f"{given_2[0]}: a {family.display_name} model reads one text sequence; the _2 embeddings apply to "
+                "models with two"
+            )
         length = self._length(max_sequence_length)
         if prompts[1] is not None:
             cond = self.text_condition(
                 prompts[1], prompts[2], prompts[3], max_sequence_length=length, clip_skip=clip_skip
             )
+        elif embeds_given and two:
+            parts = ((prompt_embeds, prompt_attention_mask), (prompt_embeds_2, prompt_attention_mask_2))
+            cond = self._sequences_condition(keys, parts, "prompt")
         elif prompt_embeds is not None and pooled:
             cond = self._embeds_condition(keys, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask, "prompt")
             tokens = cond[keys.sequence].shape[1] - keys.offset
@@ -551,7 +655,8 @@ class TextToImagePipeline(SamplingPipeline):
                     f"null_caption='learned': {self.source or 'this model'} has no learned null caption (y_embedding; "
                     "original PixArt-α checkpoints have it, diffusers folders do not)"
                 )
-            if negative_prompt_embeds is not None or negative_condition is not None or negatives[1] not in (None, ""):
+            negative_embeds = negative_prompt_embeds is not None or negative_prompt_embeds_2 is not None
+            if negative_embeds or negative_condition is not None or negatives[1] not in (None, ""):
                 raise ValueError("negative_prompt/negative_prompt_embeds do not apply with null_caption='learned'")
             tokens = max((np.shape(v)[1] for v in cond.values() if np.ndim(v) >= 2), default=None)
             if tokens != null_length:
@@ -564,6 +669,15 @@ class TextToImagePipeline(SamplingPipeline):
         elif null_caption == "negative":
             if negative_condition is not None:
                 null = self._check_condition(negative_condition, "negative_condition")
+            elif two and (negative_prompt_embeds is not None or negative_prompt_embeds_2 is not None):
+                null = self._negative_sequences(
+                    keys,
+                    ((negative_prompt_embeds, negative_prompt_attention_mask),
+                     (negative_prompt_embeds_2, negative_prompt_attention_mask_2)),
+                    negatives,
+                    n,
+                    length,
+                )  # fmt: skip
             elif negative_prompt_embeds is not None and pooled:
                 null = self._embeds_condition(
                     keys,
@@ -586,8 +700,10 @@ class TextToImagePipeline(SamplingPipeline):
                     )
                 null = self._join({slot.name: {"hidden": neg, "mask": neg_mask}}, length)
             else:
-                if prompt_embeds is not None and not self._encoders:
+                if embeds_given and not self._encoders:
                     what = "negative_pooled_prompt_embeds" if pooled else "negative_prompt_attention_mask"
+                    if two:
+                        what = "negative_prompt_attention_mask, negative_prompt_embeds_2 and its mask"
                     raise ValueError(
                         f"{self.source or 'this pipeline'} has no text encoder for the negative prompt of guidance: "
                         f"with prompt_embeds pass negative_prompt_embeds and {what}"
@@ -598,7 +714,7 @@ class TextToImagePipeline(SamplingPipeline):
             for k in sorted(set(cond) | set(null)):
                 if k not in cond or k not in null or np.shape(null[k]) != np.shape(cond[k]):
                     hint = ""
-                    if encoded_negative and prompt_embeds is not None:
+                    if encoded_negative and embeds_given:
                         hint = (
                             f" (negative_prompt was encoded with max_sequence_length={length}: pass the "
                             "max_sequence_length prompt_embeds were encoded with, or negative_prompt_embeds)"
@@ -608,6 +724,62 @@ class TextToImagePipeline(SamplingPipeline):
                         f"{np.shape(cond.get(k))}{hint}"
                     )
         return cond, null
+
+    def _sequences_condition(
+        self, keys: EmbedsKeys, parts: Sequence[tuple[Any, Any]], name: str, only: Sequence[int] = (0, 1)
+    ) -> dict[str, np.ndarray]:
+        """Precomputed ``{name}_embeds`` + ``{name}_attention_mask`` and ``{name}_embeds_2`` + its mask (``parts``)
+        as a two-sequence model's text inputs (``keys``), checked; ``only``: which of the two."""
+        display = self.family.display_name
+        layout = ((keys.sequence, keys.width, keys.mask, ""), (keys.sequence_2, keys.width_2, keys.mask_2, "_2"))
+        cond: dict[str, np.ndarray] = {}
+        rows: dict[str, int] = {}
+        for i in only:
+            (embeds, mask), (seq, width, mask_key, suffix) = parts[i], layout[i]
+            arg, mask_arg = f"{name}_embeds{suffix}", f"{name}_attention_mask{suffix}"
+            if embeds is None:
+                raise ValueError(
+                    f"{arg} is missing: a {display} model reads two text sequences ({keys.sequence!r}, "
+                    f"{keys.sequence_2!r}); pass {name}_embeds and {name}_embeds_2, each with its attention mask"
+                )
+            emb = np.asarray(embeds, np.float32)
+            if emb.ndim != 3 or emb.shape[-1] != width:
+                raise ValueError(f"{arg} must be (B, L, {width}), got shape {emb.shape}")
+            cond[seq], rows[arg] = emb, emb.shape[0]
+            if mask_key is None:
+                if mask is not None:
+                    raise ValueError(f"{mask_arg} does not apply: a {display} model takes no mask of {arg}")
+                continue
+            if mask is None:
+                raise ValueError(f"{mask_arg} is required with {arg} (its token mask)")
+            m = np.asarray(mask)
+            if m.shape != emb.shape[:2]:
+                raise ValueError(f"{mask_arg} must be {emb.shape[:2]} (B, L), got shape {m.shape}")
+            cond[mask_key] = m.astype(np.int32)
+        if len(set(rows.values())) > 1:
+            raise ValueError(f"{' and '.join(rows)} must have the same number of rows, got {rows}")
+        return cond
+
+    def _negative_sequences(
+        self, keys: EmbedsKeys, parts: Sequence[tuple[Any, Any]], negatives: dict[int, Any], n: int, length: int
+    ) -> dict[str, np.ndarray]:
+        """The null condition of a two-sequence model from ``negative_prompt_embeds`` and/or ``_2`` (``parts``, with
+        their masks); a sequence given no embeddings is ``negative_prompt`` encoded by its encoder, as
+        ``HunyuanDiTPipeline.encode_prompt`` does encoder by encoder."""
+        have = [i for i, (embeds, _) in enumerate(parts) if embeds is not None]
+        null = self._sequences_condition(keys, parts, "negative_prompt", only=have)
+        if _rows(null) not in (1, n):
+            raise ValueError(f"negative_prompt_embeds have {_rows(null)} rows for {n} prompts (give 1 or {n})")
+        null = _repeat_rows(null, n)
+        if len(have) < len(parts):
+            if not self._encoders:
+                missing = "negative_prompt_embeds" if 0 not in have else "negative_prompt_embeds_2"
+                raise ValueError(
+                    f"{self.source or 'this pipeline'} has no text encoder for the negative prompt: pass {missing} "
+                    "(with its attention mask) as well"
+                )
+            null = {**_repeat_rows(self._negative_condition(negatives, n, length), n), **null}
+        return null
 
     # ---- sampling ------------------------------------------------------------------------------------------------
 
@@ -671,12 +843,20 @@ class TextToImagePipeline(SamplingPipeline):
         negative_prompt_attention_mask: Any = None,
         pooled_prompt_embeds: Any = None,
         negative_pooled_prompt_embeds: Any = None,
+        prompt_embeds_2: Any = None,
+        prompt_attention_mask_2: Any = None,
+        negative_prompt_embeds_2: Any = None,
+        negative_prompt_attention_mask_2: Any = None,
         clip_skip: int | None = None,
         condition: Mapping[str, Any] | None = None,
         negative_condition: Mapping[str, Any] | None = None,
         use_resolution_binning: bool | None = None,
+        original_size: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
         null_caption: str = "negative",
         guidance_channels: int | None = None,
+        guidance_rescale: float = 0.0,
         skip_guidance_layers: Sequence[int] | None = None,
         skip_layer_guidance_scale: float | None = None,
         skip_layer_guidance_start: float | None = None,
@@ -690,10 +870,16 @@ class TextToImagePipeline(SamplingPipeline):
         Give ``prompt`` (with ``prompt_2``/``prompt_3`` for the family's second and third text encoders; they default
         to ``prompt``), or precomputed ``prompt_embeds`` (e.g. from ``encode_prompt``) with ``prompt_attention_mask``
         (one-encoder models: PixArt) or with ``pooled_prompt_embeds`` (models with a pooled text vector: SD3, Flux,
-        as their diffusers pipelines), or ``condition`` (the model's text inputs, e.g. from ``text_condition``).
+        as their diffusers pipelines) or with ``prompt_attention_mask``, ``prompt_embeds_2`` and
+        ``prompt_attention_mask_2`` (models with two text sequences: Hunyuan-DiT's CLIP and mT5, as
+        ``HunyuanDiTPipeline``), or ``condition`` (the model's text inputs, e.g. from ``text_condition``).
         Guidance: classifier-free at ``guidance_scale > 1`` against ``negative_prompt`` (default ``""``; ``_2``/``_3``
         default to it; with ``prompt_embeds`` it is encoded to their length unless ``max_sequence_length`` is given)
-        or ``negative_prompt_embeds`` + mask or + ``negative_pooled_prompt_embeds`` or ``negative_condition``. Models
+        or ``negative_prompt_embeds`` + mask or + ``negative_pooled_prompt_embeds`` or ``negative_condition`` (two
+        sequences: ``negative_prompt_embeds`` and/or ``negative_prompt_embeds_2`` with their masks, a missing one
+        encoded from ``negative_prompt``). ``guidance_rescale`` φ > 0 rescales the guided prediction towards the
+        conditional one's standard deviation (``φ·g·std(cond)/std(g) + (1 − φ)·g`` over each image, as diffusers'
+        ``rescale_noise_cfg``). Models
         and families with embedded guidance (Flux) take ``guidance_scale`` as an input (when the model has one) and run
         classifier-free guidance only at ``true_cfg_scale > 1`` with a negative prompt, as ``FluxPipeline``.
         ``null_caption="learned"`` uses the model's learned null caption with the prompt's mask (original PixArt-α).
@@ -703,6 +889,10 @@ class TextToImagePipeline(SamplingPipeline):
         ``clip_skip`` (SD3): the prompts' CLIP features are ``hidden_states[-(clip_skip + 2)]`` of both CLIP encoders
         instead of ``hidden_states[-2]``, as ``StableDiffusion3Pipeline``, which encodes the negative prompts without
         it (no effect on features a family does not read, e.g. Flux's pooled CLIP vector, nor on embeddings).
+        ``original_size``, ``target_size``, ``crops_coords_top_left``: the size conditions of models that take them
+        (``family.size_condition_options``; Hunyuan-DiT v1.1: (1024, 1024), the sampled size, (0, 0)).
+        ``use_resolution_binning`` (None: on where the model has bins or its family a binning rule): see
+        ``image_size``.
         ``latents``: initial noise (B, h, w, C) NHWC at the sampled size, else drawn from ``seed``.
         ``sampler_options`` go to ``dit_jax.diffusion.sample`` (e.g. ``variant="dpm_solver"``, ``eta=``); they win
         over the family's per-request options (``request_options``).
@@ -712,6 +902,17 @@ class TextToImagePipeline(SamplingPipeline):
             raise ValueError(f"null_caption={null_caption!r} is invalid: expected one of {NULL_CAPTIONS}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be a positive integer")
+        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) or guidance_rescale < 0:
+            raise ValueError(f"guidance_rescale={guidance_rescale!r} must be a number ≥ 0")
+        micro = {k: v for k, v in (("original_size", original_size), ("target_size", target_size),
+                                   ("crops_coords_top_left", crops_coords_top_left)) if v is not None}  # fmt: skip
+        takes = family.size_condition_options(cfg)
+        unknown = [k for k in micro if k not in takes]
+        if unknown:
+            raise ValueError(
+                f"{', '.join(unknown)}: a {family.display_name} model takes "
+                + (f"only the size conditions {', '.join(takes)}" if takes else "no size conditions")
+            )
         c = cfg.in_channels
 
         # sizes first: a bad size fails before the text encoder runs
@@ -730,7 +931,8 @@ class TextToImagePipeline(SamplingPipeline):
         embedded = family.embedded_guidance(cfg)
         if self.uses_true_cfg:
             cfg_scale = float(true_cfg_scale)
-            has_negative = any(x is not None for x in (negative_prompt, negative_prompt_embeds, negative_condition))
+            negatives_given = (negative_prompt, negative_prompt_embeds, negative_prompt_embeds_2, negative_condition)
+            has_negative = any(x is not None for x in negatives_given)
             guided = cfg_scale > 1.0 and has_negative
         else:
             if true_cfg_scale != 1.0:
@@ -754,6 +956,9 @@ class TextToImagePipeline(SamplingPipeline):
                 "skip_guidance_layers needs the loop layout (scan_blocks=False): load the pipeline with "
                 "scan_blocks=False"
             )
+        if layer_guidance is not None and guidance_rescale:
+            raise ValueError("guidance_rescale does not combine with skip_guidance_layers")
+        family.size_condition(cfg, h, w, 1, **micro)  # bad size conditions fail before the text encoders run
 
         cond, null = self._conditions(
             {1: prompt, 2: prompt_2, 3: prompt_3},
@@ -769,6 +974,10 @@ class TextToImagePipeline(SamplingPipeline):
             pooled_prompt_embeds=pooled_prompt_embeds,
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
             clip_skip=clip_skip,
+            prompt_embeds_2=prompt_embeds_2,
+            prompt_attention_mask_2=prompt_attention_mask_2,
+            negative_prompt_embeds_2=negative_prompt_embeds_2,
+            negative_prompt_attention_mask_2=negative_prompt_attention_mask_2,
         )
         n = _rows(cond)
         if embedded:  # the guidance scale is a model input (guidance distillation)
@@ -778,7 +987,7 @@ class TextToImagePipeline(SamplingPipeline):
         k = num_images_per_prompt
         cond, null = ({key: np.repeat(v, k, 0) for key, v in d.items()} for d in (cond, null))
         b = n * k
-        size_cond = family.size_condition(cfg, h, w, b)  # the sampled (binned) size
+        size_cond = family.size_condition(cfg, h, w, b, **micro)  # the sampled (binned) size
         cond.update(size_cond)
         null.update(size_cond if guided else {})
         # padded rows keep every text token, so no attention row is fully masked
@@ -812,6 +1021,7 @@ class TextToImagePipeline(SamplingPipeline):
             options,
             progress,
             layer_guidance,
+            guidance_rescale=float(guidance_rescale),
         )
         if output_type == "latent":
             return np.asarray(x0)[:b]
