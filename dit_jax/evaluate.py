@@ -217,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         return fid_main(args)
     if given(_FID_FLAGS):
         p.error(f"{', '.join(given(_FID_FLAGS))} need --fid REF.npz (the FID mode)")
+    from dit_jax import evaluate_video  # a moving-digits (video quickstart) run has its own checks
+
+    if evaluate_video.is_video_run(args.workdir or "runs/quickstart"):
+        return evaluate_video.main(args)
     try:
         r = evaluate(
             args.workdir or "runs/quickstart",

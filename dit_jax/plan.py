@@ -3,6 +3,8 @@
   python -m dit_jax.plan --config configs/dit_xl2_imagenet256.py                      # this host's devices
   python -m dit_jax.plan --config configs/dit_xl2_imagenet256.py --topology v4-128 \\
       --config.mesh.fsdp=64 --config.batch_size=1024                                   # a TPU slice, from a CPU host
+  python -m dit_jax.plan --config configs/wan_1_3b_finetune.py --topology v5p-32 --example_shape 21,60,104,16
+                                                                                       # a video clip's latent shape
 
 The step is lowered and compiled for the config's mesh exactly as ``python -m dit_jax.train`` would (same state
 shardings, logical rules, donation), with abstract inputs: nothing is allocated and no data is read. With
@@ -25,7 +27,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dit_jax.models import count_params, family_of
-from dit_jax.models.flops import forward_flops
 from dit_jax.parallel.mesh import batch_sharding, describe_mesh, example_order
 from dit_jax.parallel.sequence import sequence_mode
 
@@ -108,11 +109,15 @@ def topology_devices(name: str) -> list:
     return list(desc.devices)
 
 
-def abstract_batch(model_config, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """The training batch the step expects, as shapes (latents of the model's training size)."""
-    s, c = model_config.input_size, model_config.in_channels
-    batch = {"x": jax.ShapeDtypeStruct((global_batch, s, s, c), jnp.float32)}
-    batch.update(family_of(model_config).condition_specs(model_config, global_batch))
+def abstract_batch(
+    model_config, global_batch: int, example_shape: tuple[int, ...] | None = None
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """The training batch the step expects, as shapes: latents of ``example_shape`` (default the model's training
+    size as its family gives it: images (H, W, C), videos (F, H, W, C)) plus the family's condition."""
+    family = family_of(model_config)
+    example = tuple(example_shape or family.example_shape(model_config))
+    batch = {"x": jax.ShapeDtypeStruct((global_batch, *example), jnp.float32)}
+    batch.update(family.condition_specs(model_config, global_batch))
     return batch
 
 
@@ -126,12 +131,21 @@ def _compile(fn, *args) -> tuple[Any, str | None, float]:
         return None, str(e).splitlines()[0][:500], time.perf_counter() - t0
 
 
-def plan(config, devices: list | None = None, *, mfu: float = 0.4, sample: bool = False) -> dict[str, Any]:
+def plan(
+    config,
+    devices: list | None = None,
+    *,
+    mfu: float = 0.4,
+    sample: bool = False,
+    example_shape: tuple[int, ...] | None = None,
+) -> dict[str, Any]:
     """Compile the train step of ``config`` for ``devices`` (default: this host's) and describe its cost.
 
     ``sample=True`` compiles one guided sampling step instead: the model's forward pass over the classifier-free
     guidance batch (2 × ``config.batch_size`` latents at the model's ``input_size``) with the params sharded as in
-    training (no optimizer state), e.g. to check that 4K sampling fits with a ``sequence`` mesh axis."""
+    training (no optimizer state), e.g. to check that 4K sampling fits with a ``sequence`` mesh axis.
+    ``example_shape`` is one example's latent shape when it is not the model's default square one, e.g. a Wan clip
+    of 81 frames at 480×832: (21, 60, 104, 16)."""
     from dit_jax.models import build
     from dit_jax.train.setup import prepare
     from dit_jax.train.state import param_shardings, state_shardings
@@ -145,7 +159,7 @@ def plan(config, devices: list | None = None, *, mfu: float = 0.4, sample: bool 
         setup = dataclasses.replace(setup, model_config=tpu_model, step_cfg=step_cfg)
     cfg, model_config, mesh = setup.config, setup.model_config, setup.mesh
     rows = 2 * cfg.batch_size if sample else cfg.batch_size
-    batch = abstract_batch(model_config, rows)
+    batch = abstract_batch(model_config, rows, example_shape)
     with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules), sequence_mode(cfg.sequence_mode):
         batch_sh = {k: batch_sharding(mesh, len(v.shape)) for k, v in batch.items()}
         if sample:
@@ -172,7 +186,8 @@ def plan(config, devices: list | None = None, *, mfu: float = 0.4, sample: bool 
             compiled, error, seconds = _compile(step, abstract, batch)
 
     kind = mesh.devices.flat[0].device_kind
-    fwd = forward_flops(model_config, model_config.input_size, model_config.input_size)
+    example = (1, *batch["x"].shape[1:])
+    fwd = family_of(model_config).batch_flops(model_config, {"x": example})  # one example, the default text length
     passes = 4 if model_config.remat == "full" else 3  # backward ≈ 2 forwards; full remat recomputes one
     step_flops = fwd * rows if sample else fwd * passes * cfg.batch_size
     peak = per_kind(PEAK_BF16, kind)
@@ -183,6 +198,8 @@ def plan(config, devices: list | None = None, *, mfu: float = 0.4, sample: bool 
         "devices": f"{mesh.devices.size} × {kind}",
         "mesh": describe_mesh(mesh),
         "global_batch": cfg.batch_size,
+        "example_shape": list(example[1:]),
+        "tokens_per_example": family_of(model_config).num_tokens(model_config, example[1:]),
         "compile_seconds": round(seconds, 1),
         "step_tflops": round(step_flops / 1e12, 2),
         "fits": error is None,
@@ -224,11 +241,18 @@ def main(argv: list[str]) -> None:
     )
     flags.DEFINE_float("mfu", 0.4, "MFU assumed for the step-time estimate.")
     flags.DEFINE_bool("sample", False, "Compile one guided sampling step (forward over 2 × batch) instead of training.")
+    flags.DEFINE_list(
+        "example_shape",
+        None,
+        "One example's latent shape if not the model's square default, e.g. 21,60,104,16 (Wan: 81 frames, 480×832).",
+    )
     flags.mark_flags_as_required(["config"])
     flags.FLAGS(argv)
     try:
         devices = topology_devices(flags.FLAGS.topology) if flags.FLAGS.topology else None
-        report = plan(flags.FLAGS.config, devices, mfu=flags.FLAGS.mfu, sample=flags.FLAGS.sample)
+        shape = flags.FLAGS.example_shape
+        shape = tuple(int(v) for v in shape) if shape else None
+        report = plan(flags.FLAGS.config, devices, mfu=flags.FLAGS.mfu, sample=flags.FLAGS.sample, example_shape=shape)
     except (ConfigError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

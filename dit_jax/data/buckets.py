@@ -102,3 +102,31 @@ class BucketBatchPlan:
         bucket_ids, indices = self._epoch(epoch)
         per_shard = self.global_batch // shard_count
         return int(bucket_ids[j]), indices[j, shard_index * per_shard : (shard_index + 1) * per_shard]
+
+
+# ----------------------------------------------------------------------------------------------- video buckets
+
+
+def frame_counts(num_frames: int, temporal_factor: int = 4) -> tuple[int, ...]:
+    """The clip lengths ``1 + t·k`` up to ``num_frames`` (itself ``1 + t·k``): what a causal video VAE with temporal
+    factor t encodes to ``1 + k`` latent frames (Wan 2.1: t = 4, 81 frames → 21)."""
+    if temporal_factor < 1 or num_frames < 1 or (num_frames - 1) % temporal_factor:
+        raise ValueError(f"num_frames={num_frames} is not 1 + {temporal_factor}·k (the VAE's temporal factor)")
+    return tuple(range(1, num_frames + 1, temporal_factor))
+
+
+def video_bucket(
+    frames: int,
+    height: int,
+    width: int,
+    sizes: tuple[tuple[int, int], ...],
+    counts: tuple[int, ...],
+    frame_stride: int = 1,
+) -> tuple[int, int, int] | None:
+    """The (frames, height, width) bucket of a video with ``frames`` frames of ``height × width``: the longest clip
+    of ``counts`` that fits at ``frame_stride`` (``(n − 1)·stride + 1 ≤ frames``) and the size of ``sizes`` with
+    the closest aspect ratio; None if not even the shortest clip fits."""
+    fitting = [n for n in counts if (n - 1) * frame_stride + 1 <= frames]
+    if not fitting:
+        return None
+    return (max(fitting), *sizes[closest_bucket(height, width, sizes)])

@@ -2,13 +2,15 @@
 
 The result is a grain `IterDataset` (a `DataPipeline`) of dicts of numpy arrays, `batch_size` examples each (the
 *per-process* batch), drop remainder:
-  x             float32 (b, H, W, C)  model input: pixels in [−1, 1], or latents already scaled
+  x             float32 (b, H, W, C)  model input: pixels in [−1, 1], or latents already scaled; videos
+                        (b, F, H, W, C)
   y             int32   (b,)          class label (class-conditional sources)
   caption       float32 (b, L, C)     precomputed caption embedding (latents made with a text encoder)
   caption_mask  int32   (b, L)        its mask
   <condition>   float32/int32 (b, …) a text-to-image model's text condition, by name (latents made with `--model`,
                                     e.g. SD3/Flux `context` (b, L, C) and `pooled` (b, P))
-  caption_text  str     (b,)          caption text (image + .txt folders; embed it with precompute to train)
+  caption_text  str     (b,)          caption text (image/video + .txt folders; embed it with precompute to train)
+  context       float32 (b, 2, D)     'moving_digits': the one-hot prompt tokens (a text-to-video model's text input)
 Order: a global shuffle from `seed` (a different permutation every epoch), repeated forever, then process i of
 n takes elements i, i + n, ... (`jax.process_index()/process_count()`, or `shard_index/shard_count`), so the
 union of the per-process batches is one global batch. Random flips and latent sampling draw from a generator
@@ -20,7 +22,7 @@ the same shape at the same step, and `ds.x_shapes` lists the possible shapes of 
 
 Keys of `data_config` (an `ml_collections.ConfigDict` or dict); unknown keys are an error, None means the default.
 All sources:
-  name                  'digits' | 'tfds' | 'folder' | 'latents'                                     (required)
+  name                  'digits' | 'tfds' | 'folder' | 'latents' | 'moving_digits' | 'video_folder'   (required)
   shuffle               global shuffle, reshuffled every epoch                                       (True)
   num_epochs            None repeats forever; N stops after N epochs                                 (None)
   num_threads           reader threads (grain ReadOptions.num_threads)                               (8)
@@ -54,7 +56,22 @@ posterior (mean, logvar) is sampled afresh for every example, as in DiT's train.
   latent_scale          x = (z − latent_shift)·latent_scale; None takes the VAE's factor from the
                         manifest (0.18215 for the SD VAE)                                            (None)
   latent_shift          None: from the manifest (0 for the SD VAE)                                   (None)
-  buckets               None: bucketed iff the latents come in several shapes; False forbids that    (None)
+  buckets               None: bucketed iff the latents come in several shapes (image sizes, or video
+                        frames × sizes); False forbids that                                          (None)
+  Video latents (precompute with --num-frames) are read the same way: x (f, h, w, c).
+'moving_digits' — the video quickstart (`dit_jax.data.moving_digits`): a digit sliding across black frames in
+one of 4 directions, one channel in [−1, 1], with its prompt as two one-hot tokens `context` (no labels):
+  image_size            frame side, a multiple of 16 (the glyph is half of it)                      (16)
+  num_frames            frames per clip, ≥ 2                                                         (8)
+  text_dim              width of the prompt tokens (the model's text_dim), ≥ 14                      (16)
+'video_folder' — captioned videos (`dit_jax.data.videos`: video files or frame folders + .txt), RGB clips of
+num_frames frames every frame_stride frames, each frame resized and centre-cropped like 'folder' images; it yields
+caption_text (precompute it with a text encoder to train a text-to-video model):
+  path                  the folder                                                                   (required)
+  image_size            frame side in pixels, a multiple of 8                                        (required)
+  num_frames            frames per clip                                                              (required)
+  frame_stride          take every frame_stride-th frame                                             (1)
+  random_flip           random horizontal flips                                                      (False)
 """
 
 from __future__ import annotations
@@ -99,9 +116,18 @@ _SOURCES: dict[str, dict[str, Any]] = {
         "latent_shift": None,
         "buckets": None,
     },
+    "moving_digits": {"image_size": 16, "num_frames": 8, "text_dim": 16},
+    "video_folder": {
+        "path": _REQUIRED,
+        "image_size": _REQUIRED,
+        "num_frames": _REQUIRED,
+        "frame_stride": 1,
+        "random_flip": False,
+    },
 }
 _BOOL_KEYS = ("shuffle", "random_flip", "latent_sample")
-_POSITIVE_INT_KEYS = ("num_threads", "prefetch_buffer_size", "num_epochs", "num_classes", "image_size")
+_POSITIVE_INT_KEYS = ("num_threads", "prefetch_buffer_size", "num_epochs", "num_classes", "image_size", "num_frames",
+                      "frame_stride", "text_dim")  # fmt: skip
 _STR_KEYS = ("tfds_name", "path", "data_dir", "image_key", "label_key", "layout")
 
 
@@ -157,7 +183,7 @@ def build_source(cfg: Mapping[str, Any], split: str = "train", skipped: sources.
     if name != "tfds" and split != "train":
         raise ValueError(
             f"split {split!r}: source {name!r} has only 'train'"
-            + ("; point data.path at that split's folder" if name in ("folder", "latents") else "")
+            + ("; point data.path at that split's folder" if name in ("folder", "latents", "video_folder") else "")
         )
     if name == "digits":
         return sources.DigitsSource(cfg["image_size"], cfg["random_flip"], skipped)
@@ -168,6 +194,14 @@ def build_source(cfg: Mapping[str, Any], split: str = "train", skipped: sources.
         )  # fmt: skip
     if name == "folder":
         return sources.FolderSource(cfg["path"], cfg["layout"], cfg["image_size"], cfg["random_flip"], skipped)
+    if name == "moving_digits":
+        from dit_jax.data.moving_digits import MovingDigitsSource
+
+        return MovingDigitsSource(cfg["image_size"], cfg["num_frames"], cfg["text_dim"], skipped)
+    if name == "video_folder":
+        return sources.VideoFolderSource(
+            cfg["path"], cfg["image_size"], cfg["num_frames"], cfg["frame_stride"], cfg["random_flip"], skipped
+        )
     source = sources.LatentSource(
         cfg["path"],
         random_flip=cfg["random_flip"],
@@ -188,7 +222,8 @@ class DataPipeline(grain.IterDataset):
     """What `create_dataset` returns: a grain IterDataset of per-process batches, plus facts for the trainer.
 
     Attributes: `batch_size` (per process), `num_records` (in the source), `num_classes` (None if unlabelled),
-    `x_shapes` (the possible (H, W, C) of x; several with buckets), `skipped` (a `SkipCounter`), `config`.
+    `x_shapes` (the possible (H, W, C) — videos (F, H, W, C) — of x; several with buckets), `skipped` (a
+    `SkipCounter`), `config`.
     """
 
     def __init__(self, parent: grain.IterDataset, *, config: dict[str, Any], batch_size: int, num_records: int,
@@ -292,9 +327,13 @@ def create_dataset(
 
 
 def _x_shape(source: Any, bucket: tuple[int, ...] | None) -> tuple[int, ...]:
-    """(H, W, C) of x for a bucket (None: the source's single shape)."""
+    """(H, W, C) — videos (F, H, W, C) — of x for a bucket (None: the source's single shape)."""
     if isinstance(source, sources.LatentSource):
         return tuple(bucket or source.shapes[0])
+    if hasattr(source, "x_shape"):  # moving digits
+        return tuple(source.x_shape)
+    if isinstance(source, sources.VideoFolderSource):
+        return (source.num_frames, *(bucket or (source.image_size, source.image_size)), 3)
     channels = 1 if isinstance(source, sources.DigitsSource) else 3
     size = source.images.shape[1] if isinstance(source, sources.DigitsSource) else source.image_size
     return (*(bucket or (size, size)), channels)

@@ -20,6 +20,22 @@ SD3.5-medium or FLUX.1-dev, or a dit_jax model directory), each caption's text c
 instead, encoded by every text encoder of its family (`dit_jax.pipelines.PromptEncoder`: SD3's CLIP-L, CLIP-G and
 T5, Flux's CLIP and T5) exactly as its pipeline encodes prompts; `--text-encoder` is then the model's diffusers
 pipeline folder (text_encoder*/ + tokenizer*/) and `--text-encoders SLOT=DIR` replaces single encoders.
+
+Videos (`--num-frames`, e.g. Wan 2.1 fine-tuning data):
+
+    python -m dit_jax.data.precompute --source /data/videos --out /data/wan_latents --num-frames 81 \
+        --frame-stride 2 --image-size 480 --buckets --vae /models/Wan2.1-T2V-1.3B-Diffusers/vae \
+        --text-encoder /models/Wan2.1-T2V-1.3B-Diffusers --model Wan2.1-T2V-1.3B --dtype float16
+
+`--source` is a folder of video files (.mp4 and others through imageio-ffmpeg, animated .gif/.webp) or frame folders,
+each with a same-named .txt caption (`dit_jax.data.videos`). A clip is `--num-frames` frames (1 + 4k for a causal
+video VAE of temporal factor 4) every `--frame-stride` frames from the first, each frame resized to cover the crop
+and centre-cropped; with `--buckets` each video gets the longest 1 + 4k clip it holds (up to `--num-frames`) and the
+frame size of the closest aspect ratio around base `--image-size` (multiples of 16), so the records come in
+frames × resolution buckets and training batches stay within one. `--vae` is a causal video VAE (a diffusers
+`AutoencoderKLWan` folder or a dit_jax model directory), encoded chunk by chunk through its causal caches; the
+records hold its posterior (f, h, w, c) and the manifest its per-channel statistics, so the 'latents' source yields
+(x − μ_c)/σ_c as WanPipeline normalises latents. `--model` stores the model's text condition (Wan: UMT5 `context`).
 """
 
 from __future__ import annotations
@@ -59,7 +75,8 @@ _CONTENT_KEYS = (
 
 @dataclasses.dataclass(frozen=True)
 class LatentEncoder:
-    """An image encoder for precompute: `apply(params, images (B, H, W, 3) in [−1, 1]) -> (mean, logvar)`."""
+    """An image encoder for precompute: `apply(params, images (B, H, W, 3) in [−1, 1]) -> (mean, logvar)`; a video
+    encoder (`temporal_factor` > 0) takes videos (B, 1 + t·k, H, W, 3) instead."""
 
     apply: Callable[[Any, Any], tuple[Any, Any]]
     params: Any = None
@@ -68,6 +85,7 @@ class LatentEncoder:
     latents_mean: tuple[float, ...] | None = None
     latents_std: tuple[float, ...] | None = None
     name: str = ""
+    temporal_factor: int = 0  # video frames per latent frame after the first; 0: an image encoder
 
 
 def vae_encoder(config: Any, params: Any, name: str = "") -> LatentEncoder:
@@ -86,9 +104,37 @@ def vae_encoder(config: Any, params: Any, name: str = "") -> LatentEncoder:
     )
 
 
+def video_vae_encoder(config: Any, params: Any, name: str = "") -> LatentEncoder:
+    """A `LatentEncoder` of videos from a causal video VAE (`dit_jax.encoders.wan_vae`): its chunked encode (first
+    frame alone, then 4 frames per step through the causal caches); latents normalised with its per-channel
+    statistics (x = (z − μ_c) / σ_c, as WanPipeline)."""
+    from dit_jax.encoders import wan_vae
+
+    model = wan_vae.AutoencoderKLWan(config)
+    return LatentEncoder(
+        apply=lambda p, x: wan_vae.encode(model, p, x),
+        params=params,
+        scaling_factor=1.0,
+        shift_factor=0.0,
+        latents_mean=tuple(float(v) for v in config.latents_mean),
+        latents_std=tuple(float(v) for v in config.latents_std),
+        name=name,
+        temporal_factor=int(config.temporal_factor),
+    )
+
+
+def _encoder_of(config: Any, params: Any, path: str) -> LatentEncoder:
+    family = getattr(config, "family", None)
+    if family == "vae":
+        return vae_encoder(config, params, name=os.path.abspath(path))
+    if family == "wan_vae":
+        return video_vae_encoder(config, params, name=os.path.abspath(path))
+    raise ValueError(f"--vae: {path!r} holds a {family or type(config).__name__!r} model, not a VAE")
+
+
 def load_vae_encoder(path: str) -> LatentEncoder:
-    """The VAE at `path`: a diffusers AutoencoderKL folder (or pipeline folder with vae/), a weights file, or a
-    dit_jax model directory (`dit_jax.checkpoint`)."""
+    """The VAE at `path`: a diffusers AutoencoderKL or AutoencoderKLWan folder (or pipeline folder with vae/), a
+    weights file, or a dit_jax model directory (`dit_jax.checkpoint`)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"--vae: {path!r} does not exist")
     diffusers_folder = os.path.exists(os.path.join(path, "config.json")) and any(
@@ -100,9 +146,17 @@ def load_vae_encoder(path: str) -> LatentEncoder:
         except ImportError as e:
             raise ValueError(f"--vae: {path!r} is not a diffusers VAE folder (config.json + weights)") from e
         config, params = checkpoint.load_model(path)
-        if getattr(config, "family", None) != "vae":
-            raise ValueError(f"--vae: {path!r} holds a {getattr(config, 'family', type(config).__name__)!r} model")
-        return vae_encoder(config, params, name=os.path.abspath(path))
+        return _encoder_of(config, params, path)
+    folder = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
+    config_json = os.path.join(folder, "config.json")
+    if os.path.isfile(config_json):
+        with open(config_json) as f:
+            class_name = json.load(f).get("_class_name")
+        if class_name not in (None, "AutoencoderKL"):  # another VAE (a causal video VAE): its family converts it
+            from dit_jax.convert import from_torch
+
+            config, params = from_torch(folder)
+            return _encoder_of(config, params, path)
     from dit_jax.convert.vae import vae_from_torch
 
     config, params = vae_from_torch(path)
@@ -189,8 +243,10 @@ def _check_arguments(
             raise ValueError(f"{key}: expected a positive integer, got {value!r}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit: expected a positive integer or None, got {limit!r}")
-    if source_config.get("name") not in ("folder", "tfds"):
-        raise ValueError(f"source: precompute reads a 'folder' or 'tfds' source, got {source_config.get('name')!r}")
+    if source_config.get("name") not in ("folder", "tfds", "video_folder"):
+        raise ValueError(
+            f"source: precompute reads a 'folder', 'tfds' or 'video_folder' source, got {source_config.get('name')!r}"
+        )
 
 
 def _has_captions(source: Any) -> bool:
@@ -223,17 +279,68 @@ class _Reader:
         return {"image": arr, "index": index, **extras}
 
 
+@dataclasses.dataclass(frozen=True)
+class _VideoReader:
+    """Reads one clip of a 'video_folder' source cropped as training crops it: the square ``image_size`` and the
+    source's ``num_frames``, or with buckets the longest clip of ``counts`` the video holds at its frame stride and
+    the size of ``table`` with the closest aspect ratio."""
+
+    source: Any
+    skipped: SkipCounter
+    image_size: int
+    table: tuple[tuple[int, int], ...] | None
+    counts: tuple[int, ...] = ()
+
+    def __call__(self, index: int) -> dict[str, Any] | None:
+        """{"image": (F, h, w, 3) uint8 frames, "index", "caption_text"}, or None if unreadable (counted)."""
+        frames, shape = None, None
+        if self.table is not None:
+            info = self.source.info(index)
+            if info is None:
+                return None
+            bucket = buckets_lib.video_bucket(*info, self.table, self.counts, self.source.frame_stride)
+            if bucket is None:
+                self.skipped.skip(self.source.describe(index), ValueError(f"{info[0]} frames: too short for a clip"))
+                return None
+            frames, shape = bucket[0], bucket[1:]
+        got = self.source.read_clip(index, frames, shape)
+        if got is None:
+            return None
+        return {"image": got.pop("frames"), "index": index, **got}
+
+
 def _open_reader(
-    source_config: dict[str, Any], split: str, image_size: int, *, buckets: bool, text_encoder: TextEncoder | None
-) -> _Reader:
-    """The source (unshuffled, unflipped) with its bucket table; a text encoder needs a source with captions."""
+    source_config: dict[str, Any],
+    split: str,
+    image_size: int,
+    *,
+    buckets: bool,
+    text_encoder: TextEncoder | None,
+    temporal_factor: int = 0,
+) -> _Reader | _VideoReader:
+    """The source (unshuffled, unflipped) with its bucket table; a text encoder needs a source with captions. A
+    'video_folder' source needs a video encoder (``temporal_factor`` > 0) and clips of ``1 + t·k`` frames."""
     cfg = validate_data_config({**source_config, "image_size": image_size, "random_flip": False, "shuffle": False})
+    video = cfg["name"] == "video_folder"
+    if video != (temporal_factor > 0):
+        what = "a video VAE (e.g. an AutoencoderKLWan)" if video else "an image VAE (an AutoencoderKL)"
+        raise ValueError(f"vae: a {cfg['name']!r} source is encoded with {what}")
+    counts = buckets_lib.frame_counts(cfg["num_frames"], temporal_factor) if video else ()
     skipped = SkipCounter(f"precompute {cfg['name']}")
     source = build_source(cfg, split, skipped)
-    table = buckets_lib.buckets_for(image_size) if buckets else None
     if text_encoder is not None and not _has_captions(source):
         raise ValueError("text_encoder: the source has no captions (a 'folder' of image + .txt pairs has)")
+    if video:
+        table = _video_sizes(image_size) if buckets else None
+        return _VideoReader(source=source, skipped=skipped, image_size=image_size, table=table, counts=counts)
+    table = buckets_lib.buckets_for(image_size) if buckets else None
     return _Reader(source=source, skipped=skipped, image_size=image_size, table=table)
+
+
+def _video_sizes(base: int) -> tuple[tuple[int, int], ...]:
+    """Frame sizes of video buckets: the fixed tables of 256/512/1024/2048, else multiples of 16 (the video VAE's
+    8 × the 2×2 patch) of area ≤ base²."""
+    return buckets_lib.BUCKET_TABLES.get(base) or buckets_lib.bucket_table(base, 16)
 
 
 def _content_settings(
@@ -362,7 +469,7 @@ def _bucket_batches(
         for item in got:
             if item is None:
                 continue
-            key = item["image"].shape[:2]
+            key = item["image"].shape[:-1]  # (h, w), or (frames, h, w) for videos
             pending.setdefault(key, []).append(item)
             if len(pending[key]) == batch_size:
                 yield key, pending.pop(key)
@@ -382,10 +489,10 @@ class _BatchEncoder:
     text_encoder: TextEncoder | None
 
     def __call__(self, items: list[dict[str, Any]]) -> tuple[list[bytes], list[int]]:
-        """(one encoded record per example, the latent shape (h, w, channels))."""
-        images = np.stack([to_model_range(it["image"]) for it in items])
+        """(one encoded record per example, the latent shape (h, w, channels) or (f, h, w, channels))."""
+        images = np.stack([to_model_range(it["image"]) for it in items])  # B H W 3, videos B F H W 3
         if self.flip == "both":
-            images = np.concatenate([images, images[:, :, ::-1]])
+            images = np.concatenate([images, images[..., ::-1, :]])
         mean, logvar = self.encode(images)
         emb = mask = condition = None
         if self.text_encoder is not None:
@@ -431,12 +538,14 @@ class _ShardWriter:
         self._counts: dict[tuple[int, int], int] = {}
         self._shapes: dict[tuple[int, int], list[int]] = {}
 
-    def write(self, key: tuple[int, int], records: list[bytes], shape: list[int]) -> None:
-        """Appends encoded records to the file of bucket shape `key`, opened on first use."""
+    def write(self, key: tuple[int, ...], records: list[bytes], shape: list[int]) -> None:
+        """Appends encoded records to the file of bucket shape `key` ((h, w) or (frames, h, w)), opened on first
+        use."""
         if key not in self._files:
             from array_record.python.array_record_module import ArrayRecordWriter
 
-            name = f"{self.stem}-{key[0]}x{key[1]}.array_record" if self.bucketed else f"{self.stem}.array_record"
+            bucket = "x".join(str(k) for k in key)
+            name = f"{self.stem}-{bucket}.array_record" if self.bucketed else f"{self.stem}.array_record"
             tmp = os.path.join(self.out_dir, f"{name}.tmp-{os.getpid()}")
             self._files[key] = (name, tmp, ArrayRecordWriter(tmp, "group_size:1"))
             self._counts[key] = 0
@@ -529,13 +638,15 @@ def precompute_latents(
     process_count: int | None = None,
     progress: bool = True,
 ) -> PrecomputeSummary:
-    """Encodes a 'folder' or 'tfds' source (a data config, see `dit_jax.data.pipeline`) into `out_dir`; resumable."""
+    """Encodes a 'folder' or 'tfds' source — or a 'video_folder' source with a video encoder — (a data config, see
+    `dit_jax.data.pipeline`) into `out_dir`; resumable."""
     import jax
     from tqdm import tqdm
 
     _check_arguments(source_config, flip=flip, dtype=dtype, batch_size=batch_size, shard_size=shard_size,
                      num_threads=num_threads, limit=limit)  # fmt: skip
-    read = _open_reader(source_config, split, image_size, buckets=buckets, text_encoder=text_encoder)
+    read = _open_reader(source_config, split, image_size, buckets=buckets, text_encoder=text_encoder,
+                        temporal_factor=encoder.temporal_factor)  # fmt: skip
     multihost = process_index is None and jax.process_count() > 1
     if process_index is None or process_count is None:
         process_index, process_count = jax.process_index(), jax.process_count()
@@ -573,7 +684,7 @@ def precompute_latents(
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dit_jax.data.precompute", description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", required=True, help="an image folder, or tfds:NAME (e.g. tfds:imagenet2012)")
+    p.add_argument("--source", required=True, help="an image or video folder, or tfds:NAME (e.g. tfds:imagenet2012)")
     p.add_argument("--out", required=True, help="output directory (created; rerun with the same arguments to resume)")
     p.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder, weights file, or dit_jax model dir")
     p.add_argument("--image-size", type=int, required=True, help="crop size (base size with --buckets), multiple of 8")
@@ -582,7 +693,15 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--split", default="train", help="TFDS split")
     p.add_argument("--data-dir", default=None, help="TFDS data directory")
     p.add_argument("--layout", choices=("auto", "classes", "captions"), default="auto", help="image folder layout")
-    p.add_argument("--buckets", action="store_true", help="aspect-ratio buckets of base --image-size")
+    p.add_argument("--buckets", action="store_true", help="aspect-ratio buckets of base --image-size (videos: also "
+                   "the longest 1 + 4k clip each video holds)")  # fmt: skip
+    p.add_argument(
+        "--num-frames",
+        type=int,
+        default=None,
+        help="videos: frames per clip, 1 + 4k (Wan: 81); makes --source a folder of captioned videos",
+    )
+    p.add_argument("--frame-stride", type=int, default=1, help="videos: take every N-th frame")  # fmt: skip
     p.add_argument("--shard-size", type=int, default=1024, help="source examples per shard")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage dtype")
     p.add_argument("--no-logvar", action="store_true", help="store only the posterior mean (half the disk)")
@@ -642,7 +761,7 @@ def _text_encoder(args: argparse.Namespace, source: dict[str, Any]) -> TextEncod
     """The caption encoder the arguments ask for: none, one T5 (`--text-encoder`), or a model's `PromptEncoder`."""
     if args.text_encoder is None and args.model is None and args.text_encoders is None:
         return None
-    if source["name"] != "folder" or args.layout == "classes":
+    if source["name"] not in ("folder", "video_folder") or (source["name"] == "folder" and args.layout == "classes"):
         raise ValueError("--text-encoder: the source has no captions (a folder of image + .txt pairs has)")
     if args.model is None:
         if args.text_encoders is not None:
@@ -674,7 +793,12 @@ def main(argv: Sequence[str] | None = None) -> PrecomputeSummary:
     """Command-line entry point (arguments as `python -m dit_jax.data.precompute --help` lists)."""
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.source.startswith("tfds:"):
+    if args.num_frames is not None:
+        if args.source.startswith("tfds:"):
+            raise ValueError("--num-frames: videos come from a folder, not from TFDS")
+        source = {"name": "video_folder", "path": os.path.abspath(args.source), "num_frames": args.num_frames,
+                  "frame_stride": args.frame_stride}  # fmt: skip
+    elif args.source.startswith("tfds:"):
         source = {"name": "tfds", "tfds_name": args.source[5:], "data_dir": args.data_dir}
     else:
         source = {"name": "folder", "path": os.path.abspath(args.source), "layout": args.layout}

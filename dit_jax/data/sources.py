@@ -1,4 +1,4 @@
-"""Random-access sources: digits (quickstart), TFDS by name, image folders, precomputed latents.
+"""Random-access sources: digits (quickstart), TFDS by name, image folders, video folders, precomputed latents.
 
 Every source has `num_records`, `num_classes` (None without labels) and
 `load(index, rng, shape=None) -> dict | None`: one preprocessed example in model-input space, or None when the
@@ -281,6 +281,71 @@ class TfdsSource(_ImageSource):
         return open_rgb(example[self.image_key]), extras
 
 
+# ----------------------------------------------------------------------------------------------- videos
+
+
+class VideoFolderSource:
+    """A folder of captioned videos (``dit_jax.data.videos``): clips of ``num_frames`` frames every ``frame_stride``
+    frames from the first, each frame resized to cover the target and centre-cropped (as images), plus
+    ``caption_text``. Videos too short for a clip are unreadable (skipped and counted)."""
+
+    num_classes = None
+    layout = "captions"
+
+    def __init__(self, path: str, image_size: int, num_frames: int, frame_stride: int, random_flip: bool,
+                 skipped: SkipCounter):  # fmt: skip
+        from dit_jax.data import videos
+
+        self.files, self.caption_files = videos.scan_video_folder(path)
+        self.image_size, self.num_frames, self.frame_stride = image_size, num_frames, frame_stride
+        self.random_flip = random_flip
+        self.skipped = skipped
+        self.num_records = len(self.files)
+
+    def describe(self, index: int) -> str:
+        return f"video {self.files[index]!r}"
+
+    def info(self, index: int) -> tuple[int, int, int] | None:
+        """``(frames, height, width)`` of record ``index``, or None if unreadable (counted)."""
+        from dit_jax.data import videos
+
+        try:
+            return videos.video_info(self.files[index])
+        except Exception as e:  # corrupt files raise many types
+            self.skipped.skip(self.describe(index), e)
+            return None
+
+    def read_clip(
+        self, index: int, num_frames: int | None = None, shape: tuple[int, int] | None = None
+    ) -> dict[str, Any] | None:
+        """``{"frames": (F, h, w, 3) uint8, "caption_text"}`` of record ``index`` (``num_frames`` frames, default the
+        source's, cropped to ``shape``, default the square ``image_size``), or None if unreadable (counted)."""
+        from dit_jax.data import videos
+
+        h, w = shape or (self.image_size, self.image_size)
+        try:
+            available = videos.video_info(self.files[index])[0]
+            indices = videos.clip_indices(available, num_frames or self.num_frames, self.frame_stride)
+            raw = videos.read_frames(self.files[index], indices)
+            frames = np.stack([resize_center_crop(Image.fromarray(f), h, w) for f in raw])
+            with open(self.caption_files[index], encoding="utf-8") as f:
+                caption = np.str_(f.read().strip())
+        except Exception as e:
+            self.skipped.skip(self.describe(index), e)
+            return None
+        return {"frames": frames, "caption_text": caption}
+
+    def load(self, index: int, rng: np.random.Generator, shape: tuple[int, int] | None = None) -> Example | None:
+        """One example: x (F, h, w, 3) float32 in [−1, 1] (optional flip) and caption_text."""
+        got = self.read_clip(index, shape=shape)
+        if got is None:
+            return None
+        frames = got["frames"]
+        if self.random_flip and rng.random() < 0.5:
+            frames = hflip(frames)
+        return {"x": to_model_range(frames), "caption_text": got["caption_text"]}
+
+
 # ----------------------------------------------------------------------------------------------- latents
 
 
@@ -321,7 +386,8 @@ class LatentSource:
         names = sorted(self.manifest["files"])
         shapes = [tuple(self.manifest["files"][n]["shape"]) for n in names]
         counts = [int(self.manifest["files"][n]["records"]) for n in names]
-        self.shapes = sorted(set(shapes), key=lambda s: (s[0] / s[1], s))  # distinct latent (h, w, c)
+        # distinct latent shapes (h, w, c), or (f, h, w, c) for videos, by aspect ratio
+        self.shapes = sorted(set(shapes), key=lambda s: (s[-3] / s[-2], s))
         self.bucket_of = np.concatenate(
             [np.full(c, self.shapes.index(s), np.int32) for s, c in zip(shapes, counts)] or [np.zeros(0, np.int32)]
         )
@@ -334,8 +400,8 @@ class LatentSource:
             )
 
     def load(self, index: int, rng: np.random.Generator, shape: tuple[int, int] | None = None) -> Example | None:
-        """One example: x (h, w, c) float32 scaled latent; y, caption, caption_mask and the model's text condition
-        (e.g. context, pooled) when stored."""
+        """One example: x (h, w, c) — videos (f, h, w, c) — float32 scaled latent; y, caption, caption_mask and the
+        model's text condition (e.g. context, pooled) when stored."""
         try:
             record = records_lib.decode_latent_record(self.src[index])
             expected = self.shapes[self.bucket_of[index]]

@@ -54,5 +54,5 @@ def to_model_range(arr: np.ndarray) -> np.ndarray:
 
 
 def hflip(arr: np.ndarray) -> np.ndarray:
-    """Horizontal flip of an HWC array (a contiguous copy)."""
-    return np.ascontiguousarray(arr[:, ::-1])
+    """Horizontal flip of an (…, H, W, C) array — an image HWC or a video FHWC — (a contiguous copy)."""
+    return np.ascontiguousarray(arr[..., ::-1, :])

@@ -430,5 +430,22 @@ class WanFamily(Family):
         head = 2 * n * d * config.patch_volume * config.out_channels
         return int(embed + config.depth * block + head)
 
+    def batch_flops(self, config, shapes):
+        """Video latents ``x`` (B, F, H, W, C) and the text length of ``context`` (B, L, text_dim)."""
+        b, frames, height, width, _ = shapes["x"]
+        context = shapes.get("context")
+        length = None if context is None else context[1]
+        return int(b) * self.forward_flops(config, height, width, length, frames=frames)
+
+    def example_shape(self, config):
+        """A clip of ``input_frames`` latent frames of ``input_size²``: (F, H, W, C)."""
+        s = config.input_size
+        return (config.input_frames, s, s, config.in_channels)
+
+    def num_tokens(self, config, shape):
+        """Spacetime patches of a clip (F, H, W, C): (F / pt) · (H / p) · (W / p)."""
+        p, pt = config.patch_size, config.patch_size_t
+        return (shape[0] // pt) * (shape[1] // p) * (shape[2] // p)
+
 
 FAMILY = register(WanFamily())

@@ -4,7 +4,8 @@
 Sampling is ``dit_jax.diffusion.generate`` with classifier-free guidance against the model family's null condition
 (DiT: the null class ``num_classes``; PixArt: its learned null caption). Pixel-space runs (the quickstart) write PNG
 grids directly; latent runs decode with ``config.sample.vae`` (a VAE model directory) or, without one, save the
-latents as ``.npy``.
+latents as ``.npy``. Video samples (N, F, H, W, C) become an animated GIF of grids plus a PNG of frame strips
+(one row per sample).
 """
 
 import os
@@ -71,6 +72,32 @@ def grid_png(x: np.ndarray, rows: int) -> np.ndarray:
     return make_grid(images, nrow=-(-len(images) // rows), padding=1)
 
 
+def grid_video(x: np.ndarray, rows: int) -> np.ndarray:
+    """Video samples in [−1, 1] (N, F, H, W, C) → uint8 frames (F, GH, GW, C): frame k is the grid of every
+    sample's frame k, laid out as ``grid_png``."""
+    x = np.asarray(x, np.float32)
+    return np.stack([grid_png(x[:, k], rows) for k in range(x.shape[1])])
+
+
+def frame_strip(x: np.ndarray) -> np.ndarray:
+    """Video samples in [−1, 1] (N, F, H, W, C) → one uint8 image: a row per sample, its frames left to right."""
+    x = np.asarray(x, np.float32)
+    n, f = x.shape[:2]
+    return grid_png(x.reshape(n * f, *x.shape[2:]), n)
+
+
+def save_samples(path: str, x: np.ndarray, rows: int, fps: float = 8) -> str:
+    """Write samples in [−1, 1] under ``path`` (no suffix): images (N, H, W, C) as a PNG grid, videos
+    (N, F, H, W, C) as an animated GIF of grids (and a PNG of frame strips). Returns the main file's path."""
+    if np.ndim(x) == 5:
+        from dit_jax.pipelines.video import save_video
+
+        save_png(path + ".png", frame_strip(x))
+        return str(save_video(grid_video(x, rows), path + ".gif", fps=fps))
+    save_png(path + ".png", grid_png(x, rows))
+    return path + ".png"
+
+
 class GridSampler:
     """Fixed noise and conditions (from ``config.sample.seed``), sampled with the EMA params, written as a grid."""
 
@@ -126,24 +153,31 @@ class GridSampler:
             return
         path = os.path.join(workdir, "samples", f"step_{step:07d}")
         if self.pixel_space:
-            save_png(path + ".png", grid_png(x, self.rows))
+            path = save_samples(path, x, self.rows)
         elif self.vae_dir:
-            save_png(path + ".png", grid_png(self._decode(x), self.rows))
+            path = save_samples(path, self._decode(x), self.rows)
         else:  # latents without a VAE to decode them
-            np.save(path + ".npy", x)
+            path += ".npy"
+            np.save(path, x)
         logging.info("samples at step %d: %s", step, path)
 
     def _decode(self, x: np.ndarray) -> np.ndarray:
+        """Latents → pixels with ``config.sample.vae``: an image VAE's ``decode``, or for video latents
+        (N, F, H, W, C) the causal video VAE decode of the text-to-video pipelines."""
         from dit_jax.checkpoint import load_model
-        from dit_jax.encoders.vae import unscale_latents
 
         if self._vae is None:
             vae_config, vae_params = load_model(self.vae_dir)
-            vae = build(vae_config)
-            self._vae = (
-                jax.jit(lambda p, z: vae.apply({"params": p}, unscale_latents(vae_config, z), method=vae.decode)),
-                vae_params,
-            )
+            if x.ndim == 5:
+                from dit_jax.pipelines.text_to_video import decode_video
+
+                fn = jax.jit(lambda p, z: decode_video(vae_config, p, z))
+            else:
+                from dit_jax.encoders.vae import unscale_latents
+
+                vae = build(vae_config)
+                fn = jax.jit(lambda p, z: vae.apply({"params": p}, unscale_latents(vae_config, z), method=vae.decode))
+            self._vae = (fn, vae_params)
         fn, p = self._vae
         return np.asarray(fn(p, jnp.asarray(x)))
 

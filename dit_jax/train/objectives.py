@@ -27,15 +27,25 @@ def make_schedule(objective: str, options: Mapping[str, Any], model_config: Mode
 _SIGMA_OPTIONS = ("weighting", "logit_mean", "logit_std", "mode_scale", "image_seq_len")
 
 
-def make_loss_fn(objective: str, options: Mapping[str, Any], schedule: Any, patch_size: int = 1) -> LossFn:
+def make_loss_fn(
+    objective: str,
+    options: Mapping[str, Any],
+    schedule: Any,
+    patch_size: int = 1,
+    *,
+    num_tokens: Callable[[tuple[int, ...]], int] | None = None,
+) -> LossFn:
     """``loss_fn(model_fn, x0, keys) -> (loss (B,), aux)`` with one PRNG key per example (``keys`` (B,)).
 
     Each example draws its timestep from ``fold_in(key, 1)`` and its noise from ``fold_in(key, 2)``, so its
     randomness does not depend on where it sits in the batch (micro-batches, processes). A flow schedule with a
-    dynamic (resolution-dependent) shift gets the image token count from x0's shape.
+    dynamic (resolution-dependent) shift gets the token count from x0's shape: ``num_tokens(x0.shape[1:])`` (the
+    model family's ``num_tokens``, e.g. spacetime patches of a video), else the ``patch_size`` patches of an image.
     """
     _, _, loss_kw = split_options(objective, dict(options))
     dynamic = getattr(schedule, "dynamic_shift", None) is not None and "image_seq_len" not in loss_kw
+    if num_tokens is None:
+        num_tokens = lambda shape: (shape[0] // patch_size) * (shape[1] // patch_size)  # noqa: E731
 
     def noise_of(keys: jax.Array, x0: jax.Array) -> jax.Array:
         draw = lambda k: jax.random.normal(jax.random.fold_in(k, 2), x0.shape[1:], jnp.float32)  # noqa: E731
@@ -44,7 +54,7 @@ def make_loss_fn(objective: str, options: Mapping[str, Any], schedule: Any, patc
     def flow(model_fn, x0, keys):
         kw = dict(loss_kw)
         if dynamic:
-            kw["image_seq_len"] = (x0.shape[1] // patch_size) * (x0.shape[2] // patch_size)
+            kw["image_seq_len"] = num_tokens(tuple(x0.shape[1:]))
         sigma_kw = {k: v for k, v in kw.items() if k in _SIGMA_OPTIONS}
         draw = lambda k: diffusion.sample_flow_sigmas(jax.random.fold_in(k, 1), (), schedule, **sigma_kw)  # noqa: E731
         t = jax.vmap(draw)(keys)

@@ -4,12 +4,13 @@ objective, step config), with one ``ConfigError`` for the first bad value; share
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import ml_collections
 
-from dit_jax.models import ModelConfig
+from dit_jax.models import ModelConfig, family_of
 from dit_jax.parallel.mesh import create_mesh
 from dit_jax.train import config as config_lib
 from dit_jax.train.objectives import cond_dropout_prob, make_loss_fn, make_schedule
@@ -51,7 +52,12 @@ def prepare(config: ml_collections.ConfigDict, devices: list | None = None) -> S
         schedule = make_schedule(config.objective, config.diffusion, model_config)
         step_cfg = StepConfig(
             model_config=model_config,
-            loss_fn=make_loss_fn(config.objective, config.diffusion, schedule, model_config.patch_size),
+            loss_fn=make_loss_fn(
+                config.objective,
+                config.diffusion,
+                schedule,
+                num_tokens=functools.partial(family_of(model_config).num_tokens, model_config),
+            ),
             tx=tx,
             lr_schedule=lr_schedule,
             objective=config.objective,

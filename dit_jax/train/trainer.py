@@ -26,8 +26,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dit_jax.models import ModelConfig, count_params
-from dit_jax.models.flops import forward_flops
+from dit_jax.models import ModelConfig, count_params, family_of
 from dit_jax.parallel.mesh import (
     batch_sharding,
     check_batch_layout,
@@ -130,11 +129,10 @@ class _StepCache:
 
 
 def _step_flops(model_config: ModelConfig, batch: dict[str, jax.Array]) -> float:
-    """Analytic model FLOPs of one train step (3 × forward over the global batch)."""
-    x = batch["x"]
-    caption = batch.get("caption")
-    length = None if caption is None else caption.shape[1]
-    return 3.0 * forward_flops(model_config, x.shape[1], x.shape[2], length) * x.shape[0]
+    """Analytic model FLOPs of one train step (3 × forward over the global batch, images or video as the model's
+    family counts them)."""
+    shapes = {k: tuple(v.shape) for k, v in batch.items()}
+    return 3.0 * family_of(model_config).batch_flops(model_config, shapes)
 
 
 def _log_compiled(compiled: Any, flops: float, mesh: Any) -> None:
@@ -172,6 +170,12 @@ def _check_batch(batch: dict[str, np.ndarray], model_config: ModelConfig, per_pr
         raise ValueError(f"the data source yields {sorted(batch)}; the trainer needs 'x' (model-input images/latents)")
     if x.shape[0] != per_process:
         raise ValueError(f"the data source yields batches of {x.shape[0]} per process; expected {per_process}")
+    example = family_of(model_config).example_shape(model_config)
+    if x.ndim != len(example) + 1:
+        raise ValueError(
+            f"the data source yields x of shape {tuple(x.shape)} but the model takes {len(example) + 1}-D inputs like "
+            f"(B, {', '.join(map(str, example))}) ({'videos' if len(example) == 4 else 'images'})"
+        )
     if x.shape[-1] != model_config.in_channels:
         raise ValueError(
             f"data has {x.shape[-1]} channels but the model expects in_channels={model_config.in_channels} "
