@@ -5,6 +5,7 @@
   python -m benchmarks.forward --cases kv --depth 4 # CPU: shallower models keep it within minutes
   python -m benchmarks.forward --cases sd3 --depth 4 --sd3-sizes 512
   python -m benchmarks.forward --cases flux --depth 1 --flux-sizes 512   # 1 double + 2 single blocks
+  python -m benchmarks.forward --cases hunyuan,wan --depth 2 --hunyuan-sizes 1024 --wan-sizes 480x832x17
 
 Cases: ``dit`` DiT-XL/2 at 256 and 512 px; ``pixart`` PixArt-Σ XL/2 at 1024 px (4,096 tokens) and 2K
 (16,384 tokens) with 300 caption tokens; ``kv`` PixArt-Σ with KV compression (R=2 on the deep half of the layers)
@@ -13,10 +14,16 @@ against without, at 2K and 4K (65,536 tokens); ``sd3`` SD3.5-medium (diffusers `
 256 T5 tokens; Flux-dev: 512 T5 tokens) and σ = 0.5 (Flux-dev: embedded guidance 3.5). One JSON line per case (see
 benchmarks/common.py).
 
+``hunyuan`` HunyuanDiT-v1.2 (``HunyuanDiT2DModel``) at 1024 px with its pipeline's 77 CLIP(BERT) + 256 mT5 tokens and
+masks, t = 500, RoPE as ``HunyuanDiTPipeline`` builds it; ``wan`` Wan2.1-T2V-1.3B (``WanTransformer3DModel``) on a clip
+given as ``HxWxF`` pixels and frames (default 480x832x17 → latents (5, 60, 104, 16): the 81-frame clip's (21, 60, 104,
+16) is too big for a CPU run) with 512 UMT5 tokens, t = 500.
+
 ``--depth`` shortens every model; SD3.5-medium then keeps its share of MMDiT-X dual-attention layers (13 of 24: the
-first round(depth·13/24)), FLUX.1-dev its 1:2 ratio of double to single blocks unless ``--depth-single`` is given.
-The sd3 and flux cases first run both sides once on the same inputs and record the largest output difference
-(``parity_*``; in fp32 a relative error above 1e-2 stops the run: the two models would not be the same).
+first round(depth·13/24)), FLUX.1-dev its 1:2 ratio of double to single blocks unless ``--depth-single`` is given;
+Hunyuan-DiT needs an even depth (its long skips pair the halves). The text cases (sd3, flux, hunyuan, wan) first run
+both sides once on the same inputs and record the largest output difference (``parity_*``; in fp32 a relative error
+above 1e-2 stops the run: the two models would not be the same).
 
 Both sides hold the same random weights (dit_jax parameters exported to the diffusers model through
 ``dit_jax.convert``, see benchmarks/builders.py) and are timed round-robin in one process. In bf16 both hold bf16
@@ -47,30 +54,59 @@ from benchmarks.common import (
 )
 from dit_jax import models
 from dit_jax.models.family import family_of
-from dit_jax.models.flops import forward_flops
 
-TEXT_FAMILIES = ("sd3", "flux")  # text-to-image MM-DiTs: inputs from the family protocol, parity checked
-SIGMA = 0.5  # the noise level of the text cases: t = σ·1000 = 500, as the DiT/PixArt cases
+TEXT_FAMILIES = ("sd3", "flux", "hunyuan", "wan")  # text-conditioned: inputs from the family protocol, parity checked
+SIGMA = 0.5  # the noise level of the text cases: t = σ·1000 = 500, as the DiT/PixArt cases (Hunyuan: DDPM t = 500)
 GUIDANCE = 3.5  # FLUX.1-dev's embedded guidance (FluxPipeline's default)
 PARITY_MAX_REL = 1e-2  # fp32: beyond this the two sides are not the same model
 PX = {"256": 32, "512": 64, "1024": 128, "1280": 160, "1536": 192, "2K": 256, "4K": 512}  # image size → latent size
+VAE_SCALE, VAE_SCALE_T = 8, 4  # pixels per latent (every family here); frames per latent frame (Wan's causal VAE)
 
 
-def text_inputs(config, batch: int, latent: int, seed: int = 0) -> dict:
-    """One call's inputs (numpy, shared by both sides) for a text family: NHWC latents, the samplers' t = σ·1000 and
-    the family's condition at its pipeline's shapes (``condition_specs``), random text features, guidance 3.5."""
+def example_shape(config, latent) -> tuple[int, ...]:
+    """One example's NHWC model input (no batch axis): ``latent`` is an image's latent side or already a shape."""
+    return (latent, latent, config.in_channels) if isinstance(latent, int) else tuple(latent)
+
+
+def video_latent_shape(config, size: str) -> tuple[int, int, int, int]:
+    """``"HxWxF"`` (pixels, pixels, frames) → the latent clip (F', H/8, W/8, C) a causal video VAE makes of it:
+    F' = 1 + (F − 1)/4 (480x832x81 → 21 frames)."""
+    try:
+        h, w, f = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"video size {size!r}: expected HxWxFRAMES, e.g. 480x832x17") from None
+    unit = VAE_SCALE * config.patch_size
+    if h <= 0 or w <= 0 or h % unit or w % unit or f < 1 or (f - 1) % VAE_SCALE_T:
+        raise ValueError(
+            f"video size {size!r}: height and width must be positive multiples of {unit} px and frames 1 + "
+            f"{VAE_SCALE_T}k (e.g. 480x832x17, 480x832x81)"
+        )
+    return (1 + (f - 1) // VAE_SCALE_T, h // VAE_SCALE, w // VAE_SCALE, config.in_channels)
+
+
+def text_inputs(config, batch: int, latent, seed: int = 0) -> dict:
+    """One call's inputs (numpy, shared by both sides) for a text family: latents of ``example_shape(config, latent)``
+    (NHWC images, (B, F, H, W, C) video), the samplers' t = σ·1000 and the family's condition at its pipeline's
+    shapes (``condition_specs``): random features, all-ones token masks (every token a prompt token), guidance 3.5,
+    and size conditions (Hunyuan v1.1) as the pipeline makes them for the sampled size (``size_condition``)."""
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, latent, latent, config.in_channels), dtype=np.float32)
+    shape = example_shape(config, latent)
+    x = rng.standard_normal((batch, *shape), dtype=np.float32)
+    family = family_of(config)
     cond = {}
-    for name, spec in family_of(config).condition_specs(config, batch).items():
+    for name, spec in family.condition_specs(config, batch).items():
         if name == "guidance":
             cond[name] = np.full(spec.shape, GUIDANCE, np.float32)
+        elif name.endswith("_mask"):
+            cond[name] = np.ones(spec.shape, spec.dtype)
         else:
             cond[name] = rng.standard_normal(spec.shape, dtype=np.float32)
+    h, w = shape[-3] * VAE_SCALE, shape[-2] * VAE_SCALE
+    cond.update({k: np.asarray(v) for k, v in family.size_condition(config, h, w, batch).items()})
     return {"x": x, "t": np.full((batch,), SIGMA * 1000, np.float32), "condition": cond}
 
 
-def jax_forward(config, batch: int, latent: int, caption: int = 300, params=None, inputs=None):
+def jax_forward(config, batch: int, latent: int | tuple, caption: int = 300, params=None, inputs=None):
     model = models.build(config)
     params = jax.device_put(jax_model_params(config) if params is None else params)
     if config.dtype in ("bfloat16", "bf16"):
@@ -176,45 +212,114 @@ def torch_forward(config, params, batch: int, latent: int, dtype: str, caption: 
 
 
 def torch_text_forward(config, params, inputs: dict, dtype: str):
-    """``(run, to_nhwc)``: the diffusers SD3/Flux transformer on ``inputs`` as its pipeline calls it, and the map of
-    its output to our NHWC latents. SD3: NCHW latents, timestep σ·1000. Flux: latents packed by
-    ``FluxPipeline._pack_latents`` with its ``img_ids``/``txt_ids``, timestep σ in the latents' dtype, guidance
-    float32."""
+    """``(run, to_ours)``: the diffusers transformer of a text family on ``inputs`` as its pipeline calls it, and the
+    map of its output to our channels-last latents (``TORCH_CALLS`` per family)."""
     import torch
-    from diffusers import FluxPipeline
 
     device, tdtype = torch_device(), torch_dtype(dtype)
     model = torch_transformer(config, params, device, tdtype).eval()
-    x, t, cond = inputs["x"], inputs["t"], inputs["condition"]
-    b, h, w, c = x.shape
 
     def tensor(a, dt=tdtype):
         return torch.from_numpy(np.ascontiguousarray(a)).to(device, dt)
 
-    latents = tensor(x.transpose(0, 3, 1, 2))  # B C H W
-    kwargs = dict(encoder_hidden_states=tensor(cond["context"]), pooled_projections=tensor(cond["pooled"]))
-    if config.family == "sd3":
-        kwargs.update(hidden_states=latents, timestep=tensor(t, torch.float32))
-
-        def to_nhwc(out):
-            return out.float().cpu().numpy().transpose(0, 2, 3, 1)
-    else:
-        kwargs.update(
-            hidden_states=FluxPipeline._pack_latents(latents, b, c, h, w),
-            timestep=tensor(t / 1000.0),
-            img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, tdtype),
-            txt_ids=torch.zeros(cond["context"].shape[1], 3, device=device, dtype=tdtype),
-            guidance=tensor(cond["guidance"], torch.float32) if "guidance" in cond else None,
-        )
-
-        def to_nhwc(out):  # _unpack_latents takes pixel sizes and the VAE factor (8)
-            return FluxPipeline._unpack_latents(out.float().cpu(), h * 8, w * 8, 8).numpy().transpose(0, 2, 3, 1)
+    kwargs, to_ours = TORCH_CALLS[config.family](config, inputs, tensor, device, tdtype)
 
     def run():
         with torch.inference_mode():
             return model(**kwargs, return_dict=False)[0]
 
-    return run, to_nhwc
+    return run, to_ours
+
+
+def _nchw_out(out) -> np.ndarray:
+    return out.float().cpu().numpy().transpose(0, 2, 3, 1)
+
+
+def _sd3_call(config, inputs, tensor, device, tdtype):
+    """SD3: NCHW latents, timestep σ·1000 (float32), T5+CLIP context and pooled projections."""
+    import torch
+
+    cond = inputs["condition"]
+    kwargs = dict(
+        hidden_states=tensor(inputs["x"].transpose(0, 3, 1, 2)),
+        timestep=tensor(inputs["t"], torch.float32),
+        encoder_hidden_states=tensor(cond["context"]),
+        pooled_projections=tensor(cond["pooled"]),
+    )
+    return kwargs, _nchw_out
+
+
+def _flux_call(config, inputs, tensor, device, tdtype):
+    """Flux: latents packed by ``FluxPipeline._pack_latents`` with its ``img_ids``/``txt_ids``, timestep σ in the
+    latents' dtype, guidance float32."""
+    import torch
+    from diffusers import FluxPipeline
+
+    x, t, cond = inputs["x"], inputs["t"], inputs["condition"]
+    b, h, w, c = x.shape
+    kwargs = dict(
+        hidden_states=FluxPipeline._pack_latents(tensor(x.transpose(0, 3, 1, 2)), b, c, h, w),
+        timestep=tensor(t / 1000.0),
+        encoder_hidden_states=tensor(cond["context"]),
+        pooled_projections=tensor(cond["pooled"]),
+        img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, tdtype),
+        txt_ids=torch.zeros(cond["context"].shape[1], 3, device=device, dtype=tdtype),
+        guidance=tensor(cond["guidance"], torch.float32) if "guidance" in cond else None,
+    )
+
+    def to_nhwc(out):  # _unpack_latents takes pixel sizes and the VAE factor (8)
+        return FluxPipeline._unpack_latents(out.float().cpu(), h * 8, w * 8, 8).numpy().transpose(0, 2, 3, 1)
+
+    return kwargs, to_nhwc
+
+
+def _hunyuan_call(config, inputs, tensor, device, tdtype):
+    """Hunyuan-DiT: NCHW latents, timestep in the latents' dtype, CLIP and mT5 features with their masks, and the
+    RoPE ``HunyuanDiTPipeline`` builds (the token grid's crop region of the ``rope_img`` base grid). Output: eps/v and
+    the learned variance, 2·in_channels."""
+    import torch
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+    from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import get_resize_crop_region_for_grid
+
+    x, cond = inputs["x"], inputs["condition"]
+    if not config.rope_img.startswith("base"):
+        raise ValueError(f"rope_img={config.rope_img!r}: HunyuanDiTPipeline's RoPE needs a base grid ('base512')")
+    p = config.patch_size
+    grid = (x.shape[1] // p, x.shape[2] // p)
+    base = int(config.rope_img[len("base") :]) // VAE_SCALE // p
+    cos, sin = get_2d_rotary_pos_embed(
+        config.head_dim, get_resize_crop_region_for_grid(grid, base), grid, device=device, output_type="pt"
+    )
+    kwargs = dict(
+        hidden_states=tensor(x.transpose(0, 3, 1, 2)),
+        timestep=tensor(inputs["t"]),
+        encoder_hidden_states=tensor(cond["clip"]),
+        text_embedding_mask=tensor(cond["clip_mask"], torch.long),
+        encoder_hidden_states_t5=tensor(cond["t5"]),
+        text_embedding_mask_t5=tensor(cond["t5_mask"], torch.long),
+        image_meta_size=tensor(cond["image_meta_size"]) if "image_meta_size" in cond else None,
+        style=tensor(cond["style"], torch.long) if "style" in cond else None,
+        image_rotary_emb=(cos, sin),  # float32, as the pipeline passes it
+    )
+    return kwargs, _nchw_out
+
+
+def _wan_call(config, inputs, tensor, device, tdtype):
+    """Wan: (B, C, F, H, W) latents, timestep σ·1000, UMT5 context."""
+    cond = inputs["condition"]
+    kwargs = dict(
+        hidden_states=tensor(inputs["x"].transpose(0, 4, 1, 2, 3)),
+        timestep=tensor(inputs["t"]),
+        encoder_hidden_states=tensor(cond["context"]),
+    )
+
+    def to_bfhwc(out):
+        return out.float().cpu().numpy().transpose(0, 2, 3, 4, 1)
+
+    return kwargs, to_bfhwc
+
+
+TORCH_CALLS = {"sd3": _sd3_call, "flux": _flux_call, "hunyuan": _hunyuan_call, "wan": _wan_call}
 
 
 def parity_fields(jax_out, torch_out: np.ndarray, dtype: str) -> dict:
@@ -235,7 +340,7 @@ def parity_fields(jax_out, torch_out: np.ndarray, dtype: str) -> dict:
     }
 
 
-def side_by_side(config, batch: int, latent: int, args) -> tuple[dict, dict | None, float, dict]:
+def side_by_side(config, batch: int, latent: int | tuple, args) -> tuple[dict, dict | None, float, dict]:
     """``(jax timing, torch timing or None, load before, parity fields)`` for one case, timed round-robin. Text
     families share inputs across the sides and are checked for parity first (the call is also their compile)."""
     load = wait_quiet(args.wait_quiet, timeout_s=args.wait_max)
@@ -259,14 +364,16 @@ def side_by_side(config, batch: int, latent: int, args) -> tuple[dict, dict | No
 
 
 def report(case, config, latent, batch, dtype, jax_t, torch_t=None, load=None, **extra):
-    flops = forward_flops(config, latent, latent) * batch
+    """One JSON line; ``latent`` is an image's latent side or one example's shape (``example_shape``)."""
+    family, shape = family_of(config), example_shape(config, latent)
+    flops = family.batch_flops(config, {"x": (batch, *shape)})
     peak = peak_flops()
     rec = {
         "case": case,
         "dtype": dtype,
         "batch": batch,
         "depth": config.depth,
-        "tokens": (latent // 2) ** 2,
+        "tokens": family.num_tokens(config, shape),
         "scan": config.scan_blocks,
         "jax_ms": round(jax_t["median_ms"], 2),
         "tflops_per_s": round(flops / jax_t["median_ms"] / 1e9, 2),
@@ -299,7 +406,7 @@ def text_preset(name: str, over: dict, depth_single: int | None = None):
 def main():
     on_gpu = on_accelerator()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="dit,pixart,kv,sd3,flux")
+    ap.add_argument("--cases", default="dit,pixart,kv,sd3,flux,hunyuan,wan")
     ap.add_argument("--dtype", default=default_dtype(), choices=["bf16", "fp32"])
     ap.add_argument("--batch", type=int, default=8 if on_gpu else 1)
     ap.add_argument("--depth", type=int, default=None, help="override depth (keeps CPU runs short)")
@@ -319,6 +426,8 @@ def main():
     ap.add_argument("--sd3-sizes", default="512,1024")
     ap.add_argument("--flux-sizes", default="512,1024")
     ap.add_argument("--depth-single", type=int, default=None, help="Flux single blocks (default: 2 × --depth)")
+    ap.add_argument("--hunyuan-sizes", default="1024")
+    ap.add_argument("--wan-sizes", default="480x832x17", help="wan: clips as HxWxFRAMES (pixels, frames)")
     args = ap.parse_args()
     over = {"dtype": "bfloat16" if args.dtype == "bf16" else "float32", "scan_blocks": args.scan}
     if args.depth:
@@ -351,6 +460,22 @@ def main():
             else:
                 extra.update(depth_single=cfg.depth_single, guidance=GUIDANCE)
             report(f"{name} {size} forward", cfg, latent, args.batch, args.dtype, j, t, load, **extra)
+    if "hunyuan" in cases:
+        # a diffusers import's RoPE sampling (the same as the original's on square grids)
+        cfg = models.preset("HunyuanDiT-v1.2", rope_convention="diffusers", **over)
+        for size in args.hunyuan_sizes.split(","):
+            latent = PX[size]
+            j, t, load, parity = side_by_side(cfg, args.batch, latent, args)
+            extra = {"text_tokens": cfg.text_len + cfg.text_len_t5, **parity}
+            report(f"HunyuanDiT-v1.2 {size} forward", cfg, latent, args.batch, args.dtype, j, t, load, **extra)
+    if "wan" in cases:
+        cfg = models.preset("Wan2.1-T2V-1.3B", **over)
+        text = family_of(cfg).condition_specs(cfg, 1)["context"].shape[1]
+        for size in args.wan_sizes.split(","):
+            shape = video_latent_shape(cfg, size)
+            j, t, load, parity = side_by_side(cfg, args.batch, shape, args)
+            extra = {"latent_shape": list(shape), "text_tokens": text, **parity}
+            report(f"Wan2.1-T2V-1.3B {size} forward", cfg, shape, args.batch, args.dtype, j, t, load, **extra)
     if "kv" in cases:
         for size in args.kv_sizes.split(","):
             kv_case(size, over, args)

@@ -2,7 +2,8 @@
 
 What pipelines, the evaluator and exports need from a run, without the trainer: ``run_config(workdir)`` gives the
 step, model config and training config of a checkpoint, ``load_ema_params(workdir)`` its EMA (or raw) weights onto
-any shardings. Model directories (``config.json`` + ``params/``) are ``dit_jax.checkpoint``'s.
+any shardings, ``is_lora_run(workdir)`` whether it holds LoRA adapters instead (``dit_jax.convert.lora.merged_run``
+merges them into the run's base). Model directories (``config.json`` + ``params/``) are ``dit_jax.checkpoint``'s.
 """
 
 import logging as py_logging
@@ -84,6 +85,18 @@ def _pick_step(workdir: str, step: int | None) -> int:
     return step
 
 
+def _holds_lora(workdir: str, step: int, config: dict[str, Any]) -> bool:
+    lora_item = os.path.isdir(os.path.join(checkpoint_dir(workdir), str(step), "lora"))
+    return lora_item or bool((config.get("lora") or {}).get("rank"))
+
+
+def is_lora_run(workdir: str, step: int | None = None) -> bool:
+    """Whether checkpoint ``step`` (default: the latest) holds a LoRA run's adapters rather than the model's weights
+    (``dit_jax.convert.lora.merged_run`` gives the weights it samples with)."""
+    step, _, config = run_config(workdir, step)
+    return _holds_lora(workdir, step, config)
+
+
 def load_ema_params(
     workdir: str, step: int | None = None, *, shardings: Any = None, item: str = "ema_params"
 ) -> tuple[ModelConfig, Any]:
@@ -92,11 +105,12 @@ def load_ema_params(
     ``shardings`` is a pytree of shardings matching the params or one sharding for all leaves; by default every
     array lands on the first local device. ``item="params"`` gives the raw (non-EMA) weights instead.
     """
-    step, model_config, _ = run_config(workdir, step)
-    if os.path.isdir(os.path.join(checkpoint_dir(workdir), str(step), "lora")):
+    step, model_config, config = run_config(workdir, step)
+    if _holds_lora(workdir, step, config):
         raise ValueError(
-            f"{workdir}: checkpoint {step} is a LoRA run's (it holds adapters, not the model): merge them into its "
-            f"base with dit_jax.convert.lora.merged_run, or export them with python -m dit_jax.convert --lora"
+            f"{workdir}: checkpoint {step} is a LoRA run's (it holds adapters, not the model): dit_jax.pipelines.load "
+            f"merges them into its base, as dit_jax.convert.lora.merged_run does; python -m dit_jax.convert --lora "
+            f"exports them"
         )
     abstract = unbox_abstract(abstract_params(model_config))
     if shardings is None:

@@ -288,6 +288,41 @@ def test_trainer_run_resume_and_export(tmp_path, monkeypatch):
     assert not loop.scan_blocks
     changed = {p for p in lora._leaves(base) if not np.array_equal(lora._get(merged, p), lora._get(base, p))}
     assert changed == {f"blocks_{i}/attn/{n}/kernel" for i in range(2) for n in ("qkv", "proj")}
+    check_sampling_a_lora_run(run, tmp_path, loop, merged, base)
+
+
+def check_sampling_a_lora_run(run: str, tmp_path, loop, merged, base):
+    """``pipelines.load(run)`` (so the sample CLI and the demo) merges the EMA adapters into the recorded base: its
+    params are merged_run's bit for bit and its samples those of a pipeline built on merged_run's params."""
+    import dataclasses
+
+    from PIL import Image
+
+    from dit_jax import pipelines
+    from dit_jax.sample import main as sample_main
+
+    pipe = pipelines.load(run)
+    assert f"rank {R} LoRA adapters merged into model directory {tmp_path / 'base'}" in pipe.source
+    assert pipe.model_config.replace(dtype=loop.dtype) == loop
+    assert_trees_equal(pipe.params, merged)
+    labels, steps = [0, 3, 7], 2
+    got = pipe(labels, num_inference_steps=steps, seed=0)
+    ref = pipelines.ClassConditionalPipeline(
+        model_config=loop, params=merged, schedule=pipe.schedule, method=pipe.method, options=pipe.options,
+        num_inference_steps=steps, guidance_scale=pipe.guidance_scale,
+    )  # fmt: skip
+    want = ref(labels, seed=0)
+    assert got.shape == (3, 8, 8, 1) and np.array_equal(got, want)
+    unmerged = dataclasses.replace(ref, params=base)(labels, seed=0)
+    assert np.abs(unmerged - want).max() > 1e-3  # the adapters change the samples
+    out = tmp_path / "lora_grid.png"
+    assert sample_main(["--workdir", run, "--classes", "0,3,7", "--steps", str(steps), "--out", str(out)]) == 0
+    grid = pipelines.make_grid(pipelines.to_uint8(want))[..., 0]
+    assert np.array_equal(np.asarray(Image.open(out)), grid)
+    # a base that is gone is one clear error
+    (tmp_path / "base").rename(tmp_path / "base_moved")
+    with pytest.raises(FileNotFoundError, match="LoRA run whose base cannot be read"):
+        pipelines.load(run)
 
 
 def test_plan_of_a_lora_run_holds_the_base_once():

@@ -234,6 +234,39 @@ def test_ddim_parity_rescale_and_images_per_prompt(folders, loaded, monkeypatch)
     check_images("Hunyuan-DiT v1.2-style DDIM, guidance_rescale 0.7, 2 images per prompt", got, want)
 
 
+def test_dpm_solver_on_the_ddpm_folder(folders, loaded, monkeypatch):
+    """The saved folder's DDPMScheduler config (variance_type fixed_small, v-prediction, leading spacing) sampled with
+    DPM-Solver++ 2M: diffusers' ``DPMSolverMultistepScheduler.from_config`` of it, on the v1.1-style model, 2 prompts
+    with negatives. The fixed variance means nothing to DPM-Solver; the model's learned one is dropped."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    _, torch_pipe = folders["v11"]
+    pipe = loaded["v11"]
+    assert pipe.scheduler_config["variance_type"] == "fixed_small"  # save_pretrained writes it: the reported case
+    schedule, method, options = pipe.sampler_settings("dpmpp_2m")
+    assert method == "dpmpp_2m" and schedule.prediction == "v_prediction" and schedule.learned_sigma
+    assert (options["timestep_spacing"], options["steps_offset"]) == ("leading", 1)
+    with pytest.raises(ValueError, match="variance_type='bogus' is not supported"):
+        diffusion.from_diffusers_scheduler_config(
+            {"_class_name": "DPMSolverMultistepScheduler", "variance_type": "bogus"}
+        )
+    ddpm = torch_pipe.scheduler
+    torch_pipe.scheduler = DPMSolverMultistepScheduler.from_config(ddpm.config)
+    lat = initial_latents(len(PROMPTS), seed=3)
+    try:
+        want, want_z = run_diffusers(torch_pipe, lat, monkeypatch, prompt=PROMPTS, negative_prompt=NEGATIVES,
+                                     height=HEIGHT, width=WIDTH)  # fmt: skip
+        ts = torch_pipe.scheduler.timesteps.numpy()
+    finally:
+        torch_pipe.scheduler = ddpm
+    np.testing.assert_array_equal(pipe.trajectory(STEPS, "dpmpp_2m", height=HEIGHT, width=WIDTH).model_t, ts)
+    got = pipe(PROMPTS, negative_prompt=NEGATIVES, height=HEIGHT, width=WIDTH, method="dpmpp_2m",
+               num_inference_steps=STEPS, latents=nhwc(lat), use_resolution_binning=False)  # fmt: skip
+    got_z = pipe(PROMPTS, negative_prompt=NEGATIVES, method="dpmpp_2m", num_inference_steps=STEPS, latents=nhwc(lat),
+                 use_resolution_binning=False, output_type="latent")  # fmt: skip
+    check_images("Hunyuan-DiT v1.1-style DPM-Solver++ 2M from the DDPM folder", got, want, got_z, want_z)
+
+
 def test_prompt_embeds(folders, loaded, ddpm_reference):
     """Precomputed text: diffusers' ``encode_prompt`` of both encoders, ours (a dict of call arguments), and partial
     negatives (the missing encoder reads negative_prompt) give the prompt path's images."""

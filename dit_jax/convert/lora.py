@@ -542,14 +542,9 @@ def read_run(workdir: str, step: int | None = None, *, ema: bool = True) -> tupl
     import orbax.checkpoint as ocp
 
     from dit_jax.models import abstract_params
-    from dit_jax.runs import _manager, checkpoint_dir, run_config, unbox_abstract, with_shardings
+    from dit_jax.runs import _manager, unbox_abstract, with_shardings
 
-    step, model_config, config = run_config(workdir, step)
-    item_file = Path(checkpoint_dir(workdir)) / str(step) / "lora" / "metadata"
-    saved = read_json(item_file) if item_file.exists() else {}
-    settings = saved.get("config") or dict(config.get("lora") or {})
-    if not settings.get("rank"):
-        raise ValueError(f"{workdir}: checkpoint {step} is not a LoRA run (config.lora.rank is 0)")
+    step, model_config, settings, base = _run_lora_metadata(workdir, step)
     lora_config = lora.resolve(lora.LoraConfig.from_dict(settings), model_config)
     abstract = jax.eval_shape(
         lambda p: lora.init_lora(p, lora_config, jax.random.key(0)), unbox_abstract(abstract_params(model_config))
@@ -560,8 +555,33 @@ def read_run(workdir: str, step: int | None = None, *, ema: bool = True) -> tupl
     manager = _manager(workdir, read_only=True)
     restored = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))
     manager.close()
-    base = saved.get("base") or {"seed": config.get("seed", 0)}
     return model_config, lora_config, _host(restored[item]), base
+
+
+def _run_lora_metadata(workdir: str, step: int | None) -> tuple[int, Any, dict[str, Any], dict[str, Any]]:
+    """``(step, model_config, LoRA settings, base reference)`` of a LoRA run's checkpoint, read from its JSON."""
+    from dit_jax.runs import checkpoint_dir, run_config
+
+    step, model_config, config = run_config(workdir, step)
+    item_file = Path(checkpoint_dir(workdir)) / str(step) / "lora" / "metadata"
+    saved = read_json(item_file) if item_file.exists() else {}
+    settings = saved.get("config") or dict(config.get("lora") or {})
+    if not settings.get("rank"):
+        raise ValueError(f"{workdir}: checkpoint {step} is not a LoRA run (config.lora.rank is 0)")
+    return step, model_config, settings, saved.get("base") or {"seed": config.get("seed", 0)}
+
+
+def describe_merge(workdir: str, step: int | None = None) -> str:
+    """In words, the frozen weights a LoRA run's checkpoint merges its adapters into (for logs and messages)."""
+    _, _, settings, base = _run_lora_metadata(workdir, step)
+    if "model_dir" in base:
+        where = f"model directory {base['model_dir']}"
+    elif "workdir" in base:
+        kind = "EMA" if base.get("use_ema", True) else "raw"
+        where = f"run {base['workdir']} (checkpoint {base.get('step', 'latest')}, {kind})"
+    else:
+        where = f"a fresh init (seed {base['seed']})"
+    return f"rank {settings['rank']} LoRA adapters merged into {where}"
 
 
 def merged_run(workdir: str, step: int | None = None, *, ema: bool = True) -> tuple[Any, dict[str, Any]]:

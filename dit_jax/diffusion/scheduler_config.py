@@ -97,6 +97,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "shift_terminal": None,
     },
 }
+_DPM_VARIANCE_TYPES = (None, "learned", "learned_range", "fixed_small", "fixed_small_log", "fixed_large")
 # UniPC reads DPM-Solver's solver types as its bh2 (as diffusers' constructor does)
 _UNIPC_SOLVER_ALIASES = {"bh1": "bh1", "bh2": "bh2", "midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}
 SUPPORTED_SCHEDULERS = tuple(_DEFAULTS)
@@ -175,9 +176,14 @@ def from_diffusers_scheduler_config(config: dict) -> tuple[DDPMSchedule | FlowSc
                 num_train_timesteps=int(cfg["num_train_timesteps"]),
             )
             return schedule, "dpmpp_2m", options
-        if cfg["variance_type"] not in (None, "learned", "learned_range"):
-            raise ValueError(f"{cls} config variance_type={cfg['variance_type']!r} is not supported")
-        schedule = _ddpm_schedule(cfg, cls, learned_sigma=cfg["variance_type"] is not None)
+        # DDPM's fixed variances (a DDPMScheduler config read by from_config, e.g. Hunyuan-DiT's) mean no learned
+        # variance: DPM-Solver uses the mean only and ignores them, as diffusers does
+        if cfg["variance_type"] not in _DPM_VARIANCE_TYPES:
+            raise ValueError(
+                f"{cls} config variance_type={cfg['variance_type']!r} is not supported; expected one of "
+                f"{_DPM_VARIANCE_TYPES}"
+            )
+        schedule = _ddpm_schedule(cfg, cls, learned_sigma=cfg["variance_type"] in ("learned", "learned_range"))
         options.update({k: cfg[k] for k in ("timestep_spacing", "steps_offset", "lambda_min_clipped")})
         return schedule, "dpmpp_2m", options
 

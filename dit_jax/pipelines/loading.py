@@ -23,9 +23,10 @@ family (``dit_jax.models.family``). Defaults per source (what the matching PyTor
                              diffusers PixArt converters' DPM-Solver++ (linear betas): 20 steps, guidance 4.5.
                              Other families get their reference pipeline's scheduler and settings (e.g. Wan:
                              ``vae=`` an ``AutoencoderKLWan`` folder or file, ``text_encoder=`` a UMT5 folder)
-  training workdir           the latest checkpoint's EMA params; schedule, sampler, steps and guidance from the
-                             run's config (``config.diffusion``, ``config.sample``); pixel space unless the run
-                             trained on latents (then ``config.sample.vae`` or ``vae=``)
+  training workdir           the latest checkpoint's EMA params (a LoRA run: its EMA adapters merged into the base
+                             it recorded, ``dit_jax.convert.lora.merged_run``); schedule, sampler, steps and guidance
+                             from the run's config (``config.diffusion``, ``config.sample``); pixel space unless the
+                             run trained on latents (then ``config.sample.vae`` or ``vae=``)
 ``scheduler=`` (a diffusers scheduler config: dict, ``scheduler_config.json``, or a folder holding one) replaces
 the default sampler of any source.
 """
@@ -35,6 +36,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from absl import logging
 
 from dit_jax import diffusion
 from dit_jax.checkpoint import is_model_dir as _is_model_dir
@@ -264,11 +267,23 @@ def _pipeline_folder(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def _workdir(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    from dit_jax.runs import host_params, load_ema_params, run_config
+    from dit_jax.runs import host_params, is_lora_run, load_ema_params, run_config
 
     step, model_config, run = run_config(str(path))
-    _, params = load_ema_params(str(path), step)
-    config, params = _override(model_config, host_params(params), overrides, f"{path} (step {step})")
+    weights = "EMA"
+    if is_lora_run(str(path), step):  # the checkpoint holds adapters: merge them into the base the run recorded
+        from dit_jax.convert.lora import describe_merge, merged_run
+
+        weights = f"EMA {describe_merge(str(path), step)}"
+        try:
+            model_config, params = merged_run(str(path), step)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{path} (checkpoint {step}) is a LoRA run whose base cannot be read: {e}") from e
+        logging.info("%s (checkpoint %d): %s", path, step, weights)
+    else:
+        _, params = load_ema_params(str(path), step)
+        params = host_params(params)
+    config, params = _override(model_config, params, overrides, f"{path} (step {step})")
     objective = run.get("objective", "flow")
     sample = run.get("sample", {}) or {}
     schedule = diffusion.make_schedule(objective, run.get("diffusion", {}) or {}, learned_sigma=config.learn_sigma)
@@ -281,7 +296,7 @@ def _workdir(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
         schedule=(schedule, diffusion.default_method(objective, sample.get("method") or None), {}),
         num_inference_steps=int(sample.get("num_steps", 50)),
         guidance_scale=float(sample.get("guidance_scale", 1.0)),
-        source_name=f"{path} (checkpoint {step}, EMA)",
+        source_name=f"{path} (checkpoint {step}, {weights})",
     )
 
 
