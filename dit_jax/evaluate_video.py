@@ -66,8 +66,9 @@ def centres_of_mass(videos: np.ndarray) -> np.ndarray:
 
 def glyph_windows(videos: np.ndarray, glyph_size: int) -> np.ndarray:
     """(N, F, S, S, 1) → (N, F, g, g) windows of the glyph size around each frame's centre of mass (inside the
-    frame), values in [0, 1]."""
+    frame), values in [0, 1], pixels at or below a motion trail's brightness zeroed."""
     frames = np.clip((np.asarray(videos, np.float32)[..., 0] + 1.0) / 2.0, 0.0, 1.0)
+    frames = np.where(frames > md.MAX_TRAIL, frames, 0.0)  # a motion trail is not the glyph
     n, f, s, _ = frames.shape
     com = centres_of_mass(videos)
     top_left = np.clip(np.rint(com - (glyph_size - 1) / 2.0).astype(np.int64), 0, s - glyph_size)
@@ -219,6 +220,7 @@ def generate_videos(
     )
     source = md.MovingDigitsSource(int(data.get("image_size") or 16), int(data.get("num_frames") or 8),
                                    int(data.get("text_dim") or 16))  # fmt: skip
+    tokens = int(data.get("prompt_tokens") or md.PROMPT_TOKENS)  # the prompt layout the run trained on
     digits, directions = prompts(samples_per_prompt)
     shape = (*source.x_shape[:-1], model_config.in_channels)
 
@@ -233,7 +235,7 @@ def generate_videos(
     batch = min(batch, len(digits))
     out = []
     for i in range(0, len(digits), batch):
-        context = md.prompt_context(digits[i : i + batch], directions[i : i + batch], source.text_dim)
+        context = md.prompt_context(digits[i : i + batch], directions[i : i + batch], source.text_dim, tokens)
         pad = batch - len(context)
         if pad:
             context = np.concatenate([context, np.zeros((pad, *context.shape[1:]), context.dtype)])

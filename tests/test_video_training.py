@@ -270,7 +270,8 @@ def test_video_quickstart_config_end_to_end(tmp_path, capsys):
     run = str(tmp_path / "video_quickstart")
     train_and_evaluate(c, run)
     assert [r["step"] for r in read_metrics(run)] == [1, 2]
-    assert Image.open(os.path.join(run, "samples", "step_0000002.gif")).n_frames == 8
+    frames = c.data.num_frames
+    assert Image.open(os.path.join(run, "samples", "step_0000002.gif")).n_frames == frames
     assert evaluate_video.is_video_run(run) and not evaluate_video.is_video_run(str(tmp_path / "none"))
     code = evaluate_cli.main(["--workdir", run, "--samples_per_class", "1", "--num_steps", "2"])
     out = capsys.readouterr().out
@@ -278,7 +279,7 @@ def test_video_quickstart_config_end_to_end(tmp_path, capsys):
     with open(os.path.join(run, "eval", "step_0000002.json")) as f:
         report = json.load(f)
     assert report["clips"] == 40 and report["samples_per_prompt"] == 1 and not report["passed"]
-    assert Image.open(os.path.join(run, "eval", "step_0000002.gif")).n_frames == 8
+    assert Image.open(os.path.join(run, "eval", "step_0000002.gif")).n_frames == frames
 
 
 @pytest.fixture(scope="module")
@@ -329,3 +330,43 @@ def test_wan_finetune_config_plans_sequence_parallel_on_8_devices():
     report = plan.plan(c, example_shape=(3, 4, 8, 4))
     assert report["fits"] and report["mesh"].startswith("data=1 fsdp=2 sequence=4")
     assert report["example_shape"] == [3, 4, 8, 4] and report["tokens_per_example"] == 24
+
+
+def test_moving_digits_centred_option_fixes_the_position_across_the_motion():
+    centred = md.MovingDigitsSource(16, 8, 16, random_offset=False)
+    a, b = (centred.load(5, np.random.default_rng(seed))["x"] for seed in (0, 1))  # digit record 1, moving left
+    assert np.array_equal(a, b)
+    rows = np.flatnonzero((a[..., 0] > -1).any(axis=(0, 2)))  # horizontal motion: the glyph's rows never change
+    assert rows.min() >= 4 and rows.max() < 12
+    free = md.MovingDigitsSource(16, 8, 16)
+    assert len({free.load(5, np.random.default_rng(seed))["x"].tobytes() for seed in range(6)}) > 1
+    ds = create_dataset(dict(name="moving_digits", random_offset=False, num_threads=1), batch_size=2, seed=0,
+                        shard_index=0, shard_count=1)  # fmt: skip
+    assert next(iter(ds))["x"].shape == (2, 8, 16, 16, 1)
+
+
+def test_moving_digits_prompt_layouts():
+    two, one = md.prompt_context([3, 7], [1, 2]), md.prompt_context([3, 7], [1, 2], tokens=1)
+    assert two.shape == (2, 2, 16) and one.shape == (2, 1, 16)
+    assert (np.flatnonzero(two[0, 0]) == [3]).all() and (np.flatnonzero(two[0, 1]) == [11]).all()
+    assert (np.flatnonzero(one[1, 0]) == [7, 12]).all() and np.array_equal(one[:, 0], two.sum(axis=1))
+    with pytest.raises(ValueError, match="one token"):
+        md.prompt_context([3], [1], tokens=3)
+    source = md.MovingDigitsSource(16, 4, 16, random_offset=False, prompt_tokens=1)
+    assert source.load(0, np.random.default_rng(0))["context"].shape == (1, 16)
+
+
+def test_moving_digits_trail_shows_the_previous_position_below_the_ink_threshold():
+    plain = md.MovingDigitsSource(16, 4, 16, random_offset=False).load(0, np.random.default_rng(0))["x"]
+    trailed = md.MovingDigitsSource(16, 4, 16, random_offset=False, trail=0.35).load(0, np.random.default_rng(0))["x"]
+    ink_plain, ink_trail = (plain + 1) / 2, (trailed + 1) / 2  # digit record 0 moving right
+    assert np.array_equal(ink_trail[0], ink_plain[0])
+    for k in range(1, 4):
+        np.testing.assert_allclose(ink_trail[k], np.maximum(ink_plain[k], 0.35 * ink_plain[k - 1]), atol=1e-6)
+    assert (ink_trail - ink_plain).max() > 0.1
+    # the evaluator sees the glyph only: the same centres of mass
+    np.testing.assert_allclose(
+        evaluate_video.centres_of_mass(trailed[None]), evaluate_video.centres_of_mass(plain[None])
+    )
+    with pytest.raises(ValueError, match="data.trail"):
+        md.MovingDigitsSource(16, 4, 16, trail=0.6)

@@ -10,7 +10,7 @@ The result is a grain `IterDataset` (a `DataPipeline`) of dicts of numpy arrays,
   <condition>   float32/int32 (b, …) a text-to-image model's text condition, by name (latents made with `--model`,
                                     e.g. SD3/Flux `context` (b, L, C) and `pooled` (b, P))
   caption_text  str     (b,)          caption text (image/video + .txt folders; embed it with precompute to train)
-  context       float32 (b, 2, D)     'moving_digits': the one-hot prompt tokens (a text-to-video model's text input)
+  context       float32 (b, T, D)     'moving_digits': the one-hot prompt tokens (a text-to-video model's text input)
 Order: a global shuffle from `seed` (a different permutation every epoch), repeated forever, then process i of
 n takes elements i, i + n, ... (`jax.process_index()/process_count()`, or `shard_index/shard_count`), so the
 union of the per-process batches is one global batch. Random flips and latent sampling draw from a generator
@@ -60,10 +60,13 @@ posterior (mean, logvar) is sampled afresh for every example, as in DiT's train.
                         frames × sizes); False forbids that                                          (None)
   Video latents (precompute with --num-frames) are read the same way: x (f, h, w, c).
 'moving_digits' — the video quickstart (`dit_jax.data.moving_digits`): a digit sliding across black frames in
-one of 4 directions, one channel in [−1, 1], with its prompt as two one-hot tokens `context` (no labels):
+one of 4 directions, one channel in [−1, 1], with its prompt as one-hot tokens `context` (no labels):
   image_size            frame side, a multiple of 16 (the glyph is half of it)                      (16)
   num_frames            frames per clip, ≥ 2                                                         (8)
   text_dim              width of the prompt tokens (the model's text_dim), ≥ 14                      (16)
+  random_offset         a random position across the motion; False centres the glyph                 (True)
+  prompt_tokens         2: digit and direction tokens; 1: one token with both channels hot          (2)
+  trail                 brightness (0–0.45) of the glyph's previous position in each frame         (0.0)
 'video_folder' — captioned videos (`dit_jax.data.videos`: video files or frame folders + .txt), RGB clips of
 num_frames frames every frame_stride frames, each frame resized and centre-cropped like 'folder' images; it yields
 caption_text (precompute it with a text encoder to train a text-to-video model):
@@ -116,7 +119,14 @@ _SOURCES: dict[str, dict[str, Any]] = {
         "latent_shift": None,
         "buckets": None,
     },
-    "moving_digits": {"image_size": 16, "num_frames": 8, "text_dim": 16},
+    "moving_digits": {
+        "image_size": 16,
+        "num_frames": 8,
+        "text_dim": 16,
+        "random_offset": True,
+        "prompt_tokens": 2,
+        "trail": 0.0,
+    },
     "video_folder": {
         "path": _REQUIRED,
         "image_size": _REQUIRED,
@@ -125,9 +135,9 @@ _SOURCES: dict[str, dict[str, Any]] = {
         "random_flip": False,
     },
 }
-_BOOL_KEYS = ("shuffle", "random_flip", "latent_sample")
+_BOOL_KEYS = ("shuffle", "random_flip", "latent_sample", "random_offset")
 _POSITIVE_INT_KEYS = ("num_threads", "prefetch_buffer_size", "num_epochs", "num_classes", "image_size", "num_frames",
-                      "frame_stride", "text_dim")  # fmt: skip
+                      "frame_stride", "text_dim", "prompt_tokens")  # fmt: skip
 _STR_KEYS = ("tfds_name", "path", "data_dir", "image_key", "label_key", "layout")
 
 
@@ -197,7 +207,15 @@ def build_source(cfg: Mapping[str, Any], split: str = "train", skipped: sources.
     if name == "moving_digits":
         from dit_jax.data.moving_digits import MovingDigitsSource
 
-        return MovingDigitsSource(cfg["image_size"], cfg["num_frames"], cfg["text_dim"], skipped)
+        return MovingDigitsSource(
+            cfg["image_size"],
+            cfg["num_frames"],
+            cfg["text_dim"],
+            skipped,
+            cfg["random_offset"],
+            cfg["prompt_tokens"],
+            float(cfg["trail"]),
+        )
     if name == "video_folder":
         return sources.VideoFolderSource(
             cfg["path"], cfg["image_size"], cfg["num_frames"], cfg["frame_stride"], cfg["random_flip"], skipped
