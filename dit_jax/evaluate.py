@@ -182,6 +182,33 @@ def fid_main(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_WORKDIR = "runs/quickstart"
+
+
+def run_mode(fn: Any, args: argparse.Namespace, count_name: str, default_count: int, unit: str) -> dict | None:
+    """The digits-run mode's shared part (image and video runs): ``fn(workdir, ...)`` with the run-mode flags
+    (``--samples_per_class`` passed as ``count_name``, default ``default_count``), then the report's header lines.
+    Bad input prints one ``error:`` line and gives None (exit status 2)."""
+    count = default_count if args.samples_per_class is None else args.samples_per_class
+    try:
+        r = fn(
+            args.workdir or DEFAULT_WORKDIR,
+            step=args.step,
+            num_steps=args.num_steps,
+            guidance_scale=args.guidance_scale,
+            method=args.method,
+            seed=1234 if args.seed is None else args.seed,
+            **{count_name: count},
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    sampler = f"{r['method']} {r['num_steps']} steps, guidance {r['guidance_scale']}"
+    print(f"checkpoint {r['step']} of {r['workdir']}: {r[count_name]} {unit}, {sampler}")
+    print(f"sampling took {r['sampling_seconds']:.0f} s")
+    return r
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dit_jax.evaluate", description=__doc__.splitlines()[0])
     run = p.add_argument_group("digits run (default mode)")
@@ -219,24 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{', '.join(given(_FID_FLAGS))} need --fid REF.npz (the FID mode)")
     from dit_jax import evaluate_video  # a moving-digits (video quickstart) run has its own checks
 
-    if evaluate_video.is_video_run(args.workdir or "runs/quickstart"):
+    if evaluate_video.is_video_run(args.workdir or DEFAULT_WORKDIR):
         return evaluate_video.main(args)
-    try:
-        r = evaluate(
-            args.workdir or "runs/quickstart",
-            step=args.step,
-            samples_per_class=100 if args.samples_per_class is None else args.samples_per_class,
-            num_steps=args.num_steps,
-            guidance_scale=args.guidance_scale,
-            method=args.method,
-            seed=1234 if args.seed is None else args.seed,
-        )
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    r = run_mode(evaluate, args, "samples_per_class", 100, "samples per class")
+    if r is None:
         return 2
-    sampler = f"{r['method']} {r['num_steps']} steps, guidance {r['guidance_scale']}"
-    print(f"checkpoint {r['step']} of {r['workdir']}: {r['samples_per_class']} samples per class, {sampler}")
-    print(f"sampling took {r['sampling_seconds']:.0f} s")
     print(f"classifier accuracy on real digits (5-fold CV): {r['classifier_cv_accuracy_on_real']:.3f}")
     for c, acc in r["per_class_accuracy"].items():
         print(f"  class {c}: {acc:6.1%}")

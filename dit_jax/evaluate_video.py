@@ -277,26 +277,11 @@ def evaluate(workdir: str, **kwargs: Any) -> dict[str, Any]:
 def main(args: argparse.Namespace) -> int:
     """The moving-digits mode of ``python -m dit_jax.evaluate`` (its flags; ``--samples_per_class`` is clips per
     prompt, default 5)."""
-    import sys
+    from dit_jax.evaluate import run_mode
 
-    try:
-        r = evaluate(
-            args.workdir or "runs/quickstart",
-            step=args.step,
-            samples_per_prompt=5 if args.samples_per_class is None else args.samples_per_class,
-            num_steps=args.num_steps,
-            guidance_scale=args.guidance_scale,
-            method=args.method,
-            seed=1234 if args.seed is None else args.seed,
-        )
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    r = run_mode(evaluate, args, "samples_per_prompt", 5, "clips per prompt (40 prompts)")
+    if r is None:
         return 2
-    sampler = f"{r['method']} {r['num_steps']} steps, guidance {r['guidance_scale']}"
-    print(
-        f"checkpoint {r['step']} of {r['workdir']}: {r['samples_per_prompt']} clips per prompt (40 prompts), {sampler}"
-    )
-    print(f"sampling took {r['sampling_seconds']:.0f} s")
     print(f"frame classifier accuracy on real digits (5-fold CV): {r['classifier_cv_accuracy_on_real']:.3f}")
     print("  direction   digit  direction   both")
     for name, acc in r["per_direction"].items():
