@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     from dit_jax import evaluate_video  # a moving-digits (video quickstart) run has its own checks
 
     if evaluate_video.is_video_run(args.workdir or DEFAULT_WORKDIR):
-        return evaluate_video.main(args)
+        r = run_mode(evaluate_video.evaluate, args, "samples_per_prompt", 5, "clips per prompt (40 prompts)")
+        return 2 if r is None else evaluate_video.print_report(r)
     r = run_mode(evaluate, args, "samples_per_class", 100, "samples per class")
     if r is None:
         return 2

@@ -17,7 +17,6 @@ Prints frame and clip accuracies, direction accuracy and both together (per digi
 The bar: ≥ 90% of the clips right in digit and in direction.
 """
 
-import argparse
 import os
 import time
 from typing import Any
@@ -274,14 +273,8 @@ def evaluate(workdir: str, **kwargs: Any) -> dict[str, Any]:
     return report
 
 
-def main(args: argparse.Namespace) -> int:
-    """The moving-digits mode of ``python -m dit_jax.evaluate`` (its flags; ``--samples_per_class`` is clips per
-    prompt, default 5)."""
-    from dit_jax.evaluate import run_mode
-
-    r = run_mode(evaluate, args, "samples_per_prompt", 5, "clips per prompt (40 prompts)")
-    if r is None:
-        return 2
+def print_report(r: dict[str, Any]) -> int:
+    """The moving-digits mode's report (after ``dit_jax.evaluate``'s header lines); the exit status: 0 on PASS."""
     print(f"frame classifier accuracy on real digits (5-fold CV): {r['classifier_cv_accuracy_on_real']:.3f}")
     print("  direction   digit  direction   both")
     for name, acc in r["per_direction"].items():
