@@ -39,8 +39,8 @@ Plans (`python -m dit_jax.plan`, compiled for compile-only TPU devices on a CPU 
       26,854 TFLOPs per step, 7.6 s at 40% MFU.
   (The 1.3B model, a tenth of the parameters, was not compiled for TPUs here.)
 Expected time and result (estimates, not measured): one 1.3B clip costs 283 TFLOPs per forward pass (analytic, incl.
-the 512 text tokens; the 3-D self-attention over 32,760 tokens is 70% of it), 4 passes with full remat: 2.26 PFLOPs per step of 2 clips,
-1.8 s on 8 v5p chips at 35% MFU, so 5K steps ≈ 2.5 h. Quality depends on the data.
+the 512 text tokens; the 3-D self-attention over 32,760 tokens is 70% of it), 4 passes with full remat: 2.26 PFLOPs
+per step of 2 clips, 1.8 s on 8 v5p chips at 35% MFU, so 5K steps ≈ 2.5 h. Quality depends on the data.
 """
 
 from dit_jax.train.config import base_config

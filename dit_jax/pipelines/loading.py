@@ -51,7 +51,7 @@ from dit_jax.pipelines.prompts import takes_text, text_sources
 from dit_jax.pipelines.text_encoder import TEXT_FAMILIES, TextEncoder
 from dit_jax.pipelines.text_to_image import TextToImagePipeline
 from dit_jax.pipelines.text_to_video import TextToVideoPipeline
-from dit_jax.quantize import quantize_config, quantize_params
+from dit_jax.quantize import quantize_config, quantize_params, text_encoder_config
 
 PIPELINES = {
     "class-to-image": ClassConditionalPipeline,
@@ -305,7 +305,8 @@ def load_text_encoder(
 ) -> TextEncoder:
     """A ``TextEncoder`` from a T5 or CLIP folder (transformers, with its tokenizer or ``tokenizer=``), a diffusers
     pipeline folder (``text_encoder/`` + ``tokenizer/``), a text-encoder model directory, or an already built
-    ``TextEncoder`` (used as it is). ``quantize``: ``"int8"`` or a ``QuantizeConfig`` (``dit_jax.quantize``)."""
+    ``TextEncoder`` (used as it is). ``quantize``: ``"int8"``, ``"int4"`` or a ``QuantizeConfig``
+    (``dit_jax.quantize``)."""
     if isinstance(text_encoder, TextEncoder):
         return text_encoder
     return TextEncoder.from_pretrained(
@@ -350,9 +351,11 @@ def load(
     (default: the family's, e.g. PixArt-Σ 300, α 120, SD3 256, Flux 512). ``sequence_parallel``: split each image's
     tokens over this many devices (the batch over the rest) with ``sequence_mode`` "auto", "ulysses" or "ring" — for
     2K/4K images (see ``SamplingPipeline``).
-    ``quantize``: None (float weights), ``"int8"`` or a ``dit_jax.quantize.QuantizeConfig``: int8 weights with
-    per-output-channel scales for the transformer's and the text encoders' matmul kernels, quantised on the host and
-    dequantised per matmul inside the jitted functions.
+    ``quantize``: None (float weights), ``"int8"``, ``"int4"`` or a ``dit_jax.quantize.QuantizeConfig``: int8 weights
+    with per-output-channel scales (int4: packed, one scale per 64 input weights) for the transformer's matmul
+    kernels, quantised on the host and dequantised per matmul inside the jitted functions. The text encoders get the
+    same, except that int4 gives them int8 (``dit_jax.quantize.text_encoder_config``; an int4 encoder can be passed
+    in ``text_encoders=``). Encoders passed as built ``TextEncoder`` objects are used as they are.
     ``model_overrides``: model config fields (e.g. ``attention_backend="xla"``, ``scan_blocks=True``; for torch
     checkpoints anything ``from_torch`` takes, e.g. ``num_heads=16``).
     """
@@ -360,6 +363,7 @@ def load(
     dtype = canonical_dtype(dtype, allowed=allowed, what="dtype")
     text_dtype = dtype if text_dtype is None else canonical_dtype(text_dtype, allowed=allowed, what="text_dtype")
     quantize = quantize_config(quantize)
+    text_quantize = text_encoder_config(quantize)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
@@ -428,7 +432,7 @@ def load(
             family, config, spec.get("text_folders"), text_encoder, text_encoders, source
         ).items():
             encoders[name] = load_text_encoder(
-                src, max_length=lengths[name], dtype=text_dtype, tokenizer=tok, quantize=quantize
+                src, max_length=lengths[name], dtype=text_dtype, tokenizer=tok, quantize=text_quantize
             )
 
     vae_config = vae_params = None

@@ -108,8 +108,9 @@ class TextEncoder:
     (SD3 and Flux encode without one). ``clip_skip`` (CLIP; default None: the encoder's ``clip_skip``, see
     ``with_clip_skip``) makes ``penultimate`` transformers' ``hidden_states[-(clip_skip + 2)]``, as diffusers'
     ``clip_skip``. The encoder is jitted once per ``(batch_size, length, clip_skip)`` (calls are cut into and padded
-    to that batch), with the batch and the weights sharded over the local devices. ``quantize`` (``"int8"`` or a
-    ``dit_jax.quantize.QuantizeConfig``) stores the matmul kernels as int8, dequantised per matmul.
+    to that batch), with the batch and the weights sharded over the local devices. ``quantize`` (``"int8"``,
+    ``"int4"`` or a ``dit_jax.quantize.QuantizeConfig``) stores the matmul kernels as int8 or packed int4,
+    dequantised per matmul.
     """
 
     clip_skip: int | None = None  # the default of features(clip_skip=None) (CLIP only)
@@ -137,7 +138,7 @@ class TextEncoder:
         n = self.mesh.size
         self.batch_size = math.ceil(batch_size / n) * n
         store = compute_dtype(param_dtype or config.dtype)
-        if quantize is not None:  # int8 kernels from the float ones, on the host (dit_jax.quantize)
+        if quantize is not None:  # int8/int4 kernels from the float ones, on the host (dit_jax.quantize)
             params = quantize_params(params, quantize)
         params = jax.tree_util.tree_map_with_path(
             lambda path, x: np.asarray(x).astype(store) if path[-1].key == "kernel" else np.asarray(x), params

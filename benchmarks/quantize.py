@@ -1,0 +1,283 @@
+"""Weight-only int8/int4 inference (``dit_jax.quantize``): parameter memory, compiled forward memory, image error.
+
+  python -m benchmarks.quantize --parts params                  # from abstract shapes: seconds
+  python -m benchmarks.quantize --parts forward --models flux   # FLUX.1-dev at 1024 px: compile only, minutes
+  XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false \
+      python -m benchmarks.quantize --parts forward --models t5  # T5 is never scanned (see dit_jax/quantize.py)
+  python -m benchmarks.quantize --parts images                  # tiny random pipelines: minutes on CPU
+
+``params``: SD3.5-medium, FLUX.1-dev and T5-v1.1-XXL from their presets' abstract shapes: parameter count and bytes
+in fp32, bf16, int8 and int4 (the default ``QuantizeConfig`` of each mode; what stays float stays fp32), the share of
+parameters quantised, int4's split into packed codes, scales and float rest, and the int4 kernels whose last
+contracted axis 64 does not divide (one scale per output channel instead).
+
+``forward``: the family's apply (SD3/Flux scanned, bf16 compute, 1024 px, batch 1, the pipelines' text lengths: SD3
+77 + 256 tokens, Flux 512; T5 at 512 tokens) and the Flux VAE's decode at 1024 px (bf16 and fp32 compute, fp32
+params, as the pipelines run it), lowered from abstract shapes and compiled for one CPU device: XLA's
+``memory_analysis`` (arguments, temporaries). The temporaries depend on XLA:CPU's scheduler: set the ``XLA_FLAGS``
+above for its sequential one (what the T5 figure needs; it also lowers the others').
+
+``images``: the tiny random SD3, Flux-dev and PixArt-Σ pipelines of the tests (tests/test_pipelines_mmdit.py,
+tests/test_pipelines_pixart.py), 4 images, 12 steps, images in [0, 1]: max and mean abs error of int8 and int4
+(``min_size=0``; int4 ``group_size=8``, which the tiny widths of 24–128 divide, and int8 text encoders,
+``pipelines.load``'s default) against the float pipeline of the same compute dtype, plus int4 with int4 text
+encoders and bf16 against fp32 for scale. One JSON line per case.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dit_jax import models
+from dit_jax import quantize as Q
+from dit_jax.encoders.t5 import T5Encoder, t5_preset
+from dit_jax.models.family import family_of
+
+GB = 1e9
+MODELS = {"sd3": "SD3.5-medium", "flux": "FLUX.1-dev", "t5": "T5-v1.1-XXL"}
+LATENT = 128  # 1024 px / 8
+T5_TOKENS = 512
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def config_of(key: str):
+    if key == "t5":
+        return t5_preset("t5-v1_1-xxl", dtype="bfloat16")
+    return models.preset(MODELS[key]).replace(scan_blocks=True, dtype="bfloat16")
+
+
+def shapes_of(config):
+    return nn.meta.unbox(models.abstract_params(config))
+
+
+# ---- parameter memory ------------------------------------------------------------------------------------------
+
+
+def params_case(key: str) -> None:
+    shapes = shapes_of(config_of(key))
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    fp32 = Q.nbytes(shapes)
+    record = dict(case="params", model=MODELS[key], parameters=count, fp32_gb=fp32 / GB, bf16_gb=fp32 / 2 / GB)
+    for mode in Q.MODES:
+        qp = Q.quantize_params(shapes, mode)
+        kernels = [k for k in jax.tree.leaves(qp, is_leaf=Q._is_kernel) if Q._is_kernel(k)]
+        quantised = sum(k.size for k in kernels)
+        record[f"{mode}_gb"] = Q.nbytes(qp) / GB
+        record[f"{mode}_share"] = quantised / count
+        if mode == "int4":
+            codes = sum(Q._bytes(k.packed) for k in kernels)
+            scales = sum(Q._bytes(k.scale) for k in kernels)
+            record.update(int4_codes_gb=codes / GB, int4_scales_gb=scales / GB,
+                          int4_float_rest_gb=(Q.nbytes(qp) - codes - scales) / GB)  # fmt: skip
+            paths = Q.quantized_paths(qp)
+            record["int4_per_channel_kernels"] = [
+                p for p, k in zip(paths, kernels, strict=True) if k.shape[k.axis] % Q.GROUP_SIZE
+            ]
+    emit({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()})
+
+
+# ---- compiled forward memory -----------------------------------------------------------------------------------
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), tree)
+
+
+def _compile(fn, *args) -> dict:
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    mem = compiled.memory_analysis()
+    return dict(compile_s=round(time.perf_counter() - t0, 1), argument_gb=round(mem.argument_size_in_bytes / GB, 3),
+                temp_gb=round(mem.temp_size_in_bytes / GB, 3))  # fmt: skip
+
+
+def forward_case(key: str, mode: str) -> None:
+    config = config_of(key)
+    shapes = shapes_of(config)
+    params = shapes if mode == "fp32" else Q.quantize_params(shapes, mode)
+    if key == "t5":
+        ids = jax.ShapeDtypeStruct((1, T5_TOKENS), jnp.int32)
+        module = T5Encoder(config)
+        fields = _compile(lambda p, i, m: module.apply({"params": p}, i, m), params, ids, ids)
+        size = dict(tokens=T5_TOKENS)
+    else:
+        from benchmarks.forward import text_inputs
+
+        model, family = models.build(config), family_of(config)
+        inputs = _abstract(text_inputs(config, 1, LATENT))
+        fields = _compile(lambda p, x, t, c: family.apply(model, p, x, t, c), params, inputs["x"], inputs["t"],
+                          inputs["condition"])  # fmt: skip
+        size = dict(px=LATENT * 8, scanned=True)
+    emit(dict(case="forward", model=MODELS[key], params=mode, compute="bf16", batch=1, **size,
+              params_gb=round(Q.nbytes(params) / GB, 3), **fields, device=_device()))  # fmt: skip
+
+
+def vae_decode_case(dtype: str) -> None:
+    from dit_jax.encoders import AutoencoderKL
+    from dit_jax.encoders.vae import vae_preset
+
+    config = vae_preset("flux", dtype=dtype)
+    vae = AutoencoderKL(config)
+    z = jax.ShapeDtypeStruct((1, LATENT, LATENT, config.latent_channels), jnp.float32)
+    params = nn.meta.unbox(jax.eval_shape(lambda k: vae.init(k, *config.dummy_inputs(1))["params"], jax.random.key(0)))
+    fields = _compile(lambda p, z: vae.apply({"params": p}, z, method="decode"), params, z)
+    emit(dict(case="vae_decode", model="FLUX.1 VAE", params="fp32", compute=dtype, batch=1, px=LATENT * 8,
+              params_gb=round(Q.nbytes(params) / GB, 3), **fields, device=_device()))  # fmt: skip
+
+
+def _device() -> str:
+    from benchmarks.common import device_description
+
+    return device_description()
+
+
+# ---- image error of tiny pipelines -----------------------------------------------------------------------------
+
+
+def tiny_folders(root: Path) -> dict[str, Path]:
+    """The tests' tiny random SD3, Flux-dev and PixArt-Σ pipeline folders (diffusers ``save_pretrained``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import test_pipelines_mmdit as mm
+    import test_pipelines_pixart as px
+    import torch
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        PixArtSigmaPipeline,
+        StableDiffusion3Pipeline,
+    )
+    from test_t5 import tiny_t5, tiny_tokenizer
+
+    torch.set_num_threads(1)
+    t5, t5_tok = tiny_t5(seed=4), tiny_tokenizer()
+    pipes = {
+        "SD3": StableDiffusion3Pipeline(
+            transformer=mm.tiny_transformer("SD3Transformer2DModel", 1, **mm.SD3_TRANSFORMER),
+            vae=mm.tiny_vae("sd3"),
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            text_encoder=mm.tiny_clip(True, 16, "quick_gelu", seed=5),
+            tokenizer=mm.clip_tokenizer(),
+            text_encoder_2=mm.tiny_clip(True, 12, "gelu", seed=6),
+            tokenizer_2=mm.clip_tokenizer(pad_token="!"),
+            text_encoder_3=t5,
+            tokenizer_3=t5_tok,
+        ),
+        "Flux-dev": FluxPipeline(
+            transformer=mm.tiny_transformer("FluxTransformer2DModel", 8, guidance_embeds=True, **mm.FLUX_TRANSFORMER),
+            scheduler=FlowMatchEulerDiscreteScheduler(
+                shift=3.0,
+                use_dynamic_shifting=True,
+                base_image_seq_len=256,
+                max_image_seq_len=4096,
+                base_shift=0.5,
+                max_shift=1.15,
+            ),
+            vae=mm.tiny_vae("flux"),
+            text_encoder=mm.tiny_clip(False, 16, "quick_gelu", seed=7),
+            tokenizer=mm.clip_tokenizer(),
+            text_encoder_2=t5,
+            tokenizer_2=t5_tok,
+        ),  # fmt: skip
+        "PixArt-Sigma": PixArtSigmaPipeline(
+            tokenizer=tiny_tokenizer(),
+            text_encoder=tiny_t5(),
+            vae=px.tiny_vae(),
+            transformer=px.tiny_transformer(1),
+            scheduler=DPMSolverMultistepScheduler(),
+        ),  # fmt: skip
+    }
+    out = {}
+    for name, pipe in pipes.items():
+        pipe.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+SIZES = {"SD3": (32, 48), "Flux-dev": (32, 48), "PixArt-Sigma": (64, 64)}
+PROMPTS = ["a cat sitting on the red sofa", "a photo of an astronaut riding a horse", "a red horse", "the dog"]
+TEXT_TOKENS = 24  # T5 tokens of the tiny pipelines (their CLIPs read 77)
+
+
+def images_case(steps: int = 12) -> None:
+    from dit_jax import pipelines
+
+    int8 = Q.QuantizeConfig(min_size=0)
+    int4 = Q.QuantizeConfig(mode="int4", min_size=0, group_size=8)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, folder in tiny_folders(Path(tmp)).items():
+            h, w = SIZES[name]
+            kw = dict(num_inference_steps=steps, height=h, width=w, seed=0)
+            load = dict(max_sequence_length=TEXT_TOKENS)
+            got = {}
+            for dtype in ("float32", "bfloat16"):
+                float_pipe = pipelines.load(folder, dtype=dtype, **load)
+                got[dtype, "float"] = float_pipe(PROMPTS, **kw)
+                for mode, q in (("int8", int8), ("int4", int4)):
+                    got[dtype, mode] = pipelines.load(folder, dtype=dtype, quantize=q, **load)(PROMPTS, **kw)
+                encoders = int4_text_encoders(folder, float_pipe.model_config, dtype, int4)
+                pipe = pipelines.load(folder, dtype=dtype, quantize=int4, text_encoders=encoders, **load)
+                got[dtype, "int4_all"] = pipe(PROMPTS, **kw)
+
+            def err(a, b, got=got):
+                e = np.abs(got[a] - got[b])
+                return [float(f"{e.max():.3g}"), float(f"{e.mean():.3g}")]
+
+            emit(dict(case="images", pipeline=f"{name} ({h}x{w})", steps=steps, images=len(PROMPTS),
+                      int8_vs_bf16=err(("bfloat16", "int8"), ("bfloat16", "float")),
+                      int4_vs_bf16=err(("bfloat16", "int4"), ("bfloat16", "float")),
+                      int4_all_vs_bf16=err(("bfloat16", "int4_all"), ("bfloat16", "float")),
+                      int8_vs_fp32=err(("float32", "int8"), ("float32", "float")),
+                      int4_vs_fp32=err(("float32", "int4"), ("float32", "float")),
+                      int4_all_vs_fp32=err(("float32", "int4_all"), ("float32", "float")),
+                      bf16_vs_fp32=err(("bfloat16", "float"), ("float32", "float")),
+                      int4=dict(group_size=int4.group_size, min_size=int4.min_size), device=_device()))  # fmt: skip
+
+
+def int4_text_encoders(folder: Path, config, dtype: str, int4) -> dict:
+    """Every text encoder of a pipeline folder (``config``: its transformer's) with int4 kernels (``pipelines.load``
+    gives them int8)."""
+    from dit_jax import pipelines
+
+    return {
+        slot.name: pipelines.load_text_encoder(folder / slot.encoder, tokenizer=folder / slot.tokenizer,
+                                               max_length=slot.max_length or TEXT_TOKENS, dtype=dtype, quantize=int4)
+        for slot in family_of(config).text_slots(config)
+    }  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", default="params,forward,images", help="params, forward, images (comma-separated)")
+    p.add_argument("--models", default="sd3,flux,t5", help="forward: sd3, flux, t5, vae (comma-separated)")
+    p.add_argument("--modes", default="int8,int4", help="forward: fp32, int8, int4 params (comma-separated)")
+    args = p.parse_args()
+    parts, keys, modes = (set(v.split(",")) for v in (args.parts, args.models, args.modes))
+    if "params" in parts:
+        for key in MODELS:
+            params_case(key)
+    if "forward" in parts:
+        for key in [k for k in (*MODELS, "vae") if k in keys]:
+            if key == "vae":
+                for dtype in ("bfloat16", "float32"):
+                    vae_decode_case(dtype)
+                continue
+            for mode in [m for m in ("fp32", "int8", "int4") if m in modes]:
+                forward_case(key, mode)
+    if "images" in parts:
+        images_case()
+
+
+if __name__ == "__main__":
+    main()
