@@ -3,17 +3,23 @@
     python -m dit_jax.demo runs/quickstart                       # a training run (latest EMA), pixel space
     python -m dit_jax.demo dit-xl2-256 --vae sd-vae-ft-mse --dtype bf16 --port 8000
     python -m dit_jax.demo PIXART_SIGMA_DIR                      # a diffusers pipeline folder (text-to-image)
+    python -m dit_jax.demo WAN_DIR --dtype bf16                  # a WanPipeline folder (text-to-video)
 
 The source is anything ``dit_jax.pipelines.load`` takes (training workdir, model directory, PyTorch checkpoint,
 diffusers pipeline folder), loaded once at start-up. The page offers a class (class-conditional models) or a prompt
-and height/width (text-to-image), steps, guidance scale and seed; a progress bar follows the sampler's steps (the
-pipeline's ``progress`` callback, polled from ``/api/progress``), and the image is shown and offered as a PNG
-download. One image is generated at a time: a request that arrives meanwhile gets HTTP 503 "busy". Bad input gets
-HTTP 400 with one message, shown on the page.
+and height/width (text-to-image; text-to-video also the number of frames), steps, guidance scale and seed; a
+progress bar follows the sampler's steps (the pipeline's ``progress`` callback, polled from ``/api/progress``), and
+the result is shown and offered for download: an image as a PNG, a video as an animated GIF (and as an MP4 when
+``imageio-ffmpeg`` is installed), both written by ``dit_jax.pipelines.save_video`` as ``python -m dit_jax.sample
+--video`` writes them. A text-to-video pipeline without a text encoder, loaded from a run whose data names its prompts
+(a moving-digits run such as the video quickstart), offers those prompts as a list. One result is generated at a
+time: a request that arrives meanwhile gets HTTP 503 "busy". Bad input gets HTTP 400 with one message, shown on the
+page.
 
 HTTP interface: ``GET /`` the page, ``GET /api/info`` the model and its defaults, ``POST /api/generate`` (JSON:
-``class_id`` or ``prompt``/``height``/``width``, ``steps``, ``guidance``, ``seed``; missing fields take the model's
-defaults) → ``{"url", "filename", "width", "height", ...}``, ``GET /api/progress``, ``GET /image/<id>.png``.
+``class_id`` or ``prompt``/``height``/``width`` (videos also ``num_frames``), ``steps``, ``guidance``, ``seed``; missing
+fields take the model's defaults) → ``{"url", "filename", "width", "height", "downloads", ...}``, ``GET
+/api/progress``, ``GET /image/<id>.png``, ``GET /video/<id>.gif`` (and ``.mp4``).
 Only the standard library is imported until the model loads, so ``--help`` is instant.
 """
 
@@ -25,12 +31,15 @@ import io
 import json
 import math
 import sys
+import tempfile
 import threading
 import time
 import traceback
 import uuid
+from collections.abc import Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,6 +47,8 @@ MAX_SEED = 2**31 - 1
 MAX_PROMPT = 2000  # characters
 MAX_BODY = 64 * 1024  # bytes of a request body
 KEEP_IMAGES = 32  # the newest images stay downloadable
+KEEP_VIDEOS = 8  # the newest videos (their GIF and MP4) stay downloadable
+MAX_FRAMES = 1024  # frames a video request may ask
 
 
 class RequestError(ValueError):
@@ -56,6 +67,12 @@ class Request:
     prompt: str | None = None
     height: int | None = None
     width: int | None = None
+    num_frames: int | None = None  # videos
+
+    def size(self) -> dict[str, int]:
+        """The size arguments of the pipeline call: height/width (text-to-image), and num_frames (videos)."""
+        out = dict(height=self.height, width=self.width, num_frames=self.num_frames)
+        return {k: v for k, v in out.items() if v is not None}
 
 
 def _shown(raw: Any) -> str:
@@ -94,20 +111,44 @@ def _number(body: dict[str, Any], name: str, default: float) -> float:
 
 class Demo:
     """A loaded pipeline behind the web page: request checking, one generation at a time, its progress, and the
-    newest images (PNG bytes by id)."""
+    newest results (PNG, GIF and MP4 bytes by URL path).
 
-    def __init__(self, pipe: Any, *, max_steps: int = 1000, max_size: int = 4096):
-        from dit_jax.pipelines import TextToImagePipeline
+    What the page offers is decided once from the pipeline: its kind of media (an image, or a video of
+    ``num_frames`` frames) and its input (a class id, or a prompt with height and width). ``prompts`` (videos only):
+    the model's text condition of each prompt a model without a text encoder was trained on (``run_prompts``); the
+    page then offers those prompts as a list. ``fps``: frames per second of the written videos."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        max_steps: int = 1000,
+        max_size: int = 4096,
+        max_frames: int = MAX_FRAMES,
+        fps: float = 16.0,
+        prompts: Mapping[str, Any] | None = None,
+    ):
+        import importlib.util
+
+        from dit_jax.pipelines import TextToImagePipeline, TextToVideoPipeline
 
         self.pipe = pipe
-        self.text = isinstance(pipe, TextToImagePipeline)
+        self.video = isinstance(pipe, TextToVideoPipeline)
+        self.text = self.video or isinstance(pipe, TextToImagePipeline)
+        if prompts is not None and not self.video:
+            raise ValueError(f"prompts= applies to text-to-video models; {pipe.source} is a {pipe.task} model")
+        self.prompts = None if prompts is None else dict(prompts)
         self.max_steps = max_steps
         self.max_size = max_size
+        self.max_frames = max_frames
+        self.fps = float(fps)
+        self.mp4 = self.video and importlib.util.find_spec("imageio_ffmpeg") is not None
         self.lock = threading.Lock()  # held while a generation runs
-        self._state = threading.Lock()  # guards the progress and the image store
+        self._state = threading.Lock()  # guards the progress and the result store
         self._progress: dict[str, Any] = dict(busy=False, phase="idle", step=0, total=0, elapsed=0.0)
         self._started = 0.0
-        self._images: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        # result id → {URL path: (bytes, content type)}, oldest first
+        self._results: collections.OrderedDict[str, dict[str, tuple[bytes, str]]] = collections.OrderedDict()
 
     # ---- what the page shows ------------------------------------------------------------------------------------
 
@@ -117,26 +158,52 @@ class Demo:
         out: dict[str, Any] = dict(
             source=pipe.source,
             family=pipe.family.display_name,
-            task="text-to-image" if self.text else "class-to-image",
+            task=pipe.task,
+            media="video" if self.video else "image",
             steps=int(pipe.num_inference_steps),
             guidance=float(pipe.guidance_scale),
             method=pipe.method,
             max_steps=self.max_steps,
             max_seed=MAX_SEED,
+            fields=self._fields(),
         )
         if self.text:
-            (_, _), (h, w) = pipe.image_size()
-            f = pipe.vae_scale_factor * pipe.model_config.patch_size * pipe.family.grid_multiple(pipe.model_config)
-            out.update(height=h, width=w, size_multiple=f, max_size=self.max_size, fields=self._fields())
+            cfg = pipe.model_config
+            f = pipe.vae_scale_factor * cfg.patch_size * pipe.family.grid_multiple(cfg)
+            out.update(self._default_size(), size_multiple=f, max_size=self.max_size)
         else:
             h, w, _ = pipe.latent_shape
             f = pipe.vae_scale_factor
-            out.update(height=h * f, width=w * f, num_classes=int(pipe.num_classes), fields=self._fields())
+            out.update(height=h * f, width=w * f, num_classes=int(pipe.num_classes))
+        if self.video:  # num_frames = 1 + t·(latent frames − 1) with latent frames a multiple of the temporal patch
+            t, pt = pipe.vae_temporal_factor, getattr(pipe.model_config, "patch_size_t", 1)
+            out.update(min_frames=1 + t * (pt - 1), frame_step=t * pt, max_frames=self.max_frames, fps=self.fps,
+                       formats=self._formats())  # fmt: skip
+        if self.prompts is not None:
+            out.update(prompts=list(self.prompts))
         return out
+
+    def _default_size(self) -> dict[str, int]:
+        """The size a request without one gets: the pipeline's default (a video model in pixel space, e.g. a
+        training run on raw frames: the clip the model was trained on)."""
+        pipe = self.pipe
+        if not self.video:
+            (_, _), (h, w) = pipe.image_size()
+            return dict(height=h, width=w)
+        if pipe.vae_config is None:
+            frames, h, w, _ = pipe.latent_shape
+            return dict(height=h, width=w, num_frames=frames)
+        f, h, w = pipe.video_size()
+        s, t = pipe.vae_scale_factor, pipe.vae_temporal_factor
+        return dict(height=h * s, width=w * s, num_frames=(f - 1) * t + 1)
+
+    def _formats(self) -> list[str]:
+        """The files a video is offered as: the animated GIF the page shows, and MP4 when it can be written."""
+        return ["gif", "mp4"] if self.mp4 else ["gif"]
 
     def _fields(self) -> list[str]:
         first = ["prompt", "height", "width"] if self.text else ["class_id"]
-        return first + ["steps", "guidance", "seed"]
+        return first + (["num_frames"] if self.video else []) + ["steps", "guidance", "seed"]
 
     def progress(self) -> dict[str, Any]:
         """``{busy, phase, step, total, elapsed}`` of the running generation (or the last one)."""
@@ -150,10 +217,12 @@ class Demo:
         with self._state:
             self._progress.update(values)
 
-    def image(self, name: str) -> bytes | None:
-        """The PNG bytes of ``<id>.png``, or None if unknown (or dropped as older than the newest ones)."""
+    def file(self, path: str) -> tuple[bytes, str] | None:
+        """``(bytes, content type)`` of a result's URL path (``/image/<id>.png``, ``/video/<id>.gif``), or None if
+        unknown (or dropped as older than the newest ones)."""
+        key = path.rsplit("/", 1)[-1].split(".", 1)[0]
         with self._state:
-            return self._images.get(name.removesuffix(".png"))
+            return self._results.get(key, {}).get(path)
 
     # ---- requests ------------------------------------------------------------------------------------------------
 
@@ -163,7 +232,7 @@ class Demo:
             raise RequestError("the request body must be a JSON object")
         unknown = sorted(set(body) - set(self._fields()))
         if unknown:
-            kind = "text-to-image" if self.text else "class-conditional"
+            kind = self.pipe.task if self.text else "class-conditional"
             raise RequestError(f"unknown field(s) {unknown}: this {kind} model takes {', '.join(self._fields())}")
         pipe = self.pipe
         steps = _integer(body, "steps", int(pipe.num_inference_steps), 1, self.max_steps)
@@ -171,17 +240,16 @@ class Demo:
         seed = _integer(body, "seed", 0, 0, MAX_SEED)
         try:
             if self.text:
-                prompt = body.get("prompt", "")
-                if not isinstance(prompt, str) or not prompt.strip():
-                    raise RequestError("prompt is empty: write what the image should show")
-                if len(prompt) > MAX_PROMPT:
-                    raise RequestError(f"prompt has {len(prompt)} characters; at most {MAX_PROMPT}")
-                (_, _), (h0, w0) = pipe.image_size()
-                height = _integer(body, "height", h0, 1, self.max_size)
-                width = _integer(body, "width", w0, 1, self.max_size)
-                pipe.image_size(height, width)  # a size the model cannot sample: one clear error
-                calls = pipe.trajectory(steps, height=height, width=width).num_model_calls
-                return Request(steps, guidance, seed, calls, prompt=prompt.strip(), height=height, width=width)
+                prompt = self._prompt(body)
+                default = self._default_size()
+                size = {k: _integer(body, k, default[k], 1, self.max_size) for k in ("height", "width")}
+                if self.video:
+                    size["num_frames"] = _integer(body, "num_frames", default["num_frames"], 1, self.max_frames)
+                    pipe.video_size(**size)  # a size the model cannot sample: one clear error
+                else:
+                    pipe.image_size(**size)
+                calls = pipe.trajectory(steps, **size).num_model_calls
+                return Request(steps, guidance, seed, calls, prompt=prompt, **size)
             class_id = _integer(body, "class_id", 0, 0, int(pipe.num_classes) - 1)
             calls = pipe.trajectory(steps).num_model_calls
             return Request(steps, guidance, seed, calls, class_id=class_id)
@@ -190,8 +258,25 @@ class Demo:
         except ValueError as e:  # the pipeline's own checks (e.g. steps a sampler cannot take)
             raise RequestError(str(e)) from None
 
+    def _prompt(self, body: dict[str, Any]) -> str:
+        prompt = body.get("prompt", "")
+        if self.prompts is not None:
+            if not isinstance(prompt, str) or prompt not in self.prompts:
+                some = ", ".join(repr(p) for p in list(self.prompts)[:3])
+                raise RequestError(
+                    f"prompt={_shown(prompt)}: expected one of the {len(self.prompts)} prompts this model was trained "
+                    f"on, e.g. {some}"
+                )
+            return prompt
+        what = "video" if self.video else "image"
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise RequestError(f"prompt is empty: write what the {what} should show")
+        if len(prompt) > MAX_PROMPT:
+            raise RequestError(f"prompt has {len(prompt)} characters; at most {MAX_PROMPT}")
+        return prompt.strip()
+
     def generate(self, body: Any) -> tuple[int, dict[str, Any]]:
-        """Check and run one request: ``(HTTP status, JSON reply)`` — 200 with the image's URL, 400 with the
+        """Check and run one request: ``(HTTP status, JSON reply)`` — 200 with the result's URL, 400 with the
         message of a bad request, 503 while another generation runs, 500 for a failure of the model."""
         try:
             req = self.parse(body)
@@ -200,8 +285,9 @@ class Demo:
         if not self.lock.acquire(blocking=False):
             p = self.progress()
             where = f" (step {p['step']}/{p['total']})" if p["total"] else ""
+            what = "video" if self.video else "image"
             return HTTPStatus.SERVICE_UNAVAILABLE, {
-                "error": f"busy: another image is being generated{where}; try again when it finishes"
+                "error": f"busy: another {what} is being generated{where}; try again when it finishes"
             }
         try:
             return HTTPStatus.OK, self._run(req)
@@ -214,8 +300,20 @@ class Demo:
             self._set(busy=False, phase="idle", elapsed=round(time.monotonic() - self._started, 2))
             self.lock.release()
 
+    def _sample(self, req: Request, progress: Any) -> Any:
+        """The pipeline's output for one request: (1, H, W, C) images or (1, F, H, W, C) videos in [0, 1]."""
+        common = dict(num_inference_steps=req.steps, guidance_scale=req.guidance, seed=req.seed, progress=progress)
+        if not self.text:
+            return self.pipe([req.class_id], **common)
+        if self.prompts is not None:  # the prompt's own text condition; the null one is zeros, as in training
+            import numpy as np
+
+            embeds = np.asarray(self.prompts[req.prompt], np.float32)[None]
+            common.update(prompt_embeds=embeds, negative_prompt_embeds=np.zeros_like(embeds))
+            return self.pipe(**req.size(), **common)
+        return self.pipe([req.prompt], **req.size(), **common)
+
     def _run(self, req: Request) -> dict[str, Any]:
-        from dit_jax.pipelines import to_uint8
         from dit_jax.sample import slug
 
         self._started = time.monotonic()
@@ -228,33 +326,42 @@ class Demo:
                     last[:] = [i, n]
                     self._progress.update(phase="decoding" if i >= n else "sampling", step=i, total=n)
 
-        common = dict(num_inference_steps=req.steps, guidance_scale=req.guidance, seed=req.seed, progress=progress)
-        if self.text:
-            images = self.pipe([req.prompt], height=req.height, width=req.width, **common)
-            name = f"{slug(req.prompt)}_seed{req.seed}"
-        else:
-            images = self.pipe([req.class_id], **common)
-            name = f"class{req.class_id}_seed{req.seed}"
-        pixels = to_uint8(images)[0]  # H W C
-        png = _png(pixels)
+        out = self._sample(req, progress)[0]  # H W C or F H W C
         key = uuid.uuid4().hex[:16]
+        name = f"{slug(req.prompt)}_seed{req.seed}" if self.text else f"class{req.class_id}_seed{req.seed}"
+        if self.video:
+            self._set(phase="writing")
+            files = _video_files(out, self.fps, self._formats())
+            stored = {f"/video/{key}.{fmt}": (data, _TYPES[fmt]) for fmt, data in files.items()}
+        else:
+            stored = {f"/image/{key}.png": (_png(out), _TYPES["png"])}
+        downloads = [
+            dict(format=url.rsplit(".", 1)[1].upper(), url=url, filename=f"{name}.{url.rsplit('.', 1)[1]}")
+            for url in stored
+        ]
         with self._state:
-            self._images[key] = png
-            while len(self._images) > KEEP_IMAGES:
-                self._images.popitem(last=False)
+            self._results[key] = stored
+            keep = KEEP_VIDEOS if self.video else KEEP_IMAGES
+            while len(self._results) > keep:
+                self._results.popitem(last=False)
         seconds = round(time.monotonic() - self._started, 2)
         what = f"prompt {req.prompt!r}" if self.text else f"class {req.class_id}"
-        summary = f"generated {what}, {req.steps} steps, guidance {req.guidance:g}, seed {req.seed}: {seconds} s"
+        size = f", {req.num_frames} frames of {out.shape[2]}×{out.shape[1]}" if self.video else ""
+        summary = f"generated {what}{size}, {req.steps} steps, guidance {req.guidance:g}, seed {req.seed}: {seconds} s"
         print(summary, file=sys.stderr, flush=True)
-        return dict(
-            url=f"/image/{key}.png",
-            filename=f"{name}.png",
-            width=int(pixels.shape[1]),
-            height=int(pixels.shape[0]),
+        reply = dict(
+            url=downloads[0]["url"],
+            filename=downloads[0]["filename"],
+            downloads=downloads,
+            width=int(out.shape[-2]),
+            height=int(out.shape[-3]),
             seconds=seconds,
             step=last[0],
             total=last[1],
         )
+        if self.video:
+            reply.update(num_frames=int(out.shape[0]), fps=self.fps)
+        return reply
 
     # ---- the page ------------------------------------------------------------------------------------------------
 
@@ -265,13 +372,27 @@ class Demo:
         num = 'type="number" inputmode="numeric"'
         if self.text:
             m = info["size_multiple"]
+            if self.prompts is not None:
+                options = "".join(f'<option value="{e(p)}">{e(p)}</option>' for p in self.prompts)
+                prompt = f'<label>Prompt<select id="prompt" name="prompt">{options}</select></label>'
+            else:
+                prompt = (
+                    f'<label>Prompt<textarea id="prompt" name="prompt" rows="3" maxlength="{MAX_PROMPT}" required>'
+                    "</textarea></label>"
+                )
+            frames = ""
+            if self.video:
+                first, t = info["min_frames"], info["frame_step"]
+                frames = (
+                    f'<label>Frames<input id="num_frames" name="num_frames" {num} min="{first}" step="{t}" '
+                    f'max="{self.max_frames}" value="{info["num_frames"]}"></label>'
+                )
             size = (
-                f'<label>Prompt<textarea id="prompt" name="prompt" rows="3" maxlength="{MAX_PROMPT}" required>'
-                "</textarea></label>"
+                f"{prompt}"
                 f'<div class="row"><label>Height<input id="height" name="height" {num} min="{m}" step="{m}" '
                 f'max="{self.max_size}" value="{info["height"]}"></label>'
                 f'<label>Width<input id="width" name="width" {num} min="{m}" step="{m}" max="{self.max_size}" '
-                f'value="{info["width"]}"></label></div>'
+                f'value="{info["width"]}"></label>{frames}</div>'
             )
         else:
             options = "".join(f'<option value="{i}">{i}</option>' for i in range(info["num_classes"]))
@@ -288,20 +409,37 @@ class Demo:
             f'<label>Seed<input id="seed" name="seed" {num} min="0" max="{MAX_SEED}" value="0"></label>'
             '<button type="button" id="random-seed" title="a random seed">random</button></div>'
         )
+        what = "video (animated GIF preview)" if self.video else "image"
         return (
             _PAGE.replace("%TITLE%", e(f"dit_jax demo — {info['family']}"))
             .replace("%SOURCE%", e(f"{info['source']} · {info['family']} · {info['task']} · {info['method']}"))
             .replace("%FORM%", form)
+            .replace("%WHAT%", what)
         )
 
 
+_TYPES = {"png": "image/png", "gif": "image/gif", "mp4": "video/mp4"}
+
+
 def _png(pixels: Any) -> bytes:
-    """(H, W, C) uint8 → PNG bytes (greyscale for one channel)."""
+    """(H, W, C) floats in [0, 1] → PNG bytes (greyscale for one channel)."""
     from PIL import Image
 
+    from dit_jax.pipelines import to_uint8
+
+    pixels = to_uint8(pixels)
     buf = io.BytesIO()
     Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _video_files(frames: Any, fps: float, formats: list[str]) -> dict[str, bytes]:
+    """One video's frames (F, H, W, C) in [0, 1] → ``{format: file bytes}``, written by ``save_video`` (what
+    ``python -m dit_jax.sample --video`` writes) into a temporary folder."""
+    from dit_jax.pipelines import save_video
+
+    with tempfile.TemporaryDirectory(prefix="dit_jax_demo_") as folder:
+        return {fmt: save_video(frames, Path(folder) / f"video.{fmt}", fps=fps).read_bytes() for fmt in formats}
 
 
 _PAGE = """<!doctype html>
@@ -327,14 +465,14 @@ figure { margin: 0; }
 <form id="form" novalidate>%FORM%<button type="submit" id="generate">Generate</button></form>
 <progress id="progress" max="1" value="0"></progress><div id="status">Ready.</div>
 <p id="error" role="alert" hidden></p>
-<figure id="result" hidden><img id="image" alt="generated image">
-<figcaption><a id="download" href="#" download>Download PNG</a> <span id="caption"></span></figcaption></figure>
+<figure id="result" hidden><img id="image" alt="the generated %WHAT%">
+<figcaption><span id="downloads"></span> <span id="caption"></span></figcaption></figure>
 <script>
 "use strict";
 const form = document.getElementById("form"), button = document.getElementById("generate");
 const bar = document.getElementById("progress"), statusLine = document.getElementById("status");
 const errorBox = document.getElementById("error"), result = document.getElementById("result");
-const image = document.getElementById("image"), link = document.getElementById("download");
+const image = document.getElementById("image"), downloads = document.getElementById("downloads");
 let poller = null;
 
 function showProgress(p) {
@@ -368,11 +506,19 @@ form.addEventListener("submit", async (event) => {
     if (!r.ok) throw new Error(out.error || (r.status + " " + r.statusText));
     bar.max = out.total; bar.value = out.step;
     await new Promise((resolve, reject) => {
-      image.onload = resolve; image.onerror = () => reject(new Error("the image did not load"));
+      image.onload = resolve; image.onerror = () => reject(new Error("the result did not load"));
       image.src = out.url;
     });
-    link.href = out.url; link.download = out.filename;
-    document.getElementById("caption").textContent = out.width + " × " + out.height + " px, " + out.seconds + " s";
+    // a link per file: the first (PNG or GIF) is #download, the others #download-<format> (MP4)
+    downloads.replaceChildren(...out.downloads.map((d, k) => {
+      const a = document.createElement("a");
+      a.id = k === 0 ? "download" : "download-" + d.format.toLowerCase();
+      a.href = d.url; a.download = d.filename; a.textContent = "Download " + d.format;
+      return a;
+    }).flatMap((a, k) => k === 0 ? [a] : [" ", a]));
+    const frames = out.num_frames ? ", " + out.num_frames + " frames at " + out.fps + " fps" : "";
+    document.getElementById("caption").textContent =
+      out.width + " × " + out.height + " px" + frames + ", " + out.seconds + " s";
     statusLine.textContent = "Done: " + out.step + "/" + out.total + " steps in " + out.seconds + " s.";
     result.hidden = false;
     document.body.dataset.state = "done";
@@ -421,8 +567,8 @@ def make_server(demo: Demo | None, host: str = "127.0.0.1", port: int = 7860) ->
                 self._json(HTTPStatus.OK, demo.info())
             elif path == "/api/progress":
                 self._json(HTTPStatus.OK, demo.progress())
-            elif path.startswith("/image/") and (png := demo.image(path[len("/image/") :])) is not None:
-                self._send(HTTPStatus.OK, png, "image/png", cache="private, max-age=3600, immutable")
+            elif path.startswith(("/image/", "/video/")) and (found := demo.file(path)) is not None:
+                self._send(HTTPStatus.OK, found[0], found[1], cache="private, max-age=3600, immutable")
             elif path == "/favicon.ico":
                 self._send(HTTPStatus.NO_CONTENT, b"", "image/x-icon")
             else:
@@ -458,8 +604,9 @@ def make_server(demo: Demo | None, host: str = "127.0.0.1", port: int = 7860) ->
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dit_jax.demo",
-        description="Serve a web page to generate images with a model: class or prompt, steps, guidance, seed, size; "
-        "a progress bar; the image shown and downloadable as PNG.",
+        description="Serve a web page to generate images or videos with a model: class or prompt, steps, guidance, "
+        "seed, size (and frames); a progress bar; the image shown and downloadable as PNG, a video as an animated GIF "
+        "(and MP4 with imageio-ffmpeg).",
     )
     p.add_argument(
         "source",
@@ -481,7 +628,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text-dtype", help="compute dtype of the text encoders (default: --dtype)")
     p.add_argument("--scheduler", help="diffusers scheduler config (scheduler_config.json or a folder) to sample with")
     p.add_argument("--max-steps", type=int, default=1000, help="most sampler steps a request may ask (default 1000)")
+    p.add_argument("--fps", type=float, default=16.0, help="frames per second of the videos (default 16)")
     return p
+
+
+def run_prompts(source: str) -> dict[str, Any] | None:
+    """``{prompt: the model's text condition (tokens, text_dim)}`` of a training run whose data names its prompts
+    and gives their features without a text encoder (a moving-digits run, the video quickstart: "digit 3 moving
+    left", …, in the layout it trained on); None for any other source."""
+    from dit_jax.runs import run_config
+
+    if not (Path(source) / "checkpoints").is_dir():
+        return None
+    try:
+        _, _, config = run_config(source)
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    data = config.get("data", {}) or {}
+    if data.get("name") != "moving_digits":
+        return None
+    from dit_jax.data import moving_digits as md
+
+    dim, tokens = int(data.get("text_dim") or 16), int(data.get("prompt_tokens") or md.PROMPT_TOKENS)
+    pairs = [(d, k) for d in range(md.NUM_DIGITS) for k in range(len(md.DIRECTIONS))]
+    return {md.prompt_text(d, k): md.prompt_context([d], [k], dim, tokens)[0] for d, k in pairs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -489,6 +659,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.max_steps < 1:
         print(f"error: --max-steps {args.max_steps}: expected a positive integer", file=sys.stderr)
+        return 1
+    if not (math.isfinite(args.fps) and args.fps > 0):
+        print(f"error: --fps {args.fps:g}: expected a positive number", file=sys.stderr)
         return 1
     try:
         server = make_server(None, args.host, args.port)  # a taken port fails before the model loads
@@ -501,11 +674,15 @@ def main(argv: list[str] | None = None) -> int:
 
         extra = {k: v for k, v in (("text_encoder", args.text_encoder), ("text_dtype", args.text_dtype)) if v}
         pipe = load(args.source, vae=args.vae, scheduler=args.scheduler, dtype=args.dtype, **extra)
+        prompts = None
+        if pipe.task == "text-to-video" and not pipe.encoders:  # a run that trained without a text encoder
+            prompts = run_prompts(args.source)
+        demo = Demo(pipe, max_steps=args.max_steps, fps=args.fps, prompts=prompts)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:  # ConversionError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         server.server_close()
         return 1
-    server.demo = Demo(pipe, max_steps=args.max_steps)
+    server.demo = demo
     host, port = server.server_address[:2]
     print(f"dit_jax demo: {pipe.source} at http://{host}:{port}/ (Ctrl-C stops)", flush=True)
     try:

@@ -157,7 +157,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images per sampler call (default: all at once)")
     p.add_argument("--dtype", default="fp32", choices=_DTYPES, help="compute dtype of the transformer and the VAE")
     p.add_argument(
-        "--quantize", choices=["int8"], help="int8 weights for the transformer and the text encoders (weight-only)"
+        "--quantize",
+        choices=["int8", "int4"],
+        help="weight-only quantisation: int8 for the transformer and the text encoders; int4 (packed, one scale per "
+        "64 weights) for the transformer with int8 text encoders",
     )
     p.add_argument(
         "--sequence-parallel",
@@ -351,6 +354,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         )
     else:
         latents = pipe.prepare_latents(n, args.seed)
+    _say_source(pipe)
     bar = None
     if not args.no_progress:
         from tqdm.auto import tqdm
@@ -393,6 +397,12 @@ def run(args: argparse.Namespace) -> list[Path]:
     ]
 
 
+def _say_source(pipe: Any) -> None:
+    """One line saying what is sampled: the pipeline's source (a training run: its checkpoint and weights, e.g. a
+    LoRA run's EMA adapters merged into its base)."""
+    print(f"sampling from {pipe.source}", flush=True)
+
+
 def _progress_bar(args: argparse.Namespace, total: int):
     if args.no_progress:
         return None
@@ -420,6 +430,7 @@ def _run_video(args: argparse.Namespace, pipe: Any) -> list[Path]:
     per_call = args.batch_size or n
     batches = [(i, min(i + per_call, n)) for i in range(0, n, per_call)]
     latents = pipe.prepare_latents(n, args.seed, **size)
+    _say_source(pipe)
     bar = _progress_bar(args, len(batches) * calls)
     videos = []
     try:

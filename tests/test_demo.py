@@ -1,9 +1,13 @@
 """``python -m dit_jax.demo`` end to end: the demo runs as its own process on a tiny random class-conditional DiT in
 the quickstart's layout (16×16 greyscale, pixel space), and a real headless Chromium (Selenium + chromedriver) fills
 the form, clicks Generate and gets the image; the JSON errors, the one-at-a-time lock and a model-free ``--help`` are
-checked beside it. The browser tests are skipped only where /usr/bin/chromium is absent (CI installs it)."""
+checked beside it. Videos likewise: a second demo process serves a tiny random Wan 2.1 model directory (pixel space,
+greyscale, the video quickstart's 4 frames of 16×16) with a tiny random UMT5 text encoder, and the browser gets the
+animated GIF (and the MP4); a model without a text encoder is served with the prompts its run trained on. The browser
+tests are skipped only where /usr/bin/chromium is absent (CI installs it)."""
 
 import base64
+import dataclasses
 import io
 import json
 import queue
@@ -24,8 +28,11 @@ from subprocess_env import REPO, cpu_env
 
 from dit_jax import pipelines
 from dit_jax.checkpoint import save_model
-from dit_jax.demo import Demo, make_server
-from dit_jax.models import DiTConfig, init_params
+from dit_jax.data import moving_digits as md
+from dit_jax.demo import Demo, make_server, run_prompts
+from dit_jax.encoders.t5 import T5Config
+from dit_jax.models import DiTConfig, abstract_params, init_params
+from dit_jax.models.wan import WanConfig
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -33,6 +40,12 @@ CONFIG = DiTConfig(
     input_size=16, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10, learn_sigma=False
 )
 REQUEST = dict(class_id=3, steps=4, guidance=2.5, seed=7)
+# the video quickstart's layout (4 frames of 16×16, greyscale, pixel space, patches 1×4×4) at a smaller width
+WAN = WanConfig(
+    input_size=16, input_frames=4, patch_size=4, in_channels=1, out_channels=1, hidden_size=32, num_heads=2, depth=2,
+    ffn_dim=64, text_dim=16, freq_dim=16, rope_max_seq_len=16,
+)  # fmt: skip
+VIDEO_REQUEST = dict(prompt="a cat", num_frames=5, height=16, width=24, steps=3, guidance=4.0, seed=7)
 needs_browser = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent (apt-get install chromium)")
 
 
@@ -51,12 +64,42 @@ def pipe(model_dir):
     return pipelines.load(model_dir)
 
 
+def random_params(config, seed: int) -> dict:
+    """Normal(0, 0.3) parameters of ``config``'s shapes (no zero layers; no init to compile)."""
+    from dit_jax.runs import unbox_abstract
+
+    rs = np.random.RandomState(seed)
+    shapes = unbox_abstract(abstract_params(config))
+    return jax.tree.map(lambda x: (rs.randn(*x.shape) * 0.3).astype(np.float32), shapes)
+
+
+@pytest.fixture(scope="module")
+def video_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    """``(Wan model directory, UMT5 folder)``: random weights; the UMT5 folder holds a dit_jax model directory in
+    ``text_encoder/`` and a tiny T5 tokenizer in ``tokenizer/``."""
+    from test_t5 import tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("video_demo")
+    save_model(root / "wan", WAN, random_params(WAN, 1))
+    tokenizer = tiny_tokenizer()
+    t5 = T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                  model_type="umt5", relative_bias_per_layer=True)  # fmt: skip
+    save_model(root / "umt5" / "text_encoder", t5, random_params(t5, 2))
+    tokenizer.save_pretrained(root / "umt5" / "tokenizer")
+    return root / "wan", root / "umt5"
+
+
+@pytest.fixture(scope="module")
+def video_pipe(video_dirs):
+    return pipelines.load(video_dirs[0], text_encoder=video_dirs[1])
+
+
 class DemoProcess:
     """``python -m dit_jax.demo MODEL --port 0`` as a subprocess; ``url`` waits for the line that announces it (so
     the browser and the in-process pipeline start while the demo loads)."""
 
-    def __init__(self, model_dir: Path, log: Path):
-        cmd = [sys.executable, "-m", "dit_jax.demo", str(model_dir), "--host", "127.0.0.1", "--port", "0"]
+    def __init__(self, model_dir: Path, log: Path, *args: str):
+        cmd = [sys.executable, "-m", "dit_jax.demo", str(model_dir), "--host", "127.0.0.1", "--port", "0", *args]
         self.log = log
         with open(log, "w") as err:
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(1), stdout=subprocess.PIPE, stderr=err, text=True)
@@ -88,6 +131,15 @@ class DemoProcess:
 @pytest.fixture(scope="module")
 def demo(model_dir, tmp_path_factory):
     process = DemoProcess(model_dir, tmp_path_factory.mktemp("demo_log") / "stderr.txt")
+    yield process
+    process.stop()
+    print(process.log.read_text())
+
+
+@pytest.fixture(scope="module")
+def video_demo(video_dirs, tmp_path_factory):
+    wan, umt5 = video_dirs
+    process = DemoProcess(wan, tmp_path_factory.mktemp("video_demo_log") / "stderr.txt", "--text-encoder", str(umt5))
     yield process
     process.stop()
     print(process.log.read_text())
@@ -144,12 +196,24 @@ def wait_state(driver) -> str:
     return state(driver)
 
 
+def browser_fetch(driver, link) -> bytes:
+    """The bytes the browser gets from a link's URL (as its download would)."""
+    fetched = driver.execute_async_script(
+        """const done = arguments[arguments.length - 1];
+        fetch(arguments[0].href).then(r => r.arrayBuffer()).then(b => {
+          let s = ""; for (const x of new Uint8Array(b)) s += String.fromCharCode(x); done(btoa(s));
+        }).catch(e => done("failed: " + e));""",
+        link,
+    )
+    return base64.b64decode(fetched)
+
+
 def test_help_loads_nothing():
     """``--help`` answers at once: only the standard library is imported (no JAX, no model)."""
     cmd = [sys.executable, "-X", "importtime", "-m", "dit_jax.demo", "--help"]
     proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(1), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    for flag in ("MODEL_OR_WORKDIR", "--host", "--port", "--dtype", "--vae", "--text-encoder"):
+    for flag in ("MODEL_OR_WORKDIR", "--host", "--port", "--dtype", "--vae", "--text-encoder", "--fps"):
         assert flag in proc.stdout
     modules = {ln.rsplit("|", 1)[-1].strip().split(".")[0] for ln in proc.stderr.splitlines() if "|" in ln}
     assert "dit_jax" in modules and not modules & {"jax", "numpy", "flax", "PIL", "torch"}
@@ -179,14 +243,8 @@ def test_browser_generates_and_downloads_the_image(demo, browser, pipe):
     # the download link serves the bytes the image element shows, as a PNG file name
     link = browser.find_element(By.ID, "download")
     assert link.get_attribute("download") == "class3_seed7.png"
-    fetched = browser.execute_async_script(
-        """const done = arguments[arguments.length - 1];
-        fetch(arguments[0].href).then(r => r.arrayBuffer()).then(b => {
-          let s = ""; for (const x of new Uint8Array(b)) s += String.fromCharCode(x); done(btoa(s));
-        }).catch(e => done("failed: " + e));""",
-        link,
-    )
-    data = base64.b64decode(fetched)
+    assert link.text == "Download PNG" and not browser.find_elements(By.ID, "download-mp4")
+    data = browser_fetch(browser, link)
     with urllib.request.urlopen(image.get_attribute("src"), timeout=30) as r:
         assert r.headers["Content-Type"] == "image/png"
         assert r.read() == data
@@ -220,6 +278,126 @@ def test_browser_shows_a_bad_request(demo, browser):
     assert error.is_displayed() and error.text == "steps=0: expected an integer from 1 to 1000"
     assert not browser.find_element(By.ID, "result").is_displayed()
     assert browser.find_element(By.ID, "generate").is_enabled()  # the page can try again
+
+
+def gif_frames(data: bytes) -> np.ndarray:
+    """The frames of an animated GIF as (F, H, W) greyscale uint8 (every frame drawn in full)."""
+    gif = Image.open(io.BytesIO(data))
+    frames = []
+    for k in range(gif.n_frames):
+        gif.seek(k)
+        frames.append(np.asarray(gif.convert("L")))
+    return np.stack(frames)
+
+
+@needs_browser
+def test_browser_generates_and_downloads_a_video(video_demo, browser, video_pipe):
+    from selenium.webdriver.common.by import By
+
+    browser.get(video_demo.url)
+    assert (
+        "dit_jax demo — Wan" in browser.title and "text-to-video" in browser.find_element(By.CLASS_NAME, "source").text
+    )
+    assert browser.find_element(By.ID, "prompt").tag_name == "textarea"
+    # the defaults: the model's own clip (pixel space) and the Wan sampler's steps
+    defaults = {k: browser.find_element(By.ID, k).get_attribute("value") for k in ("num_frames", "height", "steps")}
+    assert defaults == {"num_frames": "4", "height": "16", "steps": "50"}
+    fill(browser, VIDEO_REQUEST)
+    assert wait_state(browser) == "done", browser.find_element(By.ID, "error").text
+    # the page shows the animated GIF at the requested size
+    image = browser.find_element(By.ID, "image")
+    size = browser.execute_script("const i = arguments[0]; return [i.complete, i.naturalWidth, i.naturalHeight]", image)
+    assert size == [True, 24, 16]
+    calls = video_pipe.trajectory(VIDEO_REQUEST["steps"], num_frames=5, height=16, width=24).num_model_calls
+    bar = browser.find_element(By.ID, "progress")
+    assert float(bar.get_attribute("max")) == float(bar.get_attribute("value")) == calls
+    assert "24 × 16 px, 5 frames at 16 fps" in browser.find_element(By.ID, "caption").text
+
+    # the GIF download: the bytes the page shows, 5 frames of 24×16, the pipeline's video for that request
+    link = browser.find_element(By.ID, "download")
+    assert (link.text, link.get_attribute("download")) == ("Download GIF", "a-cat_seed7.gif")
+    data = browser_fetch(browser, link)
+    with urllib.request.urlopen(image.get_attribute("src"), timeout=30) as r:
+        assert r.headers["Content-Type"] == "image/gif" and r.read() == data
+    assert data[:6] == b"GIF89a" and Image.open(io.BytesIO(data)).info["loop"] == 0  # loops forever
+    got = gif_frames(data).astype(int)
+    assert got.shape == (5, 16, 24)
+    kwargs = {k: VIDEO_REQUEST[k] for k in ("num_frames", "height", "width", "seed")}
+    kwargs.update(num_inference_steps=VIDEO_REQUEST["steps"], guidance_scale=VIDEO_REQUEST["guidance"])
+    want = pipelines.to_uint8(video_pipe(VIDEO_REQUEST["prompt"], **kwargs))[0, ..., 0].astype(int)
+    assert np.abs(got - want).max() <= 1 and np.abs(np.diff(want, axis=0)).max() > 0  # the frames differ
+
+    # the MP4 download (imageio-ffmpeg is installed here): an H.264 file of the same frames
+    import imageio_ffmpeg
+
+    mp4 = browser.find_element(By.ID, "download-mp4")
+    assert (mp4.text, mp4.get_attribute("download")) == ("Download MP4", "a-cat_seed7.mp4")
+    data = browser_fetch(browser, mp4)
+    assert data[4:8] == b"ftyp"
+    path = video_demo.log.parent / "a-cat_seed7.mp4"
+    path.write_bytes(data)
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    frames = [np.frombuffer(f, np.uint8).reshape(16, 24, 3) for f in reader]
+    assert meta["size"] == (24, 16) and meta["fps"] == 16 and len(frames) == 5
+    assert np.abs(np.stack(frames)[..., 0].astype(int) - want).mean() < 8  # lossy, close
+
+
+def test_video_api_info_and_bad_requests(video_demo):
+    with urllib.request.urlopen(video_demo.url + "api/info", timeout=30) as r:
+        info = json.load(r)
+    assert (info["task"], info["media"], info["formats"]) == ("text-to-video", "video", ["gif", "mp4"])
+    assert (info["num_frames"], info["height"], info["width"], info["size_multiple"]) == (4, 16, 16, 4)
+    assert (info["min_frames"], info["frame_step"], info["fps"]) == (1, 1, 16.0)  # pixel space: any frame count
+    assert info["fields"] == ["prompt", "height", "width", "num_frames", "steps", "guidance", "seed"]
+    for body, message in [
+        (dict(VIDEO_REQUEST, num_frames=0), "num_frames=0: expected an integer from 1 to 1024"),
+        (dict(VIDEO_REQUEST, height=10), "height and width must be multiples of 4"),
+        (dict(VIDEO_REQUEST, prompt=" "), "prompt is empty: write what the video should show"),
+        (dict(REQUEST), "unknown field(s) ['class_id']: this text-to-video model takes prompt, height"),
+    ]:
+        status, reply = post(video_demo.url, body)
+        assert status == 400 and reply["error"].startswith(message), reply
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(video_demo.url + "video/0123456789abcdef.gif", timeout=30)
+    assert e.value.code == 404
+
+
+def test_a_video_model_without_text_encoder_is_served_with_its_prompts(video_pipe, video_dirs, pipe, monkeypatch):
+    """A text-to-video model that trained on prompt features made without a text encoder (a moving-digits run: one
+    token, digit and direction channels hot) offers its prompts as a list and samples from their features, with the
+    zero null prompt of its training for guidance. Without imageio-ffmpeg the video is offered as a GIF only."""
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as if it were not installed
+    text_free = dataclasses.replace(video_pipe, text_encoder=None)
+    assert not text_free.encoders
+    table = {md.prompt_text(d, k): md.prompt_context([d], [k], 16, 1)[0] for d in range(10) for k in range(4)}
+    app = Demo(text_free, prompts=table)
+    info = app.info()
+    assert info["prompts"][:2] == ["digit 0 moving right", "digit 0 moving left"] and info["formats"] == ["gif"]
+    page = app.page()
+    assert '<select id="prompt" name="prompt"><option value="digit 0 moving right">' in page
+    assert '<option value="digit 9 moving up">digit 9 moving up</option></select>' in page
+    status, reply = app.generate(dict(prompt="digit 3 moving left", steps=2, seed=1))
+    assert status == 200 and reply["filename"] == "digit-3-moving-left_seed1.gif" and reply["num_frames"] == 4
+    assert [d["format"] for d in reply["downloads"]] == ["GIF"]
+    got = gif_frames(app.file(reply["url"])[0]).astype(int)
+    context = table["digit 3 moving left"][None]
+    kwargs = dict(num_inference_steps=2, seed=1, num_frames=4, height=16, width=16)
+    want = text_free(prompt_embeds=context, negative_prompt_embeds=np.zeros_like(context), **kwargs)
+    other = text_free(
+        prompt_embeds=table["digit 5 moving up"][None], negative_prompt_embeds=np.zeros_like(context), **kwargs
+    )
+    want, other = (pipelines.to_uint8(v)[0, ..., 0].astype(int) for v in (want, other))
+    assert got.shape == (4, 16, 16) and np.abs(got - want).max() <= 1 and np.abs(other - want).max() > 1
+    for prompt in ("digit 3 moving sideways", ["digit 3 moving left"]):
+        status, reply = app.generate(dict(prompt=prompt))
+        shown = prompt if isinstance(prompt, str) else repr(prompt)
+        assert status == 400 and reply["error"].startswith(
+            f"prompt={shown}: expected one of the 40 prompts this model was trained on"
+        ), reply
+    assert run_prompts(str(video_dirs[0])) is None  # a model directory names no prompts
+    with pytest.raises(ValueError, match="prompts= applies to text-to-video models"):
+        Demo(pipe, prompts=table)  # an image model
 
 
 @pytest.mark.parametrize(

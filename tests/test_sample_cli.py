@@ -88,6 +88,8 @@ def test_cli_workdir(workdir, tmp_path, capsys):  # noqa: F811
     )
     im = Image.open(out)
     assert im.mode == "L" and im.size == (2 + 4 * 10, 2 + 10)
+    # one line says what was sampled: the run's checkpoint and weights (a LoRA run: its adapters merged into the base)
+    assert capsys.readouterr().out.splitlines() == [f"sampling from {root} (checkpoint 9, EMA)", f"wrote {out}"]
 
 
 @pytest.mark.parametrize(
