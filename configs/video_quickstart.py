@@ -7,10 +7,10 @@ across the motion, each frame after the first with a trail (the glyph where it w
 token (1, 16) in Wan's `context` (cross-attention) with two channels hot, the digit's and the direction's; dropping
 it (10%) gives the zero null prompt of guidance.
 The model is the Wan family's transformer at toy size, in pixel space: patches (1, 4, 4) → 4 × 4 × 4 = 64 tokens,
-width 128, 3 blocks, 3-D RoPE (0.85M parameters); rectified flow with logit-normal σ, AdamW 2e-3 (cosine, 100 warm-up
-steps), batch 32, 2,400 steps, EMA 0.999 with warm-up. Sample previews (UniPC flow solver, 24 steps, guidance 3; the
-prompts of the first training batch) are written at steps 1,200 and 2,400 as WORKDIR/samples/step_<N>.gif (an
-animated grid) and .png (one row of frames per clip).
+width 128, 3 blocks, 3-D RoPE (0.85M parameters); rectified flow with logit-normal σ shifted by 3, AdamW 2e-3
+(cosine, 100 warm-up steps), batch 32, 2,400 steps, EMA 0.999 with warm-up. Sample previews (UniPC flow solver,
+24 steps, guidance 3; the prompts of the first training batch) are written at steps 1,200 and 2,400 as
+WORKDIR/samples/step_<N>.gif (an animated grid) and .png (one row of frames per clip).
 
 Command:   python -m dit_jax.train --config configs/video_quickstart.py --workdir runs/video_quickstart
            python -m dit_jax.evaluate --workdir runs/video_quickstart
@@ -41,7 +41,8 @@ def get_config():
         scan_blocks=True,  # XLA:CPU runs the unrolled stack 2.5× slower (and compiles it 2× slower)
     )
     c.objective = "flow"
-    c.diffusion = dict(weighting="logit_normal")
+    # σ shifted by 3 (SD3's shift, as Wan trains): more steps at high noise, where the clip's time direction is decided
+    c.diffusion = dict(weighting="logit_normal", shift=3.0)
     # centred across the motion, with a trail that shows the way the digit goes (Wan's RoPE positions are relative:
     # without it the toy model picks the time direction at random; README)
     c.data = dict(name="moving_digits", image_size=16, num_frames=4, text_dim=16, random_offset=False,
