@@ -5,6 +5,8 @@
   XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false \
       python -m benchmarks.quantize --parts forward --models t5  # T5 is never scanned (see dit_jax/quantize.py)
   python -m benchmarks.quantize --parts images                  # tiny random pipelines: minutes on CPU
+  XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false \
+      python -m benchmarks.quantize --parts offload               # FLUX.1-dev int4 + offload: compile only, minutes
 
 ``params``: SD3.5-medium, FLUX.1-dev and T5-v1.1-XXL from their presets' abstract shapes: parameter count and bytes
 in fp32, bf16, int8 and int4 (the default ``QuantizeConfig`` of each mode; what stays float stays fp32), the share of
@@ -21,7 +23,19 @@ above for its sequential one (what the T5 figure needs; it also lowers the other
 tests/test_pipelines_pixart.py), 4 images, 12 steps, images in [0, 1]: max and mean abs error of int8 and int4
 (``min_size=0``; int4 ``group_size=8``, which the tiny widths of 24–128 divide, and int8 text encoders,
 ``pipelines.load``'s default) against the float pipeline of the same compute dtype, plus int4 with int4 text
-encoders and bf16 against fp32 for scale. One JSON line per case.
+encoders and bf16 against fp32 for scale.
+
+``offload``: the device peak of FLUX.1-dev sampled with ``pipelines.load(..., quantize="int4", offload=True)`` at
+1024 px, bf16 compute, batch 1, 28 steps, one device: the maximum over the stages, each the params placed for it
+plus its compiled function's other arguments, temporaries and outputs (XLA's ``memory_analysis``, compiled for one
+CPU device from abstract shapes): (1) the text encoders (int8 CLIP-L then int8 T5-XXL, both held to the end of
+encoding; ``TextEncoder`` pads the prompts to its batch of 16; CLIP 77 tokens, T5 512), (2) the pipeline's own
+jitted sampler loop (``_sampler_fn``, Euler on Flux-dev's shifted sigmas, embedded guidance 3.5, no CFG) with the
+int4 transformer, (3) the VAE decode as the pipeline runs it (fp32 params, bf16 compute). Also the host memory:
+every component's params (resident, what offload keeps) and the peak while ``pipelines.load`` reads them (the fp32
+transformer as read, then each fp32 text encoder as read beside its int8 copy, then the transformer's int4 copy).
+
+One JSON line per case.
 """
 
 import argparse
@@ -257,9 +271,130 @@ def int4_text_encoders(folder: Path, config, dtype: str, int4) -> dict:
     }  # fmt: skip
 
 
+# ---- offload: the device peak of each stage ------------------------------------------------------------------
+
+STEPS = 28
+TEXT_BATCH = 16  # TextEncoder's default batch: the prompts are padded to it
+
+
+def _memory(compiled) -> dict:
+    mem = compiled.memory_analysis()
+    return dict(arguments=mem.argument_size_in_bytes, temp=mem.temp_size_in_bytes, output=mem.output_size_in_bytes,
+                alias=mem.alias_size_in_bytes)  # fmt: skip
+
+
+def _gb(n: float) -> float:
+    return round(n / GB, 3)
+
+
+def _text_encoder_stage(int4) -> tuple[dict, dict]:
+    """(record fields, host bytes) of the text encoders as ``pipelines.load(quantize="int4")`` builds them for Flux:
+    int8 CLIP-L (no projection) and T5-XXL, bf16 compute; each one's jitted encoder at its length and batch 16."""
+    from dit_jax.encoders.clip import clip_preset
+
+    text_config = Q.text_encoder_config(int4)
+    encoders = {"clip": (clip_preset("clip-vit-large-patch14", projection_dim=None, dtype="bfloat16"), 77),
+                "t5": (config_of("t5"), T5_TOKENS)}  # fmt: skip
+    fields, held, host = {}, 0, {}
+    for name, (config, tokens) in encoders.items():  # FluxPipeline's slot order: CLIP, then T5
+        shapes = shapes_of(config)
+        params = Q.quantize_params(shapes, text_config)
+        module = models.build(config)
+        ids = jax.ShapeDtypeStruct((TEXT_BATCH, tokens), jnp.int32)
+        mem = _memory(jax.jit(lambda p, i, m, module=module: module.apply({"params": p}, i, m)).lower(
+            params, ids, ids).compile())  # fmt: skip
+        size = Q.nbytes(params)
+        held += size  # the encoders placed so far stay placed to the end of encoding
+        peak = held - size + mem["arguments"] + mem["temp"] + mem["output"] - mem["alias"]
+        fields[name] = dict(params_gb=_gb(size), temp_gb=_gb(mem["temp"]), peak_gb=_gb(peak))
+        host[name] = (Q.nbytes(shapes), size)
+    return fields, host
+
+
+def offload_case() -> None:
+    from benchmarks.forward import text_inputs
+    from dit_jax import diffusion
+    from dit_jax.encoders.vae import vae_preset
+    from dit_jax.pipelines import TextToImagePipeline
+
+    int4 = Q.quantize_config("int4")
+    config = config_of("flux")
+    shapes = shapes_of(config)
+    params = Q.quantize_params(shapes, int4)
+    vae_config = vae_preset("flux", dtype="bfloat16")
+    vae = models.build(vae_config)
+    vae_params = nn.meta.unbox(jax.eval_shape(lambda k: vae.init(k, *vae_config.dummy_inputs(1))["params"],
+                                              jax.random.key(0)))  # fmt: skip
+    family = family_of(config)
+    scheduler_config = dict(family.scheduler_config_for(config))
+    schedule, method, options = diffusion.from_diffusers_scheduler_config(scheduler_config)
+    pipe = TextToImagePipeline(model_config=config, params=params, schedule=schedule, method=method, options=options,
+                               vae_config=vae_config, vae_params=vae_params, scheduler_config=scheduler_config,
+                               devices=jax.devices()[:1], max_sequence_length=T5_TOKENS,
+                               **family.sampling_for(config))  # fmt: skip
+    px = LATENT * 8
+
+    text, text_host = _text_encoder_stage(int4)
+
+    # the sampler loop: the pipeline's own jitted function, at the shapes its __call__ gives it (Flux-dev: no CFG)
+    request = pipe.request_options(STEPS, None, (px, px), {})
+    steps, scale, schedule, method, options = pipe._call_settings("np", STEPS, None, None, None, request)
+    fn = pipe._sampler_fn(("offload",), schedule, method, steps, options, False, None, False)
+    cond = _abstract(text_inputs(config, 1, LATENT)["condition"])
+    x = jax.ShapeDtypeStruct((1, LATENT, LATENT, config.in_channels), jnp.float32)
+    rng = jax.eval_shape(lambda: jax.random.fold_in(jax.random.key(0), 1))
+    t0 = time.perf_counter()
+    with pipe._context():
+        loop = _memory(fn.lower(params, x, cond, {}, jax.ShapeDtypeStruct((), jnp.float32), rng).compile())
+    loop_s = time.perf_counter() - t0
+
+    # the VAE decode, as SamplingPipeline._decode runs it
+    def decode(p, z):
+        return jnp.clip(pipe._vae_decode(p, z) / 2 + 0.5, 0.0, 1.0)
+
+    with pipe._context():
+        dec = _memory(jax.jit(decode).lower(vae_params, x).compile())
+
+    def peak(mem: dict) -> int:
+        return mem["arguments"] + mem["temp"] + mem["output"] - mem["alias"]
+
+    stages = {
+        "text_encoders": max(v["peak_gb"] for v in text.values()),
+        "transformer_loop": _gb(peak(loop)),
+        "vae_decode": _gb(peak(dec)),
+    }
+    top = max(stages.values())
+    fp32_model = Q.nbytes(shapes)
+    resident = Q.nbytes(params) + sum(q for _, q in text_host.values()) + Q.nbytes(vae_params)
+    reading = {  # pipelines.load: the fp32 transformer as read, then each text encoder fp32 + int8, then int4
+        name: fp32_model + sum(text_host[n][1] for n in list(text_host)[: i + 1]) + text_host[name][0]
+        for i, name in enumerate(text_host)
+    }
+    reading["transformer int4"] = fp32_model + Q.nbytes(params) + sum(q for _, q in text_host.values())
+    emit(dict(case="offload", model="FLUX.1-dev", transformer="int4", text_encoders="int8", compute="bf16", batch=1,
+              px=px, steps=steps, text_encoders_stage=text,
+              transformer_loop=dict(params_gb=_gb(Q.nbytes(params)), temp_gb=_gb(loop["temp"]),
+                                    peak_gb=stages["transformer_loop"], compile_s=round(loop_s, 1)),
+              vae_decode=dict(params_gb=_gb(Q.nbytes(vae_params)), temp_gb=_gb(dec["temp"]),
+                              peak_gb=stages["vae_decode"]),
+              device_peak_gb=top, device_peak_gib=round(top * GB / 2**30, 3),
+              peak_stage=max(stages, key=stages.get), fits_8gb=top * GB <= 8e9,
+              host_resident_gb=_gb(resident), host_load_peak_gb=_gb(max(reading.values())),
+              cpu_scheduler=_cpu_scheduler(), device=_device()))  # fmt: skip
+
+
+def _cpu_scheduler() -> str:
+    import os
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    sequential = "--xla_cpu_enable_concurrency_optimized_scheduler=false" in flags
+    return "sequential" if sequential else "concurrency-optimised (default)"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default="params,forward,images", help="params, forward, images (comma-separated)")
+    p.add_argument("--parts", default="params,forward,images",
+                   help="params, forward, images, offload (comma-separated)")  # fmt: skip
     p.add_argument("--models", default="sd3,flux,t5", help="forward: sd3, flux, t5, vae (comma-separated)")
     p.add_argument("--modes", default="int8,int4", help="forward: fp32, int8, int4 params (comma-separated)")
     args = p.parse_args()
@@ -277,6 +412,8 @@ def main() -> None:
                 forward_case(key, mode)
     if "images" in parts:
         images_case()
+    if "offload" in parts:
+        offload_case()
 
 
 if __name__ == "__main__":

@@ -163,6 +163,12 @@ def _parser() -> argparse.ArgumentParser:
         "64 weights) for the transformer with int8 text encoders",
     )
     p.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep the weights in host memory and place each component on the device only while it runs (text "
+        "encoders, then the transformer, then the VAE): less device memory, one transfer per component per call",
+    )
+    p.add_argument(
         "--sequence-parallel",
         type=int,
         default=1,
@@ -306,6 +312,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     extra = {k: v for k, v in (("text_encoder", args.text_encoder), ("text_dtype", args.text_dtype)) if v is not None}
     if args.quantize:
         extra["quantize"] = args.quantize
+    if args.offload:
+        extra["offload"] = True
     pipe = load(
         source,
         vae=args.vae,

@@ -29,6 +29,7 @@ from dit_jax.models import build, family_of
 from dit_jax.parallel import logical_rules
 from dit_jax.parallel.mesh import MESH_AXES
 from dit_jax.parallel.sequence import SEQUENCE_MODES, sequence_mode
+from dit_jax.pipelines import offload as _offload
 
 OUTPUT_TYPES = ("np", "pil", "latent")
 
@@ -144,6 +145,10 @@ class SamplingPipeline:
     ``devices`` (default: all local devices) carry the sharded batch. ``sequence_parallel`` = n > 1 splits each
     image's tokens over n of them (sequence parallelism, ``dit_jax.parallel.sequence``; ``sequence_mode`` "auto",
     "ulysses" or "ring") and the batch over the rest: for 2K/4K images whose attention does not fit one device.
+    ``offload=True`` keeps the params of the model, the VAE and the text encoders in host memory (NumPy) and places
+    each component on the devices only while it runs (``dit_jax.pipelines.offload``): the text encoders while the
+    prompts are encoded, the model for the sampler loop (once per call), the VAE for the decode, each released before
+    the next is placed. Text encoders given to the pipeline are used through host copies (``TextEncoder.offloaded``).
     """
 
     model_config: Any
@@ -160,8 +165,11 @@ class SamplingPipeline:
     source: str = ""
     sequence_parallel: int = 1
     sequence_mode: str = "auto"
+    offload: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.offload, bool):
+            raise ValueError(f"offload={self.offload!r} must be True or False")
         self._check_model()
         if (self.vae_config is None) != (self.vae_params is None):
             raise ValueError("give both vae_config and vae_params, or neither (a pixel-space model)")
@@ -184,6 +192,9 @@ class SamplingPipeline:
             axis_types=(AxisType.Auto,) * len(MESH_AXES),
         )
         self._rules = logical_rules()
+        if self.offload:  # params in host memory; placed per stage (_on_device)
+            self.params = _offload.to_host(self.params)
+            self.vae_params = _offload.to_host(self.vae_params)
         self._placed: dict[str, Any] = {}
         self._compiled: dict[tuple, Callable] = {}
         self._progress: Callable[[int, int], None] | None = None
@@ -216,6 +227,11 @@ class SamplingPipeline:
     def family(self):
         """The model's family (how it reads its condition, its sizes and text settings)."""
         return family_of(self.model_config)
+
+    @property
+    def encoders(self) -> dict[str, Any]:
+        """The text encoders by slot name (none here; text-conditioned pipelines have theirs)."""
+        return {}
 
     # ---- properties ------------------------------------------------------------------------------------------
 
@@ -335,6 +351,25 @@ class SamplingPipeline:
         if name not in self._placed:
             self._placed[name] = jax.device_put(tree, self._replicated())
         return self._placed[name]
+
+    @contextlib.contextmanager
+    def _on_device(self, name: str, tree: Any) -> Iterator[Any]:
+        """Parameters replicated on the pipeline's devices for a block: placed once and kept (``_put``), or with
+        ``offload`` placed for the block and released after it (the block waits for the results that read them)."""
+        if not self.offload:
+            yield self._put(name, tree)
+        else:
+            with _offload.on_device(tree, self._replicated()) as placed:
+                yield placed
+
+    @contextlib.contextmanager
+    def _encoding(self) -> Iterator[None]:
+        """A block that encodes prompts: an offloaded text encoder is placed at its first use and stays placed to the
+        end of the block (prompts and negative prompts: one transfer), then released before the sampler runs."""
+        with contextlib.ExitStack() as stack:
+            for encoder in self.encoders.values():
+                stack.enter_context(encoder.hold())
+            yield
 
     @contextlib.contextmanager
     def _context(self) -> Iterator[None]:
@@ -465,15 +500,15 @@ class SamplingPipeline:
             layer_guidance if guided else None,
             float(guidance_rescale) if guided else 0.0,
         )
-        params = self._put("model", self.params)
         rng = jax.random.fold_in(key, 1)
         self._progress = progress
         try:
-            with self._context():
-                out = fn(params, x, cond, null_cond, jnp.float32(scale), rng)
-            out = jax.block_until_ready(out)
-            if progress is not None:
-                jax.effects_barrier()
+            with self._on_device("model", self.params) as params:  # offload: placed for this loop only
+                with self._context():
+                    out = fn(params, x, cond, null_cond, jnp.float32(scale), rng)
+                out = jax.block_until_ready(out)
+                if progress is not None:
+                    jax.effects_barrier()
         finally:
             self._progress = None
         return out
@@ -500,6 +535,9 @@ class SamplingPipeline:
 
             batch = self._batch_sharding()
             self._compiled[cache_key] = jax.jit(decode, in_shardings=(self._replicated(), batch), out_shardings=batch)
-        vae_params = self._put("vae", self.vae_params) if self.vae_config is not None else None
-        with self._context():
-            return self._compiled[cache_key](vae_params, jax.device_put(x, self._batch_sharding()))
+        if self.vae_config is None:
+            with self._context():
+                return self._compiled[cache_key](None, jax.device_put(x, self._batch_sharding()))
+        with self._on_device("vae", self.vae_params) as vae_params, self._context():
+            out = self._compiled[cache_key](vae_params, jax.device_put(x, self._batch_sharding()))
+            return jax.block_until_ready(out) if self.offload else out

@@ -7,6 +7,7 @@ transformers weights is ``dit_jax.convert.t5`` / ``dit_jax.convert.clip`` / ``di
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -20,6 +21,7 @@ import numpy as np
 
 from dit_jax.models import build
 from dit_jax.nn.layers import compute_dtype
+from dit_jax.pipelines.offload import HostParams
 from dit_jax.quantize import quantize_params, quantized_shardings
 
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "vocab.txt")
@@ -110,10 +112,13 @@ class TextEncoder:
     ``clip_skip``. The encoder is jitted once per ``(batch_size, length, clip_skip)`` (calls are cut into and padded
     to that batch), with the batch and the weights sharded over the local devices. ``quantize`` (``"int8"``,
     ``"int4"`` or a ``dit_jax.quantize.QuantizeConfig``) stores the matmul kernels as int8 or packed int4,
-    dequantised per matmul.
+    dequantised per matmul. ``offload=True`` keeps the weights in host memory (``params`` is a NumPy tree) and places
+    them on the devices only while the encoder runs (``dit_jax.pipelines.offload``; ``hold`` keeps them placed
+    across several calls).
     """
 
     clip_skip: int | None = None  # the default of features(clip_skip=None) (CLIP only)
+    _host: HostParams | None = None  # the weights in host memory (offload), else None
 
     def __init__(
         self,
@@ -126,6 +131,7 @@ class TextEncoder:
         param_dtype: str | None = None,
         name: str = "",
         quantize: Any = None,
+        offload: bool = False,
     ):
         from dit_jax.parallel.rules import DEFAULT_RULES
 
@@ -148,7 +154,9 @@ class TextEncoder:
         if quantize is not None:
             shardings = quantized_shardings(params, shardings)
         self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-        self.params = jax.device_put(params, shardings)
+        if offload:
+            self._host = HostParams(params, shardings)
+        self.params = self._host.params if offload else jax.device_put(params, shardings)
         self._model = model = build(config)
         self._shardings = (shardings, self.batch_sharding, self.batch_sharding)
         self._encode = self._jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask))
@@ -199,6 +207,25 @@ class TextEncoder:
         out.clip_skip = self.check_clip_skip(clip_skip) if self.is_clip else None
         return out
 
+    @property
+    def offload(self) -> bool:
+        """Whether the weights live in host memory and are placed on the devices only while the encoder runs."""
+        return self._host is not None
+
+    def offloaded(self) -> TextEncoder:
+        """This encoder with its weights copied to host memory (``offload``; a shallow copy: tokenizer and compiled
+        encoders shared); itself when it is offloaded already or has no weights."""
+        if self._host is not None or getattr(self, "params", None) is None:
+            return self
+        out = copy.copy(self)
+        out._host = HostParams(self.params, self._shardings[0])
+        out.params = out._host.params
+        return out
+
+    def hold(self) -> contextlib.AbstractContextManager:
+        """A block in which an offloaded encoder's weights, once placed, stay on the devices (released at its end)."""
+        return self._host.hold() if self._host is not None else contextlib.nullcontext()
+
     @classmethod
     def from_pretrained(
         cls,
@@ -210,6 +237,7 @@ class TextEncoder:
         param_dtype: str | None = None,
         tokenizer: str | os.PathLike | None = None,
         quantize: Any = None,
+        offload: bool = False,
     ) -> TextEncoder:
         """Load a transformers T5 / mT5 / UMT5, CLIP or BERT text folder (by its config.json ``model_type``), a
         diffusers pipeline folder (``text_encoder/`` + ``tokenizer/``) or a dit_jax model directory; the tokenizer
@@ -249,7 +277,7 @@ class TextEncoder:
             raise ValueError(f"{tok_dir}: the tokenizer has {len(tok)} tokens, the encoder only {config.vocab_size}")
         name = f"{path.absolute()} (max_length={max_length}, dtype={dtype})"
         return cls(config.replace(dtype=dtype), params, tok, max_length=max_length, batch_size=batch_size,
-                   param_dtype=param_dtype, name=name, quantize=quantize)  # fmt: skip
+                   param_dtype=param_dtype, name=name, quantize=quantize, offload=offload)  # fmt: skip
 
     def tokenize(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(input_ids, attention_mask)`` int32 (b, max_length): truncated, padded to max_length."""
@@ -268,17 +296,19 @@ class TextEncoder:
         encode = self._encoder(self.check_clip_skip(clip_skip) if self.is_clip else None)
         ids, mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)
         outs = []
-        for start in range(0, len(ids), self.batch_size):
-            chunk_ids, chunk_mask = ids[start : start + self.batch_size], mask[start : start + self.batch_size]
-            pad = self.batch_size - len(chunk_ids)
-            if pad:  # padded rows: one token, so no row is fully masked
-                chunk_ids = np.concatenate([chunk_ids, np.zeros((pad, ids.shape[1]), np.int32)])
-                chunk_mask = np.concatenate([chunk_mask, np.ones((pad, ids.shape[1]), np.int32)])
-            with jax.set_mesh(self.mesh), nn.logical_axis_rules(logical_rules(self.rules)):
-                out = encode(self.params, jax.device_put(chunk_ids, self.batch_sharding),
-                                   jax.device_put(chunk_mask, self.batch_sharding))  # fmt: skip
-            keep = self.batch_size - pad
-            outs.append(jax.tree.map(lambda a, keep=keep: np.asarray(a)[:keep], out))
+        placed = self._host.placed() if self._host is not None else contextlib.nullcontext(self.params)
+        with placed as params:
+            for start in range(0, len(ids), self.batch_size):
+                chunk_ids, chunk_mask = ids[start : start + self.batch_size], mask[start : start + self.batch_size]
+                pad = self.batch_size - len(chunk_ids)
+                if pad:  # padded rows: one token, so no row is fully masked
+                    chunk_ids = np.concatenate([chunk_ids, np.zeros((pad, ids.shape[1]), np.int32)])
+                    chunk_mask = np.concatenate([chunk_mask, np.ones((pad, ids.shape[1]), np.int32)])
+                with jax.set_mesh(self.mesh), nn.logical_axis_rules(logical_rules(self.rules)):
+                    out = encode(params, jax.device_put(chunk_ids, self.batch_sharding),
+                                 jax.device_put(chunk_mask, self.batch_sharding))  # fmt: skip
+                keep = self.batch_size - pad
+                outs.append(jax.tree.map(lambda a, keep=keep: np.asarray(a)[:keep], out))
         if not outs:
             length = ids.shape[1] if ids.ndim == 2 else self.max_length
             return np.zeros((0, length, _width(self.config)), np.float32)

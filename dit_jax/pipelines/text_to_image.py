@@ -162,6 +162,8 @@ class TextToImagePipeline(SamplingPipeline):
             encoders = {slots[0].name: self.text_encoder}
         else:
             encoders = dict(self.text_encoders or {})
+        if self.offload:  # the encoders' weights in host memory (host copies of encoders given on the device)
+            encoders = {k: e.offloaded() if isinstance(e, TextEncoder) else e for k, e in encoders.items()}
         self._prompts = PromptEncoder(cfg, encoders, max_sequence_length=self.max_sequence_length, source=self.source)
         self._slots, self._encoders = self._prompts.slots, self._prompts.encoders
 
@@ -960,25 +962,26 @@ class TextToImagePipeline(SamplingPipeline):
             raise ValueError("guidance_rescale does not combine with skip_guidance_layers")
         family.size_condition(cfg, h, w, 1, **micro)  # bad size conditions fail before the text encoders run
 
-        cond, null = self._conditions(
-            {1: prompt, 2: prompt_2, 3: prompt_3},
-            {1: negative_prompt, 2: negative_prompt_2, 3: negative_prompt_3},
-            prompt_embeds,
-            prompt_attention_mask,
-            negative_prompt_embeds,
-            negative_prompt_attention_mask,
-            condition,
-            negative_condition,
-            max_sequence_length,
-            null_caption if guided else None,
-            pooled_prompt_embeds=pooled_prompt_embeds,
-            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            clip_skip=clip_skip,
-            prompt_embeds_2=prompt_embeds_2,
-            prompt_attention_mask_2=prompt_attention_mask_2,
-            negative_prompt_embeds_2=negative_prompt_embeds_2,
-            negative_prompt_attention_mask_2=negative_prompt_attention_mask_2,
-        )
+        with self._encoding():  # offload: the text encoders are on the devices for this block only
+            cond, null = self._conditions(
+                {1: prompt, 2: prompt_2, 3: prompt_3},
+                {1: negative_prompt, 2: negative_prompt_2, 3: negative_prompt_3},
+                prompt_embeds,
+                prompt_attention_mask,
+                negative_prompt_embeds,
+                negative_prompt_attention_mask,
+                condition,
+                negative_condition,
+                max_sequence_length,
+                null_caption if guided else None,
+                pooled_prompt_embeds=pooled_prompt_embeds,
+                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                clip_skip=clip_skip,
+                prompt_embeds_2=prompt_embeds_2,
+                prompt_attention_mask_2=prompt_attention_mask_2,
+                negative_prompt_embeds_2=negative_prompt_embeds_2,
+                negative_prompt_attention_mask_2=negative_prompt_attention_mask_2,
+            )
         n = _rows(cond)
         if embedded:  # the guidance scale is a model input (guidance distillation)
             cond["guidance"] = np.full((n,), scale, np.float32)

@@ -126,6 +126,8 @@ class TextToVideoPipeline(SamplingPipeline):
             encoders = {slots[0].name: self.text_encoder}
         else:
             encoders = dict(self.text_encoders or {})
+        if self.offload:  # the encoders' weights in host memory (host copies of encoders given on the device)
+            encoders = {k: e.offloaded() if isinstance(e, TextEncoder) else e for k, e in encoders.items()}
         self._prompts = PromptEncoder(cfg, encoders, max_sequence_length=self.max_sequence_length, source=self.source)
 
     def _vae_channels(self) -> int:
@@ -420,9 +422,10 @@ class TextToVideoPipeline(SamplingPipeline):
                 f"{lat.shape}"
             )
 
-        cond, null = self._conditions(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, max_sequence_length, guided
-        )
+        with self._encoding():  # offload: the text encoders are on the devices for this block only
+            cond, null = self._conditions(
+                prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, max_sequence_length, guided
+            )
         cond, null = ({key: np.repeat(v, k, 0) for key, v in d.items()} for d in (cond, null))
         key = as_key(seed)
         latents = self._noise(b, shape[1:], key) if latents is None else jnp.asarray(lat)
