@@ -11,8 +11,9 @@ and height/width (text-to-image; text-to-video also the number of frames), steps
 progress bar follows the sampler's steps (the pipeline's ``progress`` callback, polled from ``/api/progress``), and
 the result is shown and offered for download: an image as a PNG, a video as an animated GIF (and as an MP4 when
 ``imageio-ffmpeg`` is installed), both written by ``dit_jax.pipelines.save_video`` as ``python -m dit_jax.sample
---video`` writes them. A text-to-video pipeline without a text encoder, loaded from a run whose data names its prompts
-(a moving-digits run such as the video quickstart), offers those prompts as a list. One result is generated at a
+--video`` writes them. A text-to-video run trained on a fixed set of prompts without a text encoder (a moving-digits
+run such as the video quickstart; its pipeline reads them through a ``pipelines.PromptTable``) offers those prompts
+as a list. One result is generated at a
 time: a request that arrives meanwhile gets HTTP 503 "busy". Bad input gets HTTP 400 with one message, shown on the
 page.
 
@@ -109,14 +110,25 @@ def _number(body: dict[str, Any], name: str, default: float) -> float:
     return value
 
 
+def table_prompts(pipe: Any) -> dict[str, Any] | None:
+    """``{prompt: text condition (tokens, width)}`` of a text-to-video pipeline whose text encoder is a run's fixed
+    prompt table (``pipelines.PromptTable``: a moving-digits run such as the video quickstart); None otherwise."""
+    from dit_jax.pipelines import PromptTable
+
+    if getattr(pipe, "task", None) != "text-to-video":
+        return None
+    tables = [e for e in pipe.encoders.values() if isinstance(e, PromptTable)]
+    return dict(tables[0].table) if tables else None
+
+
 class Demo:
     """A loaded pipeline behind the web page: request checking, one generation at a time, its progress, and the
     newest results (PNG, GIF and MP4 bytes by URL path).
 
     What the page offers is decided once from the pipeline: its kind of media (an image, or a video of
     ``num_frames`` frames) and its input (a class id, or a prompt with height and width). ``prompts`` (videos only):
-    the model's text condition of each prompt a model without a text encoder was trained on (``run_prompts``); the
-    page then offers those prompts as a list. ``fps``: frames per second of the written videos."""
+    the model's text condition of each prompt a model without a text encoder was trained on (``table_prompts``);
+    the page then offers those prompts as a list. ``fps``: frames per second of the written videos."""
 
     def __init__(
         self,
@@ -632,28 +644,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_prompts(source: str) -> dict[str, Any] | None:
-    """``{prompt: the model's text condition (tokens, text_dim)}`` of a training run whose data names its prompts
-    and gives their features without a text encoder (a moving-digits run, the video quickstart: "digit 3 moving
-    left", …, in the layout it trained on); None for any other source."""
-    from dit_jax.runs import run_config
-
-    if not (Path(source) / "checkpoints").is_dir():
-        return None
-    try:
-        _, _, config = run_config(source)
-    except (FileNotFoundError, ValueError, OSError):
-        return None
-    data = config.get("data", {}) or {}
-    if data.get("name") != "moving_digits":
-        return None
-    from dit_jax.data import moving_digits as md
-
-    dim, tokens = int(data.get("text_dim") or 16), int(data.get("prompt_tokens") or md.PROMPT_TOKENS)
-    pairs = [(d, k) for d in range(md.NUM_DIGITS) for k in range(len(md.DIRECTIONS))]
-    return {md.prompt_text(d, k): md.prompt_context([d], [k], dim, tokens)[0] for d, k in pairs}
-
-
 def main(argv: list[str] | None = None) -> int:
     """Load the model and serve until interrupted; returns the exit status (0 ok, 1 error, 2 usage error)."""
     args = _parser().parse_args(argv)
@@ -674,9 +664,7 @@ def main(argv: list[str] | None = None) -> int:
 
         extra = {k: v for k, v in (("text_encoder", args.text_encoder), ("text_dtype", args.text_dtype)) if v}
         pipe = load(args.source, vae=args.vae, scheduler=args.scheduler, dtype=args.dtype, **extra)
-        prompts = None
-        if pipe.task == "text-to-video" and not pipe.encoders:  # a run that trained without a text encoder
-            prompts = run_prompts(args.source)
+        prompts = table_prompts(pipe)
         demo = Demo(pipe, max_steps=args.max_steps, fps=args.fps, prompts=prompts)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:  # ConversionError is a ValueError
         print(f"error: {e}", file=sys.stderr)

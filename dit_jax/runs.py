@@ -3,7 +3,9 @@
 What pipelines, the evaluator and exports need from a run, without the trainer: ``run_config(workdir)`` gives the
 step, model config and training config of a checkpoint, ``load_ema_params(workdir)`` its EMA (or raw) weights onto
 any shardings, ``is_lora_run(workdir)`` whether it holds LoRA adapters instead (``dit_jax.convert.lora.merged_run``
-merges them into the run's base). Model directories (``config.json`` + ``params/``) are ``dit_jax.checkpoint``'s.
+merges them into the run's base), ``prompt_table(workdir)`` the text features of the fixed prompts a run's data
+gave without a text encoder (``WORKDIR/prompts.json``, e.g. the video quickstart's). Model directories
+(``config.json`` + ``params/``) are ``dit_jax.checkpoint``'s.
 """
 
 import logging as py_logging
@@ -19,6 +21,7 @@ from dit_jax.files import read_json
 from dit_jax.models import ModelConfig, abstract_params, config_from_dict
 
 CHECKPOINT_DIR = "checkpoints"
+PROMPTS_FILE = "prompts.json"  # {"prompts": {prompt: features (tokens, width) as nested lists}}
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -72,6 +75,15 @@ def run_config(workdir: str, step: int | None = None) -> tuple[int, ModelConfig,
     base = os.path.join(checkpoint_dir(workdir), str(step))
     model_config = config_from_dict(read_json(os.path.join(base, "model_config", "metadata")))
     return step, model_config, read_json(os.path.join(base, "config", "metadata"))
+
+
+def prompt_table(workdir: str) -> dict[str, np.ndarray] | None:
+    """``{prompt: text features (tokens, width)}`` a run recorded (``PROMPTS_FILE``: its data gave the features of a
+    fixed set of prompts instead of captions, e.g. moving digits); None when it recorded none."""
+    path = os.path.join(workdir, PROMPTS_FILE)
+    if not os.path.isfile(path):
+        return None
+    return {k: np.asarray(v, np.float32) for k, v in read_json(path)["prompts"].items()}
 
 
 def _pick_step(workdir: str, step: int | None) -> int:

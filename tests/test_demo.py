@@ -29,7 +29,7 @@ from subprocess_env import REPO, cpu_env
 from dit_jax import pipelines
 from dit_jax.checkpoint import save_model
 from dit_jax.data import moving_digits as md
-from dit_jax.demo import Demo, make_server, run_prompts
+from dit_jax.demo import Demo, make_server, table_prompts
 from dit_jax.encoders.t5 import T5Config
 from dit_jax.models import DiTConfig, abstract_params, init_params
 from dit_jax.models.wan import WanConfig
@@ -395,7 +395,7 @@ def test_a_video_model_without_text_encoder_is_served_with_its_prompts(video_pip
         assert status == 400 and reply["error"].startswith(
             f"prompt={shown}: expected one of the 40 prompts this model was trained on"
         ), reply
-    assert run_prompts(str(video_dirs[0])) is None  # a model directory names no prompts
+    assert table_prompts(text_free) is None  # a pipeline without a prompt table names no prompts
     with pytest.raises(ValueError, match="prompts= applies to text-to-video models"):
         Demo(pipe, prompts=table)  # an image model
 

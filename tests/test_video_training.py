@@ -15,12 +15,13 @@ import torch
 from PIL import Image
 
 from dit_jax import evaluate as evaluate_cli
-from dit_jax import evaluate_video, plan
+from dit_jax import evaluate_video, pipelines, plan
 from dit_jax.checkpoint import save_model
 from dit_jax.data import buckets, create_dataset, records, videos
 from dit_jax.data import moving_digits as md
 from dit_jax.data.precompute import main as precompute_main
 from dit_jax.data.transforms import hflip, resize_center_crop, to_model_range
+from dit_jax.demo import table_prompts
 from dit_jax.encoders import wan_vae
 from dit_jax.models import family_of, init_params, preset
 from dit_jax.models.flops import forward_flops
@@ -280,6 +281,19 @@ def test_video_quickstart_config_end_to_end(tmp_path, capsys):
         report = json.load(f)
     assert report["clips"] == 40 and report["samples_per_prompt"] == 1 and not report["passed"]
     assert Image.open(os.path.join(run, "eval", "step_0000002.gif")).n_frames == frames
+
+    # the run samples by prompt without a text encoder: the trainer recorded its prompts' features
+    pipe = pipelines.load(run)
+    size = dict(height=16, width=16, num_frames=frames, num_inference_steps=2, guidance_scale=3.0, seed=0)
+    by_prompt = pipe(["digit 3 moving left", "digit 7 moving up"], **size)
+    context = md.prompt_context([3, 7], [1, 3], 16, 1)
+    by_features = pipe(prompt_embeds=context, negative_prompt_embeds=np.zeros_like(context), **size)
+    np.testing.assert_array_equal(by_prompt, by_features)
+    assert by_prompt.shape == (2, frames, 16, 16, 1)
+    with pytest.raises(ValueError, match="'a cat' is not one of the 40 prompts"):
+        pipe("a cat", **size)
+    offered = table_prompts(pipe)  # the web demo offers them as a list
+    assert list(offered) == list(md.prompt_table(16, 1)) and np.array_equal(offered["digit 3 moving left"], context[0])
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from dit_jax.data.buckets import (
     buckets_for,
     closest_bucket,
 )
-from dit_jax.data.pipeline import DataPipeline, build_source, create_dataset, validate_data_config
+from dit_jax.data.pipeline import DataPipeline, build_source, create_dataset, prompt_table, validate_data_config
 from dit_jax.data.sources import SkipCounter, load_digits_arrays, scan_image_folder
 from dit_jax.data.transforms import center_crop_arr, resize_center_crop
 
@@ -33,6 +33,7 @@ __all__ = [
     "closest_bucket",
     "create_dataset",
     "load_digits_arrays",
+    "prompt_table",
     "resize_center_crop",
     "scan_image_folder",
     "validate_data_config",

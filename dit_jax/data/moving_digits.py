@@ -57,6 +57,15 @@ def prompt_context(digits, directions, text_dim: int = 16, tokens: int = PROMPT_
     return out
 
 
+def prompt_table(text_dim: int = 16, tokens: int = PROMPT_TOKENS) -> dict[str, np.ndarray]:
+    """``{prompt text: its text features (tokens, text_dim)}`` for all 40 prompts ("digit 3 moving left", …): what a
+    model trained on these clips reads as its text condition (``dit_jax.pipelines`` samples a moving-digits run by
+    prompt through it)."""
+    pairs = [(d, k) for d in range(NUM_DIGITS) for k in range(len(DIRECTIONS))]
+    feats = prompt_context([d for d, _ in pairs], [k for _, k in pairs], text_dim, tokens)
+    return {prompt_text(d, k): f for (d, k), f in zip(pairs, feats)}
+
+
 @functools.lru_cache(maxsize=4)
 def glyphs(glyph_size: int) -> tuple[np.ndarray, np.ndarray]:
     """``(ink (N, g, g) float32 in [0, 1], labels (N,) int32)``: the digits at ``glyph_size`` (8: native)."""

@@ -186,6 +186,18 @@ def validate_data_config(data_config: Any) -> dict[str, Any]:
     return cfg
 
 
+def prompt_table(cfg: Mapping[str, Any] | None) -> dict[str, np.ndarray] | None:
+    """``{prompt: text features (tokens, dim)}`` of a source whose examples carry the text features of a fixed set of
+    prompts instead of captions for a text encoder ('moving_digits'); None for every other source. The trainer
+    records it in the run (``dit_jax.runs.PROMPTS_FILE``), so a run samples by prompt without a text encoder."""
+    if not cfg or cfg.get("name") != "moving_digits":
+        return None
+    from dit_jax.data.moving_digits import PROMPT_TOKENS
+    from dit_jax.data.moving_digits import prompt_table as table
+
+    return table(int(cfg.get("text_dim") or 16), int(cfg.get("prompt_tokens") or PROMPT_TOKENS))
+
+
 def build_source(cfg: Mapping[str, Any], split: str = "train", skipped: sources.SkipCounter | None = None) -> Any:
     """The random-access source a validated config describes (see `sources`)."""
     name = cfg["name"]

@@ -12,6 +12,7 @@ from dit_jax.pipelines.base import SamplingPipeline, resize_and_crop
 from dit_jax.pipelines.class_conditional import OUTPUT_TYPES, ClassConditionalPipeline
 from dit_jax.pipelines.images import make_grid, save_png, to_pil, to_uint8
 from dit_jax.pipelines.loading import PIPELINES, load, load_text_encoder, load_vae, read_scheduler_config
+from dit_jax.pipelines.prompts import PromptTable
 from dit_jax.pipelines.text_encoder import TextEncoder
 from dit_jax.pipelines.text_to_image import TextToImagePipeline, closest_bin
 from dit_jax.pipelines.text_to_video import TextToVideoPipeline
@@ -20,6 +21,7 @@ from dit_jax.pipelines.video import save_video
 __all__ = [
     "OUTPUT_TYPES",
     "PIPELINES",
+    "PromptTable",
     "ClassConditionalPipeline",
     "SamplingPipeline",
     "TextEncoder",

@@ -47,7 +47,7 @@ from dit_jax.files import read_json as _read_json
 from dit_jax.models import ModelConfig, check_params, families, family_of, set_scan
 from dit_jax.nn.layers import canonical_dtype
 from dit_jax.pipelines.class_conditional import ClassConditionalPipeline
-from dit_jax.pipelines.prompts import takes_text, text_sources
+from dit_jax.pipelines.prompts import PromptTable, takes_text, text_sources
 from dit_jax.pipelines.text_encoder import TEXT_FAMILIES, TextEncoder
 from dit_jax.pipelines.text_to_image import TextToImagePipeline
 from dit_jax.pipelines.text_to_video import TextToVideoPipeline
@@ -267,7 +267,7 @@ def _pipeline_folder(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def _workdir(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    from dit_jax.runs import host_params, is_lora_run, load_ema_params, run_config
+    from dit_jax.runs import host_params, is_lora_run, load_ema_params, prompt_table, run_config
 
     step, model_config, run = run_config(str(path))
     weights = "EMA"
@@ -288,6 +288,7 @@ def _workdir(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     sample = run.get("sample", {}) or {}
     schedule = diffusion.make_schedule(objective, run.get("diffusion", {}) or {}, learned_sigma=config.learn_sigma)
     latent = (run.get("data", {}) or {}).get("name") == "latents"
+    table = prompt_table(str(path))  # prompts whose text features the run's data gave (no text encoder)
     return dict(
         config=config,
         params=params,
@@ -297,20 +298,28 @@ def _workdir(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
         num_inference_steps=int(sample.get("num_steps", 50)),
         guidance_scale=float(sample.get("guidance_scale", 1.0)),
         source_name=f"{path} (checkpoint {step}, {weights})",
+        prompt_table=table,
+        max_sequence_length=None if table is None else next(iter(table.values())).shape[0],
     )
 
 
 def load_text_encoder(
-    text_encoder: Any, *, max_length: int = 300, dtype: str = "float32", tokenizer: Any = None, quantize: Any = None
+    text_encoder: Any,
+    *,
+    max_length: int = 300,
+    dtype: str = "float32",
+    tokenizer: Any = None,
+    quantize: Any = None,
+    offload: bool = False,
 ) -> TextEncoder:
     """A ``TextEncoder`` from a T5 or CLIP folder (transformers, with its tokenizer or ``tokenizer=``), a diffusers
     pipeline folder (``text_encoder/`` + ``tokenizer/``), a text-encoder model directory, or an already built
-    ``TextEncoder`` (used as it is). ``quantize``: ``"int8"``, ``"int4"`` or a ``QuantizeConfig``
-    (``dit_jax.quantize``)."""
+    ``TextEncoder`` (used as it is; with ``offload`` its host copy). ``quantize``: ``"int8"``, ``"int4"`` or a
+    ``QuantizeConfig`` (``dit_jax.quantize``). ``offload``: weights in host memory (``TextEncoder.offloaded``)."""
     if isinstance(text_encoder, TextEncoder):
-        return text_encoder
+        return text_encoder.offloaded() if offload else text_encoder
     return TextEncoder.from_pretrained(
-        text_encoder, max_length=max_length, dtype=dtype, tokenizer=tokenizer, quantize=quantize
+        text_encoder, max_length=max_length, dtype=dtype, tokenizer=tokenizer, quantize=quantize, offload=offload
     )
 
 
@@ -327,6 +336,7 @@ def load(
     sequence_parallel: int = 1,
     sequence_mode: str = "auto",
     quantize: Any = None,
+    offload: bool = False,
     **model_overrides: Any,
 ) -> ClassConditionalPipeline | TextToImagePipeline | TextToVideoPipeline:
     """A ``ClassConditionalPipeline`` (e.g. DiT), ``TextToImagePipeline`` (e.g. PixArt) or ``TextToVideoPipeline``
@@ -356,6 +366,9 @@ def load(
     kernels, quantised on the host and dequantised per matmul inside the jitted functions. The text encoders get the
     same, except that int4 gives them int8 (``dit_jax.quantize.text_encoder_config``; an int4 encoder can be passed
     in ``text_encoders=``). Encoders passed as built ``TextEncoder`` objects are used as they are.
+    ``offload``: keep every component's params in host memory and place each on the devices only while it runs (the
+    text encoders while the prompts are encoded, the model for the sampler loop, the VAE for the decode; diffusers'
+    model CPU offload, ``SamplingPipeline``); built ``TextEncoder`` objects are used through host copies.
     ``model_overrides``: model config fields (e.g. ``attention_backend="xla"``, ``scan_blocks=True``; for torch
     checkpoints anything ``from_torch`` takes, e.g. ``num_heads=16``).
     """
@@ -364,6 +377,8 @@ def load(
     text_dtype = dtype if text_dtype is None else canonical_dtype(text_dtype, allowed=allowed, what="text_dtype")
     quantize = quantize_config(quantize)
     text_quantize = text_encoder_config(quantize)
+    if not isinstance(offload, bool):
+        raise ValueError(f"offload={offload!r} must be True or False")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
@@ -428,11 +443,17 @@ def load(
     if text:
         max_length = max_sequence_length or spec.get("max_sequence_length") or family.max_sequence_length(config)
         lengths = {s.name: s.max_length or max_length for s in family.text_slots(config)}
-        for name, (src, tok) in text_sources(
-            family, config, spec.get("text_folders"), text_encoder, text_encoders, source
+        table = spec.get("prompt_table")
+        if table is not None and text_encoder is None and not text_encoders:
+            slots = family.text_slots(config)  # a run's fixed prompts: looked up, for its one text slot
+            encoders = {slots[0].name: PromptTable(table, name=f"the prompts of {source}")}
+        for name, (src, tok) in (
+            {}
+            if encoders
+            else text_sources(family, config, spec.get("text_folders"), text_encoder, text_encoders, source)
         ).items():
             encoders[name] = load_text_encoder(
-                src, max_length=lengths[name], dtype=text_dtype, tokenizer=tok, quantize=text_quantize
+                src, max_length=lengths[name], dtype=text_dtype, tokenizer=tok, quantize=text_quantize, offload=offload
             )
 
     vae_config = vae_params = None
@@ -464,6 +485,7 @@ def load(
         source=source,
         sequence_parallel=sequence_parallel,
         sequence_mode=sequence_mode,
+        offload=offload,
     )
     if text:
         common.update(max_sequence_length=max_length)

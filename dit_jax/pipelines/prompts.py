@@ -90,6 +90,56 @@ def text_sources(
     return sources
 
 
+class PromptTable(TextEncoder):
+    """The text encoder of a model trained on a fixed set of prompts whose text features its data gave directly (no
+    tokenizer, no encoder network; e.g. a moving-digits run: "digit 3 moving left" → its one-hot tokens): each
+    caption is looked up in ``table`` (``{prompt: features (tokens, width)}``). The empty caption is the null
+    prompt, all zeros, as classifier-free guidance dropped the prompts in training. An unknown caption is one error
+    naming it and some known ones."""
+
+    def __init__(self, table: Mapping[str, Any], *, name: str = "prompt table"):
+        rows = {str(k): np.asarray(v, np.float32) for k, v in table.items() if k != ""}
+        shapes = {v.shape for v in rows.values()}
+        if not rows or len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"{name}: expected prompts with features of one (tokens, width) shape, got {shapes}")
+        tokens, width = next(iter(shapes))
+        self.table, self.name, self.max_length, self.tokenizer = rows, name, int(tokens), None
+        self.config = type("PromptTableConfig", (), {"d_model": int(width), "hidden_size": int(width)})()
+
+    @property
+    def prompts(self) -> list[str]:
+        """The known prompts, in the table's order."""
+        return list(self.table)
+
+    def features(
+        self, captions: Sequence[str], *, max_length: int | None = None, use_mask: bool = True, clip_skip: Any = None
+    ) -> dict[str, np.ndarray]:
+        """Captions → ``{"hidden" (b, max_length, width), "mask" (b, max_length)}``: the table's rows, zero-padded
+        past its tokens (mask 0 there; the null prompt's mask is 0 everywhere)."""
+        if isinstance(captions, str):
+            raise TypeError("captions: expected a list of strings, got one string")
+        unknown = [c for c in captions if c != "" and c not in self.table]
+        if unknown:
+            some = ", ".join(repr(p) for p in self.prompts[:3])
+            raise ValueError(
+                f"prompt {unknown[0]!r} is not one of the {len(self.table)} prompts this model was trained on "
+                f"({self.name}; e.g. {some})"
+            )
+        length = self.max_length if max_length is None else int(max_length)
+        if length < self.max_length:
+            raise ValueError(f"max_sequence_length={length}: the prompts of {self.name} are {self.max_length} tokens")
+        hidden = np.zeros((len(captions), length, self.config.d_model), np.float32)
+        mask = np.zeros((len(captions), length), np.int32)
+        for i, c in enumerate(captions):
+            if c != "":
+                hidden[i, : self.max_length], mask[i, : self.max_length] = self.table[c], 1
+        return {"hidden": hidden, "mask": mask}
+
+    def __call__(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        f = self.features(captions)
+        return f["hidden"], f["mask"]
+
+
 class PromptEncoder:
     """The text encoders of a text-conditioned model, by text slot, and how their features become its condition.
 

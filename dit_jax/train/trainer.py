@@ -26,6 +26,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dit_jax.files import write_json
 from dit_jax.models import ModelConfig, count_params, family_of
 from dit_jax.parallel.mesh import (
     batch_sharding,
@@ -35,6 +36,7 @@ from dit_jax.parallel.mesh import (
     global_batch,
 )
 from dit_jax.parallel.sequence import sequence_mode
+from dit_jax.runs import PROMPTS_FILE
 from dit_jax.train import config as config_lib
 from dit_jax.train.checkpoints import Checkpointer
 from dit_jax.train.init_from import initial_params
@@ -263,6 +265,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             logging.info(
                 "LoRA rank %d, alpha %s on %s: %s trainable parameters", lora.rank, lora.alpha, lora.targets, n_lora
             )
+        prompts = data_lib.prompt_table(config.data)
+        if main and prompts is not None:  # the data's fixed prompts, for sampling the run by prompt (runs.prompt_table)
+            write_json(os.path.join(workdir, PROMPTS_FILE), {"prompts": {k: v.tolist() for k, v in prompts.items()}})
         writer = MetricWriter(workdir, resume_step=start)
         writer.write_text("config", "```\n" + json.dumps(config_json, indent=2) + "\n```", start)
 
