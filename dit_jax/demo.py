@@ -4,6 +4,7 @@
     python -m dit_jax.demo dit-xl2-256 --vae sd-vae-ft-mse --dtype bf16 --port 8000
     python -m dit_jax.demo PIXART_SIGMA_DIR                      # a diffusers pipeline folder (text-to-image)
     python -m dit_jax.demo WAN_DIR --dtype bf16                  # a WanPipeline folder (text-to-video)
+    python -m dit_jax.demo FLUX_DEV_DIR --dtype bf16 --quantize int4 --offload   # FLUX.1-dev in 8 GB of device memory
 
 The source is anything ``dit_jax.pipelines.load`` takes (training workdir, model directory, PyTorch checkpoint,
 diffusers pipeline folder), loaded once at start-up. The page offers a class (class-conditional models) or a prompt
@@ -43,6 +44,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from dit_jax.cli import add_memory_arguments, memory_options
 
 MAX_SEED = 2**31 - 1
 MAX_PROMPT = 2000  # characters
@@ -639,6 +642,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--text-dtype", help="compute dtype of the text encoders (default: --dtype)")
     p.add_argument("--scheduler", help="diffusers scheduler config (scheduler_config.json or a folder) to sample with")
+    add_memory_arguments(p)
     p.add_argument("--max-steps", type=int, default=1000, help="most sampler steps a request may ask (default 1000)")
     p.add_argument("--fps", type=float, default=16.0, help="frames per second of the videos (default 16)")
     return p
@@ -663,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         from dit_jax.pipelines import load
 
         extra = {k: v for k, v in (("text_encoder", args.text_encoder), ("text_dtype", args.text_dtype)) if v}
+        extra.update(memory_options(args))
         pipe = load(args.source, vae=args.vae, scheduler=args.scheduler, dtype=args.dtype, **extra)
         prompts = table_prompts(pipe)
         demo = Demo(pipe, max_steps=args.max_steps, fps=args.fps, prompts=prompts)

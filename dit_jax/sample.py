@@ -45,6 +45,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dit_jax.cli import add_memory_arguments, memory_options
 from dit_jax.nn.layers import dtype_names
 
 _DTYPES = tuple(dtype_names(("float32", "bfloat16")))
@@ -156,18 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (jax.random; not torch's)")
     p.add_argument("--batch-size", type=int, help="images per sampler call (default: all at once)")
     p.add_argument("--dtype", default="fp32", choices=_DTYPES, help="compute dtype of the transformer and the VAE")
-    p.add_argument(
-        "--quantize",
-        choices=["int8", "int4"],
-        help="weight-only quantisation: int8 for the transformer and the text encoders; int4 (packed, one scale per "
-        "64 weights) for the transformer with int8 text encoders",
-    )
-    p.add_argument(
-        "--offload",
-        action="store_true",
-        help="keep the weights in host memory and place each component on the device only while it runs (text "
-        "encoders, then the transformer, then the VAE): less device memory, one transfer per component per call",
-    )
+    add_memory_arguments(p)
     p.add_argument(
         "--sequence-parallel",
         type=int,
@@ -310,10 +300,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             raise ValueError(f"--out writes one video but {n} prompts are given: use --out-dir (one video per prompt)")
     source = args.pipeline or args.model or args.workdir
     extra = {k: v for k, v in (("text_encoder", args.text_encoder), ("text_dtype", args.text_dtype)) if v is not None}
-    if args.quantize:
-        extra["quantize"] = args.quantize
-    if args.offload:
-        extra["offload"] = True
+    extra.update(memory_options(args))
     pipe = load(
         source,
         vae=args.vae,

@@ -213,7 +213,8 @@ def test_help_loads_nothing():
     cmd = [sys.executable, "-X", "importtime", "-m", "dit_jax.demo", "--help"]
     proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(1), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    for flag in ("MODEL_OR_WORKDIR", "--host", "--port", "--dtype", "--vae", "--text-encoder", "--fps"):
+    for flag in ("MODEL_OR_WORKDIR", "--host", "--port", "--dtype", "--vae", "--text-encoder", "--fps", "--quantize",
+                 "--offload"):  # fmt: skip
         assert flag in proc.stdout
     modules = {ln.rsplit("|", 1)[-1].strip().split(".")[0] for ln in proc.stderr.splitlines() if "|" in ln}
     assert "dit_jax" in modules and not modules & {"jax", "numpy", "flax", "PIL", "torch"}

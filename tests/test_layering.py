@@ -25,6 +25,7 @@ LAYERS = [
         "dit_jax.train.__main__",
         "dit_jax.convert.__main__",
         "dit_jax.demo",
+        "dit_jax.cli",
     },
 ]
 # Rooms that reach a family only through dit_jax.models.family (DESIGN.md rule 11).
