@@ -7,6 +7,7 @@
   python -m benchmarks.quantize --parts images                  # tiny random pipelines: minutes on CPU
   XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false \
       python -m benchmarks.quantize --parts offload               # FLUX.1-dev int4 + offload: compile only, minutes
+  python -m benchmarks.quantize --parts load                    # host memory of importing a bf16 checkpoint, minutes
 
 ``params``: SD3.5-medium, FLUX.1-dev and T5-v1.1-XXL from their presets' abstract shapes: parameter count and bytes
 in fp32, bf16, int8 and int4 (the default ``QuantizeConfig`` of each mode; what stays float stays fp32), the share of
@@ -32,8 +33,18 @@ CPU device from abstract shapes): (1) the text encoders (int8 CLIP-L then int8 T
 encoding; ``TextEncoder`` pads the prompts to its batch of 16; CLIP 77 tokens, T5 512), (2) the pipeline's own
 jitted sampler loop (``_sampler_fn``, Euler on Flux-dev's shifted sigmas, embedded guidance 3.5, no CFG) with the
 int4 transformer, (3) the VAE decode as the pipeline runs it (fp32 params, bf16 compute). Also the host memory:
-every component's params (resident, what offload keeps) and the peak while ``pipelines.load`` reads them (the fp32
-transformer as read, then each fp32 text encoder as read beside its int8 copy, then the transformer's int4 copy).
+every component's params (resident, what offload keeps; ``pipelines.load`` quantises each kernel as it reads it, so
+loading holds little more, see ``load``).
+
+``load``: the host memory of importing a bf16 diffusers transformer folder (as FLUX.1 ships) with int4 kernels: a
+FLUX.1-dev-width model (3072 wide, 24 heads) of ``--load-depth`` double and single blocks with random weights is
+written to a temporary folder, then each way of importing it runs in a fresh process that samples its anonymous
+memory (``RssAnon``, every 2 ms; above what it holds before the import) and reads its peak resident set (``VmHWM``,
+the whole process: Python, JAX and the memory-mapped file's pages too):
+``as_read`` (``from_torch(folder, quantize="int4")``: each kernel quantised as it is converted) and ``float_first``
+(``quantize_params(from_torch(folder))``: the float32 import, then int4). ``--load-tree DIR`` runs ``float_first``
+against another checkout's ``dit_jax`` as well (e.g. an earlier commit, whose ``from_torch`` takes no ``quantize``),
+through ``PYTHONPATH``.
 
 One JSON line per case.
 """
@@ -364,13 +375,7 @@ def offload_case() -> None:
         "vae_decode": _gb(peak(dec)),
     }
     top = max(stages.values())
-    fp32_model = Q.nbytes(shapes)
     resident = Q.nbytes(params) + sum(q for _, q in text_host.values()) + Q.nbytes(vae_params)
-    reading = {  # pipelines.load: the fp32 transformer as read, then each text encoder fp32 + int8, then int4
-        name: fp32_model + sum(text_host[n][1] for n in list(text_host)[: i + 1]) + text_host[name][0]
-        for i, name in enumerate(text_host)
-    }
-    reading["transformer int4"] = fp32_model + Q.nbytes(params) + sum(q for _, q in text_host.values())
     emit(dict(case="offload", model="FLUX.1-dev", transformer="int4", text_encoders="int8", compute="bf16", batch=1,
               px=px, steps=steps, text_encoders_stage=text,
               transformer_loop=dict(params_gb=_gb(Q.nbytes(params)), temp_gb=_gb(loop["temp"]),
@@ -379,8 +384,91 @@ def offload_case() -> None:
                               peak_gb=stages["vae_decode"]),
               device_peak_gb=top, device_peak_gib=round(top * GB / 2**30, 3),
               peak_stage=max(stages, key=stages.get), fits_8gb=top * GB <= 8e9,
-              host_resident_gb=_gb(resident), host_load_peak_gb=_gb(max(reading.values())),
+              host_resident_gb=_gb(resident),
               cpu_scheduler=_cpu_scheduler(), device=_device()))  # fmt: skip
+
+
+# ---- host memory of importing a checkpoint ---------------------------------------------------------------------
+
+_LOAD_CHILD = r"""
+import json, sys, threading, time
+peak = [0]
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+def rss_anon():
+    return status("RssAnon")
+stop = threading.Event()
+def sample():
+    while not stop.is_set():
+        peak[0] = max(peak[0], rss_anon())
+        time.sleep(0.002)
+import jax, numpy as np
+from dit_jax import quantize as Q
+from dit_jax.convert import from_torch
+base = rss_anon()
+threading.Thread(target=sample, daemon=True).start()
+t0 = time.perf_counter()
+if sys.argv[1] == "as_read":
+    _, params = from_torch(sys.argv[2], quantize="int4")
+else:
+    _, params = from_torch(sys.argv[2])
+    params = Q.quantize_params(params, "int4")
+seconds = time.perf_counter() - t0
+stop.set()
+time.sleep(0.01)
+print(json.dumps(dict(base_anon=base, peak_anon=max(peak[0], rss_anon()), final_anon=rss_anon(),
+                      params=Q.nbytes(params), hwm=status("VmHWM"), seconds=round(seconds, 1))))
+"""
+
+
+def _write_bf16_folder(folder: Path, config) -> int:
+    """A diffusers transformer folder of ``config`` with random bf16 weights; returns the float32 params' bytes."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dit_jax import convert
+
+    rng = np.random.default_rng(0)
+    shapes = shapes_of(config)
+    params = jax.tree.map(lambda x: rng.standard_normal(x.shape, np.float32) * 0.02, shapes)
+    fp32 = Q.nbytes(params)
+    state_dict = convert.to_torch(config, params, format="diffusers")
+    del params
+    tensors = {}
+    for k in list(state_dict):
+        tensors[k] = torch.from_numpy(np.ascontiguousarray(state_dict.pop(k))).to(torch.bfloat16)
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(convert.diffusers_config(config)))
+    return fp32
+
+
+def load_case(depth: tuple[int, int], trees: list[str]) -> None:
+    import os
+    import subprocess
+
+    config = models.preset("FLUX.1-dev").replace(depth=depth[0], depth_single=depth[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "transformer"
+        fp32 = _write_bf16_folder(folder, config)
+        file_bytes = (folder / "diffusion_pytorch_model.safetensors").stat().st_size
+        for tree in ["", *trees]:
+            for variant in ("float_first",) if tree else ("as_read", "float_first"):  # another tree: its float path
+                env = dict(os.environ, JAX_PLATFORMS="cpu")
+                if tree:
+                    env["PYTHONPATH"] = tree + os.pathsep + env.get("PYTHONPATH", "")
+                out = subprocess.run([sys.executable, "-c", _LOAD_CHILD, variant, str(folder)], env=env,
+                                     capture_output=True, text=True, check=True)  # fmt: skip
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                emit(dict(case="load", model=f"FLUX.1-dev width, {depth[0]} double + {depth[1]} single blocks",
+                          variant=variant, tree=tree or "this checkout", quantize="int4",
+                          fp32_params_gb=_gb(fp32), bf16_file_gb=_gb(file_bytes), int4_params_gb=_gb(r["params"]),
+                          peak_anon_gb=_gb(r["peak_anon"] - r["base_anon"]),
+                          peak_over_fp32=round((r["peak_anon"] - r["base_anon"]) / fp32, 3),
+                          final_anon_gb=_gb(r["final_anon"] - r["base_anon"]), peak_rss_gb=_gb(r["hwm"]),
+                          seconds=r["seconds"], device=_device()))  # fmt: skip
 
 
 def _cpu_scheduler() -> str:
@@ -394,9 +482,11 @@ def _cpu_scheduler() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parts", default="params,forward,images",
-                   help="params, forward, images, offload (comma-separated)")  # fmt: skip
+                   help="params, forward, images, offload, load (comma-separated)")  # fmt: skip
     p.add_argument("--models", default="sd3,flux,t5", help="forward: sd3, flux, t5, vae (comma-separated)")
     p.add_argument("--modes", default="int8,int4", help="forward: fp32, int8, int4 params (comma-separated)")
+    p.add_argument("--load-depth", default="2,4", help="load: double,single blocks of the FLUX.1-dev-width model")
+    p.add_argument("--load-tree", action="append", default=[], help="load: also import with this checkout's dit_jax")
     args = p.parse_args()
     parts, keys, modes = (set(v.split(",")) for v in (args.parts, args.models, args.modes))
     if "params" in parts:
@@ -414,6 +504,8 @@ def main() -> None:
         images_case()
     if "offload" in parts:
         offload_case()
+    if "load" in parts:
+        load_case(tuple(int(v) for v in args.load_depth.split(",")), args.load_tree)
 
 
 if __name__ == "__main__":

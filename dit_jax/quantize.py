@@ -471,6 +471,20 @@ def select(params: Mapping, config: QuantizeConfig | str = "int8") -> list[str]:
     return sorted(chosen)
 
 
+def quantize_kernel(
+    path: str, kernel: Any, bias_shape: tuple[int, ...] | None, config: QuantizeConfig
+) -> Int8Kernel | Int4Kernel:
+    """The kernel at ``path`` (one ``select`` chose; ``bias_shape``: its sibling bias's shape or None) quantised as
+    ``quantize_params`` does; one error if it is not finite. For callers that produce a tree leaf by leaf (the
+    checkpoint importers), so the float kernels are never all held at once."""
+    qk = quantize_array(
+        kernel, contracted_axes(path, tuple(np.shape(kernel)), bias_shape), config.mode, config.group_size
+    )
+    if not isinstance(qk.scale, jax.ShapeDtypeStruct) and not np.isfinite(np.asarray(qk.scale)).all():
+        raise ValueError(f"quantize: {path} has non-finite weights (inf or nan)")
+    return qk
+
+
 def quantize_params(params: Mapping, config: QuantizeConfig | str = "int8") -> QuantizedParams:
     """``params`` with the kernels ``config`` chooses replaced by ``Int8Kernel`` or ``Int4Kernel`` nodes (nested
     dicts; everything else unchanged, boxes of logical-axis metadata removed from the quantised kernels). Already
@@ -497,13 +511,9 @@ def quantize_params(params: Mapping, config: QuantizeConfig | str = "int8") -> Q
             if isinstance(value, Mapping):
                 out[name] = walk(value, path)
             elif path in chosen:
-                kernel, bias = _unbox(value), tree.get("bias")
+                bias = tree.get("bias")
                 bias_shape = None if bias is None else tuple(np.shape(_unbox(bias)))
-                axes = contracted_axes(path, tuple(np.shape(kernel)), bias_shape)
-                qk = quantize_array(kernel, axes, config.mode, config.group_size)
-                if not isinstance(qk.scale, jax.ShapeDtypeStruct) and not np.isfinite(np.asarray(qk.scale)).all():
-                    raise ValueError(f"quantize: {path} has non-finite weights (inf or nan)")
-                out[name] = qk
+                out[name] = quantize_kernel(path, _unbox(value), bias_shape, config)
             else:
                 out[name] = value
         return out

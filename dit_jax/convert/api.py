@@ -6,21 +6,24 @@ neither inferable nor given is one clear error naming it.
 """
 
 import dataclasses
+import functools
 import importlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dit_jax.convert import io
-from dit_jax.convert.rules import ConversionError, export, flatten, import_
+from dit_jax.convert.rules import ConversionError, export, flatten, import_, unflatten
 from dit_jax.models import abstract_params, families, family_of, param_mismatches, preset, set_scan
 from dit_jax.models.registry import ModelConfig
+from dit_jax.quantize import QuantizeConfig, quantize_config, quantize_kernel, quantize_params, select
 
 FORMATS = ("original", "diffusers")
 # Stability single files hold the diffusion model under this prefix (beside first_stage_model. and text encoders).
@@ -117,9 +120,36 @@ def _check_overrides(module: ModuleType, overrides: Mapping[str, Any]) -> None:
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Flax path → parameter shape in the loop layout (what a converted checkpoint must produce)."""
-    loop = dataclasses.replace(config, scan_blocks=False)
-    abstract = nn.meta.unbox(abstract_params(loop))
-    return {k: tuple(v.shape) for k, v in flatten(abstract).items()}
+    return dict(_loop_shapes(dataclasses.replace(config, scan_blocks=False)))
+
+
+@functools.lru_cache(maxsize=16)
+def _loop_shapes(loop: ModelConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """``expected_shapes``, traced once per config (tracing a deep model is slower than converting a small one)."""
+    return tuple((k, tuple(v.shape)) for k, v in flatten(nn.meta.unbox(abstract_params(loop))).items())
+
+
+def finisher(expected: Mapping[str, tuple[int, ...]], quantize: QuantizeConfig | None) -> Callable[[str, Any], Any]:
+    """What ``import_`` keeps of each converted leaf: float32, or, with ``quantize``, the quantised kernel for the
+    paths it chooses (``select`` over the model's abstract params: the kernels ``quantize_params`` would choose)."""
+
+    def as_float32(path: str, x: Any) -> np.ndarray:
+        return np.asarray(x, np.float32)
+
+    if quantize is None:
+        return as_float32
+    abstract = unflatten({p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in expected.items()})
+    chosen = set(select(abstract, quantize))
+    if not chosen:
+        quantize_params(abstract, quantize)  # one error: nothing to quantise
+
+    def finish(path: str, x: Any) -> Any:
+        x = as_float32(path, x)
+        if path not in chosen:
+            return x
+        return quantize_kernel(path, x, expected.get(path.rsplit("/", 1)[0] + "/bias"), quantize)
+
+    return finish
 
 
 def from_state_dict(
@@ -128,18 +158,23 @@ def from_state_dict(
     format: str | None = None,
     diffusers_config: Mapping[str, Any] | None = None,
     source: str = "state dict",
+    quantize: Any = None,
     **config_overrides: Any,
 ) -> tuple[ModelConfig, dict[str, Any]]:
-    """A torch state dict (numpy arrays or tensors) → ``(config, params)``; see ``from_torch``."""
+    """A torch state dict (numpy arrays of any float dtype, e.g. memory-mapped bf16, or tensors) → ``(config,
+    params)``; see ``from_torch``. NumPy arrays are converted to float32 one conversion rule at a time."""
     if format not in (None, *FORMATS):
         raise ValueError(f"format={format!r} is invalid: expected None (detect), 'original' or 'diffusers'")
-    state_dict = model_keys({k: io.to_float32(v) for k, v in state_dict.items()})
+    quantize = quantize_config(quantize)
+    state_dict = model_keys({k: v if isinstance(v, np.ndarray) else io.to_float32(v) for k, v in state_dict.items()})
     family, fmt = detect(state_dict, diffusers_config, source=source)
     if format is not None and format != fmt:
         raise ConversionError(f"{source}: format={format!r} was requested but the checkpoint is in the {fmt} format")
     module = conversion_modules()[family]
     if hasattr(module, "import_checkpoint"):  # a family that converts without a rule table of this module's kind
-        return module.import_checkpoint(state_dict, diffusers_config, fmt, source, **config_overrides)
+        state_dict = {k: io.to_float32(v) for k, v in state_dict.items()}
+        config, params = module.import_checkpoint(state_dict, diffusers_config, fmt, source, **config_overrides)
+        return config, params if quantize is None else quantize_params(params, quantize)
     overrides = dict(config_overrides)
     preset_name = overrides.pop("preset", None)
     _check_overrides(module, overrides)
@@ -149,15 +184,29 @@ def from_state_dict(
     config = dataclasses.replace(config, scan_blocks=False)
     table, star = module.rules(config, fmt)
     module.check_state_dict(state_dict, fmt, config.depth, source)
-    params = import_(
-        table, state_dict, expected=expected_shapes(config), star=star, ignore=module.ignored(fmt), source=source
-    )
-    params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+    params = import_params(table, state_dict, config, quantize=quantize, star=star, ignore=module.ignored(fmt),
+                           source=source)  # fmt: skip
     return set_scan(config, params, scan)
 
 
+def import_params(
+    table: Any, state_dict: Mapping[str, Any], config: Any, *, quantize: Any = None, **import_kwargs: Any
+) -> dict[str, Any]:
+    """``rules.import_`` of a state dict whose arrays may be memory-mapped in any float dtype: each rule's arrays
+    are converted to float32 as it runs, each produced leaf kept as float32 or, with ``quantize``, quantised at once
+    (``finisher``), so neither the float32 state dict nor the float32 params are ever held whole."""
+    expected = expected_shapes(config)
+    finish = finisher(expected, quantize_config(quantize))
+    return import_(table, state_dict, expected=expected, prepare=io.to_float32, finish=finish, **import_kwargs)
+
+
 def from_torch(
-    path: str | os.PathLike, *, format: str | None = None, weights: str = "ema", **config_overrides: Any
+    path: str | os.PathLike,
+    *,
+    format: str | None = None,
+    weights: str = "ema",
+    quantize: Any = None,
+    **config_overrides: Any,
 ) -> tuple[ModelConfig, dict[str, Any]]:
     """Import a PyTorch DiT/PixArt checkpoint → ``(config, params)`` (nested dicts of float32 numpy arrays).
 
@@ -165,13 +214,23 @@ def from_torch(
     ``.safetensors``, a shard ``*.index.json``, or a diffusers model/pipeline folder. ``format``: None (detect),
     ``"original"`` or ``"diffusers"``. ``config_overrides``: config fields the checkpoint cannot tell (e.g.
     ``num_heads``), ``preset="DiT-XL/2"`` for defaults, ``scan_blocks=True`` for the scanned layout.
+    ``quantize``: ``"int8"``, ``"int4"`` or a ``dit_jax.quantize.QuantizeConfig``: the params as
+    ``quantize_params`` gives them. Safetensors weights are memory-mapped and each kernel is quantised as it is
+    converted, so the float32 model is never held whole (FLUX.1-dev int4: about its 6.7 GB, not 47.6 GB of float32).
     """
+    quantize = quantize_config(quantize)
     for module in conversion_modules().values():  # folders of their own layout (transformers text encoders)
         if hasattr(module, "claims_folder") and module.claims_folder(Path(path)):
-            return module.import_path(Path(path), **config_overrides)
-    state_dict, diffusers_config, source = io.read_checkpoint(path, weights)
+            config, params = module.import_path(Path(path), **config_overrides)
+            return config, params if quantize is None else quantize_params(params, quantize)
+    state_dict, diffusers_config, source = io.read_checkpoint(path, weights, convert=False)
     return from_state_dict(
-        state_dict, format=format, diffusers_config=diffusers_config, source=source, **config_overrides
+        state_dict,
+        format=format,
+        diffusers_config=diffusers_config,
+        source=source,
+        quantize=quantize,
+        **config_overrides,
     )
 
 

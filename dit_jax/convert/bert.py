@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from dit_jax.convert import io
-from dit_jax.convert.api import expected_shapes
+from dit_jax.convert.api import import_params
 from dit_jax.convert.common import TextEncoderConversion
-from dit_jax.convert.rules import ConversionError, Rule, bias, dense, export, import_, linear, norm, rule
+from dit_jax.convert.rules import ConversionError, Rule, bias, dense, export, linear, norm, rule
 from dit_jax.encoders.bert import BertConfig
 
 MODEL_TYPES = ("bert",)
@@ -109,11 +109,13 @@ def infer_config(state_dict: Mapping[str, Any], **overrides: Any) -> BertConfig:
 # ---- reading ---------------------------------------------------------------------------------------------------
 
 
-def read_bert(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, str]:
+def read_bert(
+    path: str | os.PathLike, *, convert: bool = True
+) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, str]:
     """``(state_dict, transformers config or None, source name)`` of a BERT folder (e.g. Hunyuan-DiT's
     ``text_encoder/``), a pipeline folder with ``text_encoder/``, or one weights file / shard index (its sibling
     ``config.json`` is used when present)."""
-    return io.read_transformers(path, what="BERT", config_keys=("model_type", "hidden_size"), hint="")
+    return io.read_transformers(path, what="BERT", config_keys=("model_type", "hidden_size"), hint="", convert=convert)
 
 
 def _ignored(key: str) -> bool:
@@ -134,7 +136,11 @@ def bertmodel_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def bert_from_torch(
-    source: str | os.PathLike | Mapping[str, Any], *, config: BertConfig | None = None, **overrides: Any
+    source: str | os.PathLike | Mapping[str, Any],
+    *,
+    config: BertConfig | None = None,
+    quantize: Any = None,
+    **overrides: Any,
 ) -> tuple[BertConfig, dict[str, Any]]:
     """Import a BERT encoder → ``(BertConfig, float32 params)``.
 
@@ -146,7 +152,7 @@ def bert_from_torch(
     if isinstance(source, Mapping):
         sd, hf_config, name = {k: io.to_float32(v) for k, v in source.items()}, None, "state dict"
     else:
-        sd, hf_config, name = read_bert(source)
+        sd, hf_config, name = read_bert(source, convert=False)
     sd = bertmodel_keys(sd)
     if config is None:
         if hf_config:
@@ -155,8 +161,8 @@ def bert_from_torch(
             config = infer_config(sd, **overrides)
     elif overrides:
         config = config.replace(**overrides)
-    params = import_(bert_rules(config), sd, expected=expected_shapes(config), ignore=_ignored,
-                     source=f"{name} (transformers BertModel keys)")  # fmt: skip
+    params = import_params(bert_rules(config), sd, config, quantize=quantize, ignore=_ignored,
+                           source=f"{name} (transformers BertModel keys)")  # fmt: skip
     return config, params
 
 

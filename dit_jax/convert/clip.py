@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from dit_jax.convert import io
-from dit_jax.convert.api import expected_shapes
+from dit_jax.convert.api import import_params
 from dit_jax.convert.common import TextEncoderConversion
-from dit_jax.convert.rules import ConversionError, Rule, bias, dense, export, import_, linear, norm, rule
+from dit_jax.convert.rules import ConversionError, Rule, bias, dense, export, linear, norm, rule
 from dit_jax.encoders.clip import CLIPTextConfig
 from dit_jax.files import atomic_path
 
@@ -137,7 +137,9 @@ def infer_config(state_dict: Mapping[str, Any], **overrides: Any) -> CLIPTextCon
 # ---- reading ---------------------------------------------------------------------------------------------------
 
 
-def read_clip(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, str]:
+def read_clip(
+    path: str | os.PathLike, *, convert: bool = True
+) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, str]:
     """``(state_dict, transformers config or None, source name)`` of a CLIP folder (e.g. a pipeline's
     ``text_encoder/`` or ``text_encoder_2/``), a pipeline folder with ``text_encoder/``, or one weights file / shard
     index (its sibling ``config.json`` is used when present)."""
@@ -146,6 +148,7 @@ def read_clip(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str,
         what="CLIP",
         config_keys=("model_type", "hidden_size"),
         hint=" (pass text_encoder_2/ itself for the second encoder)",
+        convert=convert,
     )
 
 
@@ -166,7 +169,11 @@ def _with_prefix(sd: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def clip_from_torch(
-    source: str | os.PathLike | Mapping[str, Any], *, config: CLIPTextConfig | None = None, **overrides: Any
+    source: str | os.PathLike | Mapping[str, Any],
+    *,
+    config: CLIPTextConfig | None = None,
+    quantize: Any = None,
+    **overrides: Any,
 ) -> tuple[CLIPTextConfig, dict[str, Any]]:
     """Import a CLIP text encoder → ``(CLIPTextConfig, float32 params)``.
 
@@ -178,7 +185,7 @@ def clip_from_torch(
     if isinstance(source, Mapping):
         sd, hf_config, name = {k: io.to_float32(v) for k, v in source.items()}, None, "state dict"
     else:
-        sd, hf_config, name = read_clip(source)
+        sd, hf_config, name = read_clip(source, convert=False)
     sd = _with_prefix(sd)
     if config is None:
         if hf_config:
@@ -187,8 +194,8 @@ def clip_from_torch(
             config = infer_config(sd, **overrides)
     elif overrides:
         config = config.replace(**overrides)
-    params = import_(clip_rules(config), sd, expected=expected_shapes(config), ignore=_ignored,
-                     source=f"{name} (transformers CLIP keys)")  # fmt: skip
+    params = import_params(clip_rules(config), sd, config, quantize=quantize, ignore=_ignored,
+                           source=f"{name} (transformers CLIP keys)")  # fmt: skip
     return config, params
 
 

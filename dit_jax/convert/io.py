@@ -75,10 +75,11 @@ def safetensors_keys(path: str | os.PathLike) -> list[str]:
     return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
 
 
-def read_safetensors(path: str | os.PathLike) -> StateDict:
+def read_safetensors(path: str | os.PathLike, *, convert: bool = True) -> StateDict:
     """A ``.safetensors`` file → float32 numpy arrays, without torch. The file is memory-mapped and read tensor by
-    tensor (a 24 GB bf16 checkpoint costs its float32 copy, not another 24 GB of bytes first). Truncated/corrupt files
-    raise naming the file."""
+    tensor (a 24 GB bf16 checkpoint costs its float32 copy, not another 24 GB of bytes first). ``convert=False``:
+    read-only memory-mapped arrays in the stored dtype (no copy; ``to_float32`` converts one when it is used).
+    Truncated/corrupt files raise naming the file."""
     path = Path(path)
 
     def corrupt(why: str) -> ConversionError:
@@ -107,7 +108,8 @@ def read_safetensors(path: str | os.PathLike) -> StateDict:
         if end - begin != nbytes or end > (0 if data is None else data.size):
             raise corrupt(f"tensor {name!r} ({spec['dtype']} {list(shape)}) lies outside the data")
         raw = data[begin:end] if nbytes else np.zeros(0, np.uint8)
-        out[name] = to_float32(raw.view(dtype).reshape(shape))
+        tensor = raw.view(dtype).reshape(shape)
+        out[name] = to_float32(tensor) if convert else tensor
     return out
 
 
@@ -192,7 +194,7 @@ def read_torch(path: str | os.PathLike, weights: str = "ema") -> StateDict:
     return out
 
 
-def read_sharded(index: str | os.PathLike, weights: str = "ema") -> StateDict:
+def read_sharded(index: str | os.PathLike, weights: str = "ema", *, convert: bool = True) -> StateDict:
     """Sharded weights from a ``*.index.json`` (``{"weight_map": {key: shard_file}}``) beside its shards."""
     index = Path(index)
     weight_map = read_json(index, error=ConversionError).get("weight_map")
@@ -203,23 +205,25 @@ def read_sharded(index: str | os.PathLike, weights: str = "ema") -> StateDict:
         shard_path = index.parent / shard
         if not shard_path.exists():
             raise ConversionError(f"{index}: shard {shard} listed in the index does not exist")
-        out.update(read_file(shard_path, weights))
+        out.update(read_file(shard_path, weights, convert=convert))
     absent = sorted(k for k in weight_map if k not in out)
     if absent:
         raise ConversionError(f"{index}: keys listed in the index are missing from their shards: {absent[:20]}")
     return out
 
 
-def read_file(path: str | os.PathLike, weights: str = "ema") -> StateDict:
-    """One weights file by suffix: ``.safetensors``, ``.pt/.pth/.bin/.ckpt``, or a shard ``*.index.json``."""
+def read_file(path: str | os.PathLike, weights: str = "ema", *, convert: bool = True) -> StateDict:
+    """One weights file by suffix: ``.safetensors``, ``.pt/.pth/.bin/.ckpt``, or a shard ``*.index.json``.
+    ``convert=False``: safetensors tensors stay memory-mapped in their stored dtype (``read_safetensors``); torch
+    files are read whole as float32 either way."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     name = path.name
     if name.endswith(".index.json"):
-        return read_sharded(path, weights)
+        return read_sharded(path, weights, convert=convert)
     if path.suffix == ".safetensors":
-        return read_safetensors(path)
+        return read_safetensors(path, convert=convert)
     if path.suffix in TORCH_SUFFIXES:
         return read_torch(path, weights)
     raise ConversionError(
@@ -266,12 +270,12 @@ def _transformers_weights(folder: Path) -> Path:
 
 
 def read_transformers(
-    path: str | os.PathLike, *, what: str, config_keys: tuple[str, ...], hint: str = ""
+    path: str | os.PathLike, *, what: str, config_keys: tuple[str, ...], hint: str = "", convert: bool = True
 ) -> tuple[StateDict, dict | None, str]:
     """``(state_dict, transformers config or None, source name)`` of a transformers model folder, a pipeline folder
     with ``text_encoder/``, or one weights file / shard index (its sibling ``config.json`` is used when present and
     it has one of ``config_keys``; a diffusers config beside a bare file is not the model's). ``what`` names the
-    model in errors ("T5", "CLIP"); ``hint`` is added to the not-a-folder error."""
+    model in errors ("T5", "CLIP"); ``hint`` is added to the not-a-folder error; ``convert``: see ``read_file``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{what} checkpoint {path} does not exist")
@@ -294,7 +298,7 @@ def read_transformers(
         config = read_json(config_file, error=ConversionError)
         if not any(k in config for k in config_keys):
             config = None
-    return read_file(weights, "model"), config, str(weights)
+    return read_file(weights, "model", convert=convert), config, str(weights)
 
 
 def write_transformers_folder(
@@ -326,11 +330,13 @@ def _diffusers_weights(folder: Path) -> Path:
     )
 
 
-def read_checkpoint(path: str | os.PathLike, weights: str = "ema") -> tuple[StateDict, dict | None, str]:
+def read_checkpoint(
+    path: str | os.PathLike, weights: str = "ema", *, convert: bool = True
+) -> tuple[StateDict, dict | None, str]:
     """Any supported source → ``(state_dict, diffusers_config or None, source name)``.
 
     ``path`` is a weights file, a shard index, a diffusers model folder (``config.json`` + weights), or a diffusers
-    pipeline folder whose ``transformer/`` subfolder is the model.
+    pipeline folder whose ``transformer/`` subfolder is the model. ``convert``: see ``read_file``.
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r} is invalid: expected one of {WEIGHTS}")
@@ -354,8 +360,8 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "ema") -> tuple[Stat
                 "dit_jax.checkpoint.load_model"
             )
         weights_file = _diffusers_weights(folder)
-        return read_file(weights_file, weights), config, str(weights_file)
-    sd = read_file(path, weights)
+        return read_file(weights_file, weights, convert=convert), config, str(weights_file)
+    sd = read_file(path, weights, convert=convert)
     config = None
     sibling = path.parent / "config.json"
     if sibling.exists() and path.name.startswith("diffusion_pytorch_model"):

@@ -162,6 +162,14 @@ def _get(tree: Mapping, path: str):
     return tree
 
 
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of ``flatten``: ``{"a/b": x}`` → ``{"a": {"b": x}}``."""
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        _set(tree, path, value)
+    return tree
+
+
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
     """Nested dict → ``{"a/b/c": leaf}``."""
     out = {}
@@ -182,12 +190,17 @@ def import_(
     star: int = 1,
     ignore: Callable[[str], bool] = lambda key: False,
     source: str = "checkpoint",
+    prepare: Callable[[Any], Array] = np.asarray,
+    finish: Callable[[str, Array], Any] | None = None,
 ) -> dict[str, Any]:
     """Apply ``rules`` to a torch state dict (numpy arrays) → nested Flax params.
 
     ``expected`` maps flax paths to shapes (from the model's abstract params): every missing, unexpected (unless
     ``ignore(key)``) and mis-shaped key is collected and raised as one ``ConversionError`` naming the key, the
     expected torch shape and the found one. ``star`` is the number of per-block copies behind ``{*}`` keys.
+    ``prepare`` reads one torch array as the rules take it (e.g. a memory-mapped bf16 tensor → float32), ``finish``
+    turns each produced leaf into what the tree keeps (``finish(flax_path, array)``, e.g. quantised): one rule's
+    arrays at a time, so a lazily read checkpoint is never held whole in memory.
     """
     params: dict[str, Any] = {}
     used: set[str] = set()
@@ -204,16 +217,17 @@ def import_(
         if absent:
             missing.extend(absent)
             continue
-        arrays = [np.asarray(state_dict[k]) for k in keys]
         if expected is not None and r.flax in expected:
             want = tuple(expected[r.flax])
             want_torch = r.to_torch(np.zeros(want, np.float32))
             want_torch = want_torch if isinstance(want_torch, tuple) else (want_torch,)
-            bad = [(k, w.shape, a.shape) for k, w, a in zip(keys, want_torch, arrays) if tuple(w.shape) != a.shape]
+            found = [tuple(np.shape(state_dict[k])) for k in keys]
+            bad = [(k, w.shape, a) for k, w, a in zip(keys, want_torch, found) if tuple(w.shape) != a]
             if bad:
                 misshaped.extend(bad)
                 continue
-        _set(params, r.flax, r.to_flax(*arrays))
+        value = r.to_flax(*(prepare(state_dict[k]) for k in keys))
+        _set(params, r.flax, value if finish is None else finish(r.flax, value))
     for r in rules:  # every {*} copy must exist
         for k in r.torch_keys:
             if "{*}" in k:

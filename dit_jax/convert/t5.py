@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from dit_jax.convert import io
-from dit_jax.convert.api import expected_shapes
+from dit_jax.convert.api import import_params
 from dit_jax.convert.common import TextEncoderConversion
-from dit_jax.convert.rules import ConversionError, Rule, export, import_, linear, rule
+from dit_jax.convert.rules import ConversionError, Rule, export, linear, rule
 from dit_jax.encoders.t5 import MODEL_TYPES, T5Config
 
 _EMBED_COPY = "encoder.embed_tokens.weight"
@@ -123,10 +123,12 @@ def infer_config(state_dict: Mapping[str, Any], **overrides: Any) -> T5Config:
 # ---- reading ---------------------------------------------------------------------------------------------------
 
 
-def read_t5(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, str]:
+def read_t5(
+    path: str | os.PathLike, *, convert: bool = True
+) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, str]:
     """``(state_dict, transformers config or None, source name)`` of a T5/mT5/UMT5 folder, a pipeline folder with
     ``text_encoder/``, or one weights file / shard index (its sibling ``config.json`` is used when present)."""
-    return io.read_transformers(path, what="T5", config_keys=("model_type", "d_model"), hint="")
+    return io.read_transformers(path, what="T5", config_keys=("model_type", "d_model"), hint="", convert=convert)
 
 
 def _ignored(key: str) -> bool:
@@ -134,7 +136,11 @@ def _ignored(key: str) -> bool:
 
 
 def t5_from_torch(
-    source: str | os.PathLike | Mapping[str, Any], *, config: T5Config | None = None, **overrides: Any
+    source: str | os.PathLike | Mapping[str, Any],
+    *,
+    config: T5Config | None = None,
+    quantize: Any = None,
+    **overrides: Any,
 ) -> tuple[T5Config, dict[str, Any]]:
     """Import a T5, mT5 or UMT5 encoder → ``(T5Config, float32 params)``.
 
@@ -145,7 +151,7 @@ def t5_from_torch(
     if isinstance(source, Mapping):
         sd, hf_config, name = {k: io.to_float32(v) for k, v in source.items()}, None, "state dict"
     else:
-        sd, hf_config, name = read_t5(source)
+        sd, hf_config, name = read_t5(source, convert=False)
     sd = dict(sd)
     if "shared.weight" not in sd and _EMBED_COPY in sd:
         sd["shared.weight"] = sd[_EMBED_COPY]
@@ -155,8 +161,8 @@ def t5_from_torch(
         config = config_from_transformers(hf_config, **overrides) if hf_config else infer_config(sd, **overrides)
     elif overrides:
         config = config.replace(**overrides)
-    params = import_(t5_rules(config), sd, expected=expected_shapes(config), ignore=_ignored,
-                     source=f"{name} (transformers {_ARCHITECTURES[config.model_type]} keys)")  # fmt: skip
+    params = import_params(t5_rules(config), sd, config, quantize=quantize, ignore=_ignored,
+                           source=f"{name} (transformers {_ARCHITECTURES[config.model_type]} keys)")  # fmt: skip
     return config, params
 
 

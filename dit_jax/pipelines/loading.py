@@ -88,10 +88,10 @@ def _override(config: ModelConfig, params: Any, overrides: dict[str, Any], sourc
     return config, params
 
 
-def _from_torch(path: Path, overrides: dict[str, Any]) -> tuple[ModelConfig, Any]:
+def _from_torch(path: Path, overrides: dict[str, Any], quantize: Any = None) -> tuple[ModelConfig, Any]:
     from dit_jax.convert import from_torch
 
-    return from_torch(path, **overrides)
+    return from_torch(path, quantize=quantize, **overrides)
 
 
 # ---- VAE -------------------------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def _absent(index: dict[str, Any], part: str) -> bool:
     return isinstance(entry, (list, tuple)) and len(entry) > 0 and all(e is None for e in entry)
 
 
-def _pipeline_folder(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+def _pipeline_folder(path: Path, overrides: dict[str, Any], quantize: Any = None) -> dict[str, Any]:
     index = _read_json(path / "model_index.json")
     name = index.get("_class_name")
     family, settings = _pipeline_family(index)
@@ -234,7 +234,7 @@ def _pipeline_folder(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     slots: tuple = ()
     if text:
         config, params = (
-            _from_torch(path / "transformer", overrides) if (path / "transformer").is_dir() else (None, None)
+            _from_torch(path / "transformer", overrides, quantize) if (path / "transformer").is_dir() else (None, None)
         )
         slots = tuple(family.text_slots(config)) if config is not None else ()
     # the text components the folder holds (a slot saved as null is left out: the family decides without it)
@@ -257,7 +257,7 @@ def _pipeline_folder(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
             )
             raise ValueError(f"{path}: model_index.json ({name}) needs a {part!r} component in {path / part}; {kinds}")
     if config is None:
-        config, params = _from_torch(path / "transformer", overrides)
+        config, params = _from_torch(path / "transformer", overrides, quantize)
     scheduler_config = read_scheduler_config(path / "scheduler")
     spec = dict(config=config, params=params, vae=path / "vae", scheduler_config=scheduler_config)
     spec.update(family_of(config).sampling)  # the diffusers pipeline class's call defaults, whatever the model
@@ -363,7 +363,9 @@ def load(
     2K/4K images (see ``SamplingPipeline``).
     ``quantize``: None (float weights), ``"int8"``, ``"int4"`` or a ``dit_jax.quantize.QuantizeConfig``: int8 weights
     with per-output-channel scales (int4: packed, one scale per 64 input weights) for the transformer's matmul
-    kernels, quantised on the host and dequantised per matmul inside the jitted functions. The text encoders get the
+    kernels, quantised on the host and dequantised per matmul inside the jitted functions; safetensors checkpoints
+    (transformer and text encoders) are memory-mapped and each kernel is quantised as it is read, so the float32 model
+    is never held whole (BENCHMARKS.md: host memory of loading). The text encoders get the
     same, except that int4 gives them int8 (``dit_jax.quantize.text_encoder_config``; an int4 encoder can be passed
     in ``text_encoders=``). Encoders passed as built ``TextEncoder`` objects are used as they are.
     ``offload``: keep every component's params in host memory and place each on the devices only while it runs (the
@@ -387,7 +389,7 @@ def load(
         )
     scheduler_config = None
     if _is_pipeline_folder(path):
-        spec = _pipeline_folder(path, model_overrides)
+        spec = _pipeline_folder(path, model_overrides, quantize)
     elif _is_workdir(path):
         spec = _workdir(path, model_overrides)
     else:
@@ -400,12 +402,14 @@ def load(
                 "params/), a diffusers transformer folder (config.json + weights) or a training workdir (checkpoints/)"
             )
         else:
-            config, params = _from_torch(path, model_overrides)
+            config, params = _from_torch(path, model_overrides, quantize)
         spec = dict(config=config, params=params, vae=_bundled_vae(path), needs_vae=None)
         if family_of(config).task:
             family = family_of(config)
             spec.update(family.sampling_for(config), scheduler_config=dict(family.scheduler_config_for(config)))
 
+    if quantize is not None:  # before the text encoders load: the float params are not kept beside them
+        spec["params"] = quantize_params(spec["params"], quantize)  # (checkpoints come quantised as they are read)
     config = spec["config"]
     family = family_of(config)
     source = spec.get("source_name", str(path))
@@ -473,7 +477,7 @@ def load(
 
     common = dict(
         model_config=config.replace(dtype=dtype),
-        params=spec["params"] if quantize is None else quantize_params(spec["params"], quantize),
+        params=spec.pop("params"),
         schedule=schedule,
         method=method,
         options=options,

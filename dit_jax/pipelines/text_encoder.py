@@ -255,15 +255,15 @@ class TextEncoder:
         elif _is_clip_folder(model_dir):
             from dit_jax.convert.clip import clip_from_torch
 
-            config, params = clip_from_torch(model_dir)
+            config, params = clip_from_torch(model_dir, quantize=quantize)  # quantised as read
         elif _model_type(model_dir) == "bert":
             from dit_jax.convert.bert import bert_from_torch
 
-            config, params = bert_from_torch(model_dir)
+            config, params = bert_from_torch(model_dir, quantize=quantize)  # quantised as read
         else:
             from dit_jax.convert.t5 import t5_from_torch
 
-            config, params = t5_from_torch(model_dir)
+            config, params = t5_from_torch(model_dir, quantize=quantize)  # quantised as read
         try:
             tok = AutoTokenizer.from_pretrained(str(tok_dir))
         except Exception as e:  # missing sentencepiece, corrupt tokenizer.json, …
