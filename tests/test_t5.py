@@ -223,6 +223,13 @@ def test_text_encoder_on_saved_folders_matches_torch(tmp_path):
     assert bf16.params["blocks_0"]["ff"]["wo"]["kernel"].dtype == jnp.bfloat16
     assert rel_err(bf16(captions)[0], want) < 5e-2
     config, params = t5_from_torch(tmp_path / "pipe")
+    # its kernels were made bf16 as they were read (kernel_dtype): the params and features of a cast after import
+    cast_after = TextEncoder(config.replace(dtype="bfloat16"), params, tok, max_length=16)
+    assert_trees_equal(jax.device_get(bf16.params), jax.device_get(cast_after.params))
+    np.testing.assert_array_equal(bf16(captions)[0], cast_after(captions)[0])
+    _, as_read = t5_from_torch(tmp_path / "pipe", kernel_dtype=jnp.bfloat16)
+    dtypes = {p[-1].key: x.dtype for p, x in jax.tree_util.tree_leaves_with_path(as_read)}
+    assert dtypes["kernel"] == jnp.bfloat16 and dtypes["scale"] == np.float32 and dtypes["shared"] == np.float32
     save_model(tmp_path / "t5_model", config, params)
     local = TextEncoder.from_pretrained(tmp_path / "t5_model", tokenizer=tmp_path / "pipe" / "tokenizer",
                                         max_length=16, dtype="float32")  # fmt: skip

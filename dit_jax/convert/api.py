@@ -129,25 +129,30 @@ def _loop_shapes(loop: ModelConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
     return tuple((k, tuple(v.shape)) for k, v in flatten(nn.meta.unbox(abstract_params(loop))).items())
 
 
-def finisher(expected: Mapping[str, tuple[int, ...]], quantize: QuantizeConfig | None) -> Callable[[str, Any], Any]:
-    """What ``import_`` keeps of each converted leaf: float32, or, with ``quantize``, the quantised kernel for the
-    paths it chooses (``select`` over the model's abstract params: the kernels ``quantize_params`` would choose)."""
+def finisher(
+    expected: Mapping[str, tuple[int, ...]], quantize: QuantizeConfig | None, kernel_dtype: Any = None
+) -> Callable[[str, Any], Any]:
+    """What ``import_`` keeps of each converted leaf: float32; with ``quantize`` the quantised kernel for the paths it
+    chooses (``select`` over the model's abstract params: the kernels ``quantize_params`` would choose); with
+    ``kernel_dtype`` (e.g. bfloat16) the other ``kernel`` leaves in that dtype (what a text encoder stores)."""
 
-    def as_float32(path: str, x: Any) -> np.ndarray:
+    def as_float(path: str, x: Any) -> np.ndarray:
+        if kernel_dtype is not None and path.rsplit("/", 1)[-1] == "kernel":
+            return np.asarray(np.asarray(x, np.float32), kernel_dtype)
         return np.asarray(x, np.float32)
 
     if quantize is None:
-        return as_float32
+        return as_float
     abstract = unflatten({p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in expected.items()})
     chosen = set(select(abstract, quantize))
     if not chosen:
         quantize_params(abstract, quantize)  # one error: nothing to quantise
 
     def finish(path: str, x: Any) -> Any:
-        x = as_float32(path, x)
         if path not in chosen:
-            return x
-        return quantize_kernel(path, x, expected.get(path.rsplit("/", 1)[0] + "/bias"), quantize)
+            return as_float(path, x)
+        bias = expected.get(path.rsplit("/", 1)[0] + "/bias")
+        return quantize_kernel(path, np.asarray(x, np.float32), bias, quantize)
 
     return finish
 
@@ -190,13 +195,20 @@ def from_state_dict(
 
 
 def import_params(
-    table: Any, state_dict: Mapping[str, Any], config: Any, *, quantize: Any = None, **import_kwargs: Any
+    table: Any,
+    state_dict: Mapping[str, Any],
+    config: Any,
+    *,
+    quantize: Any = None,
+    kernel_dtype: Any = None,
+    **import_kwargs: Any,
 ) -> dict[str, Any]:
     """``rules.import_`` of a state dict whose arrays may be memory-mapped in any float dtype: each rule's arrays
-    are converted to float32 as it runs, each produced leaf kept as float32 or, with ``quantize``, quantised at once
-    (``finisher``), so neither the float32 state dict nor the float32 params are ever held whole."""
+    are converted to float32 as it runs, each produced leaf kept as float32, quantised (``quantize``) or, for other
+    kernels, cast to ``kernel_dtype`` at once (``finisher``), so neither the float32 state dict nor the float32 params
+    are ever held whole."""
     expected = expected_shapes(config)
-    finish = finisher(expected, quantize_config(quantize))
+    finish = finisher(expected, quantize_config(quantize), kernel_dtype)
     return import_(table, state_dict, expected=expected, prepare=io.to_float32, finish=finish, **import_kwargs)
 
 

@@ -140,6 +140,7 @@ def bert_from_torch(
     *,
     config: BertConfig | None = None,
     quantize: Any = None,
+    kernel_dtype: Any = None,
     **overrides: Any,
 ) -> tuple[BertConfig, dict[str, Any]]:
     """Import a BERT encoder → ``(BertConfig, float32 params)``.
@@ -148,6 +149,9 @@ def bert_from_torch(
     Hunyuan-DiT's ``text_encoder/``, a pipeline folder (its ``text_encoder/``), one weights file, or a state dict.
     The config comes from ``config``, else ``config.json`` (the pooler from the keys), else the weight shapes;
     ``overrides`` replace fields (e.g. ``dtype="bfloat16"``).
+    ``quantize`` (``"int8"``, ``"int4"``, a ``QuantizeConfig``) quantises the kernels as they are read; ``kernel_dtype``
+    (e.g. ``jnp.bfloat16``) stores the other kernels in that dtype (a memory-mapped safetensors file is never held as
+    float32 whole).
     """
     if isinstance(source, Mapping):
         sd, hf_config, name = {k: io.to_float32(v) for k, v in source.items()}, None, "state dict"
@@ -161,8 +165,15 @@ def bert_from_torch(
             config = infer_config(sd, **overrides)
     elif overrides:
         config = config.replace(**overrides)
-    params = import_params(bert_rules(config), sd, config, quantize=quantize, ignore=_ignored,
-                           source=f"{name} (transformers BertModel keys)")  # fmt: skip
+    params = import_params(
+        bert_rules(config),
+        sd,
+        config,
+        quantize=quantize,
+        kernel_dtype=kernel_dtype,
+        ignore=_ignored,
+        source=f"{name} (transformers BertModel keys)",
+    )
     return config, params
 
 

@@ -173,6 +173,7 @@ def clip_from_torch(
     *,
     config: CLIPTextConfig | None = None,
     quantize: Any = None,
+    kernel_dtype: Any = None,
     **overrides: Any,
 ) -> tuple[CLIPTextConfig, dict[str, Any]]:
     """Import a CLIP text encoder → ``(CLIPTextConfig, float32 params)``.
@@ -181,6 +182,9 @@ def clip_from_torch(
     pipeline's ``text_encoder/`` or ``text_encoder_2/``, a pipeline folder (its ``text_encoder/``), one weights file,
     or a state dict (either key layout). The config comes from ``config``, else ``config.json``, else the weight
     shapes; ``overrides`` replace fields (e.g. ``dtype="bfloat16"``).
+    ``quantize`` (``"int8"``, ``"int4"``, a ``QuantizeConfig``) quantises the kernels as they are read; ``kernel_dtype``
+    (e.g. ``jnp.bfloat16``) stores the other kernels in that dtype (a memory-mapped safetensors file is never held as
+    float32 whole).
     """
     if isinstance(source, Mapping):
         sd, hf_config, name = {k: io.to_float32(v) for k, v in source.items()}, None, "state dict"
@@ -194,8 +198,15 @@ def clip_from_torch(
             config = infer_config(sd, **overrides)
     elif overrides:
         config = config.replace(**overrides)
-    params = import_params(clip_rules(config), sd, config, quantize=quantize, ignore=_ignored,
-                           source=f"{name} (transformers CLIP keys)")  # fmt: skip
+    params = import_params(
+        clip_rules(config),
+        sd,
+        config,
+        quantize=quantize,
+        kernel_dtype=kernel_dtype,
+        ignore=_ignored,
+        source=f"{name} (transformers CLIP keys)",
+    )
     return config, params
 
 

@@ -140,6 +140,7 @@ def t5_from_torch(
     *,
     config: T5Config | None = None,
     quantize: Any = None,
+    kernel_dtype: Any = None,
     **overrides: Any,
 ) -> tuple[T5Config, dict[str, Any]]:
     """Import a T5, mT5 or UMT5 encoder → ``(T5Config, float32 params)``.
@@ -147,6 +148,9 @@ def t5_from_torch(
     ``source``: a transformers folder (``config.json`` + ``model.safetensors``, sharded or ``.bin``), a diffusers
     pipeline folder (its ``text_encoder/``), one weights file, or a state dict. The config comes from ``config``,
     else ``config.json``, else the weight shapes; ``overrides`` replace fields (e.g. ``dtype="bfloat16"``).
+    ``quantize`` (``"int8"``, ``"int4"``, a ``QuantizeConfig``) quantises the kernels as they are read; ``kernel_dtype``
+    (e.g. ``jnp.bfloat16``) stores the other kernels in that dtype (a memory-mapped safetensors file is never held as
+    float32 whole).
     """
     if isinstance(source, Mapping):
         sd, hf_config, name = {k: io.to_float32(v) for k, v in source.items()}, None, "state dict"
@@ -161,8 +165,15 @@ def t5_from_torch(
         config = config_from_transformers(hf_config, **overrides) if hf_config else infer_config(sd, **overrides)
     elif overrides:
         config = config.replace(**overrides)
-    params = import_params(t5_rules(config), sd, config, quantize=quantize, ignore=_ignored,
-                           source=f"{name} (transformers {_ARCHITECTURES[config.model_type]} keys)")  # fmt: skip
+    params = import_params(
+        t5_rules(config),
+        sd,
+        config,
+        quantize=quantize,
+        kernel_dtype=kernel_dtype,
+        ignore=_ignored,
+        source=f"{name} (transformers {_ARCHITECTURES[config.model_type]} keys)",
+    )
     return config, params
 
 

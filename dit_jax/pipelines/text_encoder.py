@@ -147,7 +147,8 @@ class TextEncoder:
         if quantize is not None:  # int8/int4 kernels from the float ones, on the host (dit_jax.quantize)
             params = quantize_params(params, quantize)
         params = jax.tree_util.tree_map_with_path(
-            lambda path, x: np.asarray(x).astype(store) if path[-1].key == "kernel" else np.asarray(x), params
+            lambda path, x: np.asarray(x).astype(store, copy=False) if path[-1].key == "kernel" else np.asarray(x),
+            params,
         )  # matmul kernels are cast to the compute dtype before use anyway: storing them so changes nothing
         self.rules = DEFAULT_RULES
         shardings = _param_shardings(config, params, self.mesh, self.rules)
@@ -246,6 +247,8 @@ class TextEncoder:
 
         path = Path(path)
         model_dir, tok_dir = _locate(path, tokenizer)
+        # checkpoints are converted kernel by kernel into what __init__ keeps: quantised, or in the storage dtype
+        as_read = dict(quantize=quantize, kernel_dtype=compute_dtype(param_dtype or dtype))
         if (model_dir / "params").is_dir():
             from dit_jax.checkpoint import load_model
 
@@ -255,15 +258,15 @@ class TextEncoder:
         elif _is_clip_folder(model_dir):
             from dit_jax.convert.clip import clip_from_torch
 
-            config, params = clip_from_torch(model_dir, quantize=quantize)  # quantised as read
+            config, params = clip_from_torch(model_dir, **as_read)
         elif _model_type(model_dir) == "bert":
             from dit_jax.convert.bert import bert_from_torch
 
-            config, params = bert_from_torch(model_dir, quantize=quantize)  # quantised as read
+            config, params = bert_from_torch(model_dir, **as_read)
         else:
             from dit_jax.convert.t5 import t5_from_torch
 
-            config, params = t5_from_torch(model_dir, quantize=quantize)  # quantised as read
+            config, params = t5_from_torch(model_dir, **as_read)
         try:
             tok = AutoTokenizer.from_pretrained(str(tok_dir))
         except Exception as e:  # missing sentencepiece, corrupt tokenizer.json, …
