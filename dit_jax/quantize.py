@@ -132,9 +132,41 @@ def text_encoder_config(quantize: Any) -> QuantizeConfig | None:
 # ---- the quantised kernel ----------------------------------------------------------------------------------------
 
 
+class _QuantizedKernel:
+    """What ``Int8Kernel`` and ``Int4Kernel`` share: sizes derived from ``shape`` and the stored arrays
+    (``_stored``), and the float views of ``dequantize``."""
+
+    shape: tuple[int, ...]
+
+    def _stored(self) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
+        raise NotImplementedError
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the codes plus the fp32 scales."""
+        return sum(_bytes(x) for x in self._stored())
+
+    def astype(self, dtype: Any) -> jax.Array:
+        return self.dequantize(dtype)
+
+    def __jax_array__(self) -> jax.Array:
+        return self.dequantize(jnp.float32)
+
+
 @jax.tree_util.register_pytree_with_keys_class
 @dataclasses.dataclass(frozen=True, eq=False)
-class Int8Kernel:
+class Int8Kernel(_QuantizedKernel):
     """An int8 kernel: ``values`` int8 (the kernel's shape), ``scale`` fp32 (same rank, 1 on the contracted axes).
 
     Stands in for the float kernel in a params tree: ``astype(dtype)`` (what ``dit_jax.nn.layers.Dense`` calls) and
@@ -159,28 +191,12 @@ class Int8Kernel:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.values.shape)
 
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held: the int8 values plus the fp32 scales."""
-        return _bytes(self.values) + _bytes(self.scale)
+    def _stored(self) -> tuple[Any, ...]:
+        return self.values, self.scale
 
     def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
         """``dtype(fl32(q·scale))`` (the kernel's shape)."""
         return (self.values.astype(jnp.float32) * self.scale.astype(jnp.float32)).astype(dtype)
-
-    def astype(self, dtype: Any) -> jax.Array:
-        return self.dequantize(dtype)
-
-    def __jax_array__(self) -> jax.Array:
-        return self.dequantize(jnp.float32)
 
     def __repr__(self) -> str:
         return f"Int8Kernel(shape={self.shape}, scale={tuple(np.shape(self.scale))})"
@@ -188,7 +204,7 @@ class Int8Kernel:
 
 @jax.tree_util.register_pytree_with_keys_class
 @dataclasses.dataclass(frozen=True, eq=False)
-class Int4Kernel(meta.AxisMetadata):
+class Int4Kernel(_QuantizedKernel, meta.AxisMetadata):
     """An int4 kernel: ``packed`` uint8 (two codes a byte along ``axis``), ``scale`` fp32 (the kernel's rank; the
     group count on ``axis``, 1 on contracted axes a scale spans), ``axis`` (the packed axis, counted from the end: a
     scanned stack's leading layer axis never shifts it) and ``length`` (the kernel's size on ``axis``).
@@ -219,18 +235,8 @@ class Int4Kernel(meta.AxisMetadata):
         shape[self.axis] = self.length
         return tuple(shape)
 
-    @property
-    def ndim(self) -> int:
-        return len(self.packed.shape)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held: the packed codes plus the fp32 scales."""
-        return _bytes(self.packed) + _bytes(self.scale)
+    def _stored(self) -> tuple[Any, ...]:
+        return self.packed, self.scale
 
     def codes(self) -> jax.Array:
         """The int8 codes in [−7, 7] (the kernel's shape)."""
@@ -243,12 +249,6 @@ class Int4Kernel(meta.AxisMetadata):
         q = self.codes().astype(jnp.float32).reshape(*shape[:a], groups, shape[a] // groups, *shape[a + 1 :])
         w = q * jnp.expand_dims(jnp.asarray(self.scale, jnp.float32), a + 1)
         return w.reshape(shape).astype(dtype)
-
-    def astype(self, dtype: Any) -> jax.Array:
-        return self.dequantize(dtype)
-
-    def __jax_array__(self) -> jax.Array:
-        return self.dequantize(jnp.float32)
 
     # AxisMetadata: what Module.param sees; a transform's added or removed leading axis leaves axis/length as they are
     def unbox(self) -> jax.Array:
