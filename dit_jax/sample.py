@@ -171,6 +171,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=["auto", "ulysses", "ring"],
         help="sequence parallelism: ulysses (heads divisible by N), ring, or auto (ulysses when it applies)",
     )
+    p.add_argument(
+        "--vae-tiling",
+        action="store_true",
+        help="decode tile by tile (the VAE's sample_size, whole-image GroupNorm statistics): bounded VAE memory for "
+        "2K/4K images",
+    )
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", help="write one PNG grid to this file")
     out.add_argument("--out-dir", help="write one PNG per image into this folder (NNNN_CLASS.png or NNNN_PROMPT.png)")
@@ -311,6 +317,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         **extra,
     )
     video = isinstance(pipe, TextToVideoPipeline)
+    if args.vae_tiling:
+        pipe.enable_vae_tiling()
     kind = f"{pipe.family.task} {pipe.family.display_name}"
     if video and not args.video:
         raise ValueError(

@@ -90,6 +90,10 @@ def test_cli_workdir(workdir, tmp_path, capsys):  # noqa: F811
     assert im.mode == "L" and im.size == (2 + 4 * 10, 2 + 10)
     # one line says what was sampled: the run's checkpoint and weights (a LoRA run: its adapters merged into the base)
     assert capsys.readouterr().out.splitlines() == [f"sampling from {root} (checkpoint 9, EMA)", f"wrote {out}"]
+    # --vae-tiling reaches the pipeline: a pixel-space run has no VAE to tile (one error line, nothing written)
+    tiled = tmp_path / "tiled.png"
+    assert main(["--workdir", str(root), "--classes", "0", "--vae-tiling", "--no-progress", "--out", str(tiled)]) == 1
+    assert "enable_vae_tiling: a pixel-space model has no VAE" in capsys.readouterr().err and not tiled.exists()
 
 
 @pytest.mark.parametrize(

@@ -208,8 +208,10 @@ def _is_summary(x) -> bool:
     return isinstance(x, Mapping) and set(x) == {"n", "mean", "m2"}
 
 
-def _tiling(vae: AutoencoderKL, tile_size: int | None, overlap: float, norm_passes: int | None) -> tuple[int, int]:
-    """(tile, stride) in image pixels, multiples of the downsample factor."""
+def tiling_geometry(
+    vae: AutoencoderKL, tile_size: int | None, overlap: float, norm_passes: int | None
+) -> tuple[int, int]:
+    """(tile, stride) in image pixels, multiples of the downsample factor; one clear error for a bad argument."""
     f = vae.config.downsample_factor
     tile = vae.config.sample_size if tile_size is None else tile_size
     if tile < f or tile % f:
@@ -239,7 +241,7 @@ def encode_tiled(
     whole feature map. An image no larger than one tile is encoded untiled. Error bound: the module docstring
     (exact statistics, 512-px tiles: max |tiled − untiled| ≤ 6e-3 × std of the mean, mean error < 1e-4 × std).
     """
-    tile, stride = _tiling(vae, tile_size, overlap, norm_passes)
+    tile, stride = tiling_geometry(vae, tile_size, overlap, norm_passes)
     f = vae.config.downsample_factor
     _check_input(x, vae.config.in_channels, f, "image")
     if x.shape[1] <= tile and x.shape[2] <= tile:
@@ -267,7 +269,7 @@ def decode_tiled(
     A latent no larger than one tile is decoded untiled. Error bound: the module docstring (exact statistics,
     512-px tiles: max |tiled − untiled| ≤ 5e-2 × std of the image, mean error < 1e-4 × std).
     """
-    tile, stride = _tiling(vae, tile_size, overlap, norm_passes)
+    tile, stride = tiling_geometry(vae, tile_size, overlap, norm_passes)
     f = vae.config.downsample_factor
     _check_input(z, vae.config.latent_channels, 1, "latent")
     t, s = tile // f, stride // f

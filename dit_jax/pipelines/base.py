@@ -24,7 +24,8 @@ from dit_jax import diffusion
 from dit_jax.diffusion.policy import SCHEDULER_CLASSES  # noqa: F401  (exported by the pipelines)
 from dit_jax.diffusion.samplers import Trajectory
 from dit_jax.diffusion.schedules import DDPMSchedule, FlowSchedule
-from dit_jax.encoders.vae import VAEConfig, unscale_latents
+from dit_jax.encoders.tiling import decode_tiled, tiling_geometry
+from dit_jax.encoders.vae import AutoencoderKL, VAEConfig, unscale_latents
 from dit_jax.models import build, family_of
 from dit_jax.parallel import logical_rules
 from dit_jax.parallel.mesh import MESH_AXES
@@ -196,6 +197,7 @@ class SamplingPipeline:
             self.params = _offload.to_host(self.params)
             self.vae_params = _offload.to_host(self.vae_params)
         self._placed: dict[str, Any] = {}
+        self._vae_tiling: dict[str, Any] | None = None  # enable_vae_tiling
         self._compiled: dict[tuple, Callable] = {}
         self._progress: Callable[[int, int], None] | None = None
 
@@ -310,6 +312,24 @@ class SamplingPipeline:
         ``jax.random`` differs from torch's generator: the same seed gives other latents than diffusers.
         """
         return self._noise(batch_size, self.latent_shape, seed)
+
+    def enable_vae_tiling(
+        self, tile_size: int | None = None, *, overlap: float = 0.25, norm_passes: int | None = None
+    ) -> None:
+        """Decode latents larger than one tile tile by tile (``dit_jax.encoders.tiling.decode_tiled``, as diffusers'
+        ``enable_vae_tiling``): the VAE's memory is one tile's activations, for 2K/4K images. ``tile_size``: image
+        pixels (default: the VAE's ``sample_size``); ``overlap``: the share of a tile its neighbour sees;
+        ``norm_passes``: None makes every GroupNorm use whole-image statistics (the untiled decode up to the seams;
+        26 tiled passes for the SD/SDXL layout), 0 per-tile statistics (diffusers' tiling, one pass)."""
+        if not isinstance(self.vae_config, VAEConfig):
+            what = "a pixel-space model has no VAE" if self.vae_config is None else "this VAE is not an AutoencoderKL"
+            raise ValueError(f"enable_vae_tiling: {what} ({self.source or type(self).__name__})")
+        tiling_geometry(AutoencoderKL(self.vae_config), tile_size, overlap, norm_passes)  # bad values fail here
+        self._vae_tiling = dict(tile_size=tile_size, overlap=float(overlap), norm_passes=norm_passes)
+
+    def disable_vae_tiling(self) -> None:
+        """Decode whole latents again (the default)."""
+        self._vae_tiling = None
 
     def decode(self, latents: Any) -> np.ndarray:
         """Final latents (B, h, w, C) → images (B, H, W, 3) in [0, 1] (pixel-space pipelines: ``x / 2 + 0.5``); video
@@ -519,12 +539,14 @@ class SamplingPipeline:
         if self.vae_config is None:
             return z
         vae = build(self.vae_config)
+        if self._vae_tiling is not None:
+            return decode_tiled(vae, vae_params, unscale_latents(self.vae_config, z), **self._vae_tiling)
         return vae.apply({"params": vae_params}, unscale_latents(self.vae_config, z), method="decode")
 
     def _decode(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
         """Padded latents (sharded) → padded images in [0, 1]; ``size`` (H, W) resizes and centre-crops the decoded
         images (in [−1, 1], before clipping) as diffusers does after resolution binning."""
-        cache_key = ("decode", tuple(x.shape), size)
+        cache_key = ("decode", tuple(x.shape), size, tuple(sorted((self._vae_tiling or {}).items())))
         if cache_key not in self._compiled:
 
             def decode(vae_params, z):
