@@ -299,8 +299,9 @@ def _gb(n: float) -> float:
 
 
 def _text_encoder_stage(int4) -> tuple[dict, dict]:
-    """(record fields, host bytes) of the text encoders as ``pipelines.load(quantize="int4")`` builds them for Flux:
-    int8 CLIP-L (no projection) and T5-XXL, bf16 compute; each one's jitted encoder at its length and batch 16."""
+    """(record fields, host bytes of the quantised params) of the text encoders as ``pipelines.load(quantize=
+    "int4")`` builds them for Flux: int8 CLIP-L (no projection) and T5-XXL, bf16 compute; each one's jitted encoder
+    at its length and batch 16."""
     from dit_jax.encoders.clip import clip_preset
 
     text_config = Q.text_encoder_config(int4)
@@ -318,7 +319,7 @@ def _text_encoder_stage(int4) -> tuple[dict, dict]:
         held += size  # the encoders placed so far stay placed to the end of encoding
         peak = held - size + mem["arguments"] + mem["temp"] + mem["output"] - mem["alias"]
         fields[name] = dict(params_gb=_gb(size), temp_gb=_gb(mem["temp"]), peak_gb=_gb(peak))
-        host[name] = (Q.nbytes(shapes), size)
+        host[name] = size
     return fields, host
 
 
@@ -375,7 +376,7 @@ def offload_case() -> None:
         "vae_decode": _gb(peak(dec)),
     }
     top = max(stages.values())
-    resident = Q.nbytes(params) + sum(q for _, q in text_host.values()) + Q.nbytes(vae_params)
+    resident = Q.nbytes(params) + sum(text_host.values()) + Q.nbytes(vae_params)
     emit(dict(case="offload", model="FLUX.1-dev", transformer="int4", text_encoders="int8", compute="bf16", batch=1,
               px=px, steps=steps, text_encoders_stage=text,
               transformer_loop=dict(params_gb=_gb(Q.nbytes(params)), temp_gb=_gb(loop["temp"]),

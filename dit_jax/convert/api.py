@@ -137,9 +137,8 @@ def finisher(
     ``kernel_dtype`` (e.g. bfloat16) the other ``kernel`` leaves in that dtype (what a text encoder stores)."""
 
     def as_float(path: str, x: Any) -> np.ndarray:
-        if kernel_dtype is not None and path.rsplit("/", 1)[-1] == "kernel":
-            return np.asarray(np.asarray(x, np.float32), kernel_dtype)
-        return np.asarray(x, np.float32)
+        kernel = kernel_dtype is not None and path.rsplit("/", 1)[-1] == "kernel"
+        return np.asarray(x, kernel_dtype if kernel else np.float32)
 
     if quantize is None:
         return as_float
@@ -233,8 +232,7 @@ def from_torch(
     quantize = quantize_config(quantize)
     for module in conversion_modules().values():  # folders of their own layout (transformers text encoders)
         if hasattr(module, "claims_folder") and module.claims_folder(Path(path)):
-            config, params = module.import_path(Path(path), **config_overrides)
-            return config, params if quantize is None else quantize_params(params, quantize)
+            return module.import_path(Path(path), quantize=quantize, **config_overrides)  # quantised as read too
     state_dict, diffusers_config, source = io.read_checkpoint(path, weights, convert=False)
     return from_state_dict(
         state_dict,
