@@ -46,8 +46,13 @@ def _load(module, state_dict, device: str, dtype):
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # "modules that should be kept in float32: []" on every .to(dtype)
-    tensors = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in state_dict.items()}
-    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    tensors = {}
+    for k in list(state_dict):  # one float32 copy at most, the exported arrays dropped as they are taken
+        a = np.asarray(state_dict.pop(k), np.float32)
+        tensors[k] = torch.from_numpy(a if a.flags.writeable else a.copy())
+    # assign: the module takes these tensors as its parameters (its random ones are freed, none copied), so a
+    # full-size model (Wan 1.3B: 5.7 GB in fp32) is held twice at most, not four times
+    missing, unexpected = module.load_state_dict(tensors, strict=False, assign=True)
     if missing or unexpected:
         raise RuntimeError(f"exported weights do not fit {type(module).__name__}: {missing=} {unexpected=}")
     return module.to(device, dtype)

@@ -1,6 +1,7 @@
 """Pallas flash attention (``dit_jax.nn.pallas_attention``) in interpret mode on CPU: the same kernel code as on TPU,
 equal to the materialised reference at the true head_dims 64, 72, 88, 128, with key masks (incl. a row with every key
-masked), cross-attention with a key count that is not a multiple of the block, bf16, and gradients."""
+masked), cross-attention with a key count that is not a multiple of the block, bf16, and gradients through the
+backward kernels."""
 
 import jax
 import jax.numpy as jnp
@@ -107,6 +108,59 @@ def test_gradients_through_the_custom_vjp(masked, no_fallback):
     g_got = jax.jit(jax.grad(_loss(got, d), argnums=(0, 1, 2)))(q, k, v)
     for name, a, c in zip("qkv", g_got, g_ref):
         np.testing.assert_allclose(a, c, rtol=0, atol=1e-5, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("d", [64, 88, 128])
+def test_backward_kernels_equal_the_reference_at_true_head_dims(d, no_fallback):
+    """The backward pass is the two Pallas kernels (dK/dV over query blocks, dQ over key blocks), not an XLA
+    recomputation: their names are in the gradient's jaxpr and they equal the reference's gradients at each head_dim
+    (72 is in the test above), with queries and keys padded to whole blocks and a key mask with an all-masked row."""
+    b, t, s, h = 2, 200, 136, 2
+    q, k, v = _qkv(20 + d, b, t, s, h, d)
+    mask = _key_mask(21, b, s)
+    ref = lambda q, k, v: dot_product_attention(q, k, v, mask, backend="dense")  # noqa: E731
+    got = lambda q, k, v: pa.pallas_attention(q, k, v, mask[:, None, None], **BLOCKS)  # noqa: E731
+    grad = jax.grad(_loss(got, d), argnums=(0, 1, 2))
+    jaxpr = str(jax.make_jaxpr(grad)(q, k, v))
+    assert "dit_flash_attention_dkv" in jaxpr and "dit_flash_attention_dq" in jaxpr
+    assert "scan" not in jaxpr and "while" not in jaxpr  # no XLA recomputation loop beside them
+    g_ref = jax.grad(_loss(ref, d), argnums=(0, 1, 2))(q, k, v)
+    for name, a, c in zip("qkv", jax.jit(grad)(q, k, v), g_ref):
+        np.testing.assert_allclose(a, c, rtol=0, atol=1e-5, err_msg=f"d{name}")
+
+
+def test_bf16_gradients_within_bf16_rounding_of_the_reference(no_fallback):
+    """bf16 inputs: the kernels' matmuls take bf16 operands with fp32 accumulation and fp32 statistics, gradients come
+    back in bf16, within a few bf16 ulps of each gradient's scale of the fp32 reference's."""
+    b, t, s, h, d = 1, 200, 300, 2, 72
+    q, k, v = _qkv(22, b, t, s, h, d, jnp.bfloat16)
+    mask = _key_mask(23, 2, s)[1:]
+    got = lambda q, k, v: pa.pallas_attention(q, k, v, mask[:, None, None], **BLOCKS)  # noqa: E731
+    ref = lambda q, k, v: dot_product_attention(q, k, v, mask, backend="dense")  # noqa: E731
+    grads = jax.jit(jax.grad(_loss(got, d), argnums=(0, 1, 2)))(q, k, v)
+    f32 = tuple(x.astype(jnp.float32) for x in (q, k, v))
+    for name, a, c in zip("qkv", grads, jax.grad(_loss(ref, d), argnums=(0, 1, 2))(*f32)):
+        assert a.dtype == jnp.bfloat16
+        err = float(jnp.abs(a.astype(jnp.float32) - c).max())
+        assert err <= 4 * 2**-8 * float(jnp.abs(c).max()), (name, err)
+
+
+def test_lowered_for_a_tpu_the_kernels_are_mosaic_custom_calls():
+    """``interpret=None`` decides at lowering: exported for a TPU (``jax.export``, no TPU or libtpu needed) the
+    forward and both backward kernels are Mosaic custom calls (so ``dit_jax.plan --topology`` compiles the real
+    kernels on a CPU host); lowered for the CPU they are interpreted (no custom call)."""
+    from jax import export
+
+    b, t, s, h, d = 1, 256, 384, 2, 72
+    q, k, v = _qkv(24, b, t, s, h, d, jnp.bfloat16)
+    mask = _key_mask(25, b, s)[:, None, None]
+    grad = jax.jit(jax.grad(_loss(lambda q, k, v: pa.pallas_attention(q, k, v, mask, **BLOCKS), d), argnums=(0, 1, 2)))
+    tpu = export.export(grad, platforms=["tpu"])(q, k, v).mlir_module()
+    assert tpu.count("tpu_custom_call") == 3, tpu.count("tpu_custom_call")
+    for name in ("dit_flash_attention", "dit_flash_attention_dkv", "dit_flash_attention_dq"):
+        assert f'"{name}"' in tpu or f"{name}" in tpu
+    cpu = export.export(grad, platforms=["cpu"])(q, k, v).mlir_module()
+    assert "tpu_custom_call" not in cpu
 
 
 def test_a_mask_over_queries_falls_back_to_blockwise():

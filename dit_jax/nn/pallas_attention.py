@@ -9,8 +9,10 @@ when head_dim is the minor dimension), so the time saved on the MXU is to be mea
 
 The kernel runs an online softmax over a grid (batch, heads, query blocks, key blocks): the key-block axis is
 sequential, the running max ``m``, normaliser ``l`` and accumulator stay in VMEM scratch (fp32), the matmuls take the
-input dtype with fp32 accumulation. It also returns ``m`` and ``l`` per query row, which the backward pass (the
-blockwise recomputation of ``dit_jax.nn.blockwise``) reuses. Off TPU the same kernel runs in Pallas interpret mode.
+input dtype with fp32 accumulation. It also returns ``m`` and ``l`` per query row, which the backward pass reuses:
+two more kernels (FlashAttention-2's split) recompute each block's probabilities from them, one accumulating dK and dV
+over the query blocks, one dQ over the key blocks, so training memory is O(tokens × block) as well. Off TPU the same
+kernels run in Pallas interpret mode (chosen when the computation is lowered for its platform).
 
 Masks follow ``dot_product_attention``: None or bool broadcastable to ``(B, H, T, S)`` (True = attend). A key mask
 (shape ``(B|1, 1, 1, S)``) goes into the kernel as a ``(B, S)`` row; any other mask falls back to
@@ -29,7 +31,6 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from dit_jax.nn import blockwise
 from dit_jax.nn.blockwise import blockwise_attention
 
 BLOCK_Q = 512  # query rows per block (a multiple of 128: the row statistics are stored lane-dense)
@@ -155,13 +156,159 @@ def _forward(q, k, v, key_mask, scale, block_q, block_k, interpret, with_stats=T
     return out, ((outs[1][:, :, 0], outs[2][:, :, 0]) if with_stats else None)
 
 
-def _backward_stats(stats, t, s, q_chunk, kv_chunk):
-    """Row statistics re-blocked for ``blockwise._backward``: (B, H, Tp') over its own padding of the queries.
-    Padded rows get m = 0, l = 1 (finite; their gradient is zero because dO is zero there)."""
-    tp = blockwise._chunks(t, s, q_chunk, kv_chunk)[2]
-    m, norm = (x[..., :t] for x in stats)
-    extra = [(0, 0), (0, 0), (0, tp - t)]
-    return jnp.pad(m, extra), jnp.pad(norm, extra, constant_values=1.0)
+def _row_to_column(row: jax.Array, n: int) -> jax.Array:
+    """A lane-dense (1, n) row as an (n, 1) column (the reverse of the forward's store of ``m`` and ``l``)."""
+    return jnp.broadcast_to(row, (_LANES, n)).T[:, :1]
+
+
+def _dkv_kernel(*refs, scale: float, s_len: int, block_k: int, has_mask: bool, pad_keys: bool):
+    """One (batch, head, key block) × query block step of dK, dV. Keys are on the rows and queries on the lanes
+    (``Sᵀ = k qᵀ``), so the lane-dense row statistics broadcast as they are and every matmul is a plain or a
+    ``trans_b`` one. refs: q, dO (bq, D), k, v (bk, D), m, l, delta (1, bq), [key mask (1, bk) int32],
+    dk, dv out (bk, D); scratch [key mask column (bk, 1)], dk/dv accumulators (bk, D) fp32."""
+    refs = list(refs)
+    q_ref, do_ref, k_ref, v_ref, m_ref, l_ref, delta_ref = refs[:7]
+    km_ref = refs[7] if has_mask else None
+    dk_ref, dv_ref, *scratch = refs[7 + has_mask :]
+    km_sc = scratch.pop(0) if has_mask else None
+    dk_sc, dv_sc = scratch
+    j, i = pl.program_id(2), pl.program_id(3)
+    bk = k_ref.shape[0]
+
+    @pl.when(i == 0)
+    def _init():
+        dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+        dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+        if has_mask:  # the key block's mask as a column, once per key block
+            km_sc[...] = _row_to_column(km_ref[...], bk)
+
+    q, do, k, v = q_ref[...], do_ref[...], k_ref[...], v_ref[...]
+    trans_b = (((1,), (1,)), ((), ()))
+    st = jax.lax.dot_general(k, q, trans_b, preferred_element_type=jnp.float32) * scale  # bk bq
+    if has_mask:
+        st = jnp.where(km_sc[...] != 0, st, _MASKED)
+    if pad_keys:
+        row = j * block_k + jax.lax.broadcasted_iota(jnp.int32, st.shape, 0)
+        st = jnp.where(row < s_len, st, -jnp.inf)
+    pt = jnp.exp(st - m_ref[...]) / l_ref[...]  # the forward's probabilities, transposed
+    dv_sc[...] += jnp.dot(pt.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dpt = jax.lax.dot_general(v, do, trans_b, preferred_element_type=jnp.float32)  # bk bq
+    dst = pt * (dpt - delta_ref[...]) * scale
+    if has_mask:  # a masked logit is a constant: no gradient to q, k
+        dst = jnp.where(km_sc[...] != 0, dst, 0.0)
+    dk_sc[...] += jnp.dot(dst.astype(q.dtype), q, preferred_element_type=jnp.float32)
+
+    @pl.when(i == pl.num_programs(3) - 1)
+    def _finish():
+        dk_ref[...] = dk_sc[...].astype(dk_ref.dtype)
+        dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def _dq_kernel(*refs, scale: float, s_len: int, block_k: int, has_mask: bool, pad_keys: bool):
+    """One (batch, head, query block) × key block step of dQ. refs as in ``_dkv_kernel`` but dq out (bq, D); scratch
+    m, l, delta columns (bq, 1) (made once per query block) and the dq accumulator (bq, D) fp32."""
+    refs = list(refs)
+    q_ref, do_ref, k_ref, v_ref, m_ref, l_ref, delta_ref = refs[:7]
+    km_ref = refs[7] if has_mask else None
+    dq_ref, m_sc, l_sc, delta_sc, dq_sc = refs[7 + has_mask :]
+    j = pl.program_id(3)
+    bq = q_ref.shape[0]
+
+    @pl.when(j == 0)
+    def _init():
+        dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+        for sc, ref in ((m_sc, m_ref), (l_sc, l_ref), (delta_sc, delta_ref)):
+            sc[...] = _row_to_column(ref[...], bq)
+
+    q, do, k, v = q_ref[...], do_ref[...], k_ref[...], v_ref[...]
+    trans_b = (((1,), (1,)), ((), ()))
+    s = jax.lax.dot_general(q, k, trans_b, preferred_element_type=jnp.float32) * scale  # bq bk
+    if has_mask:
+        s = jnp.where(km_ref[...] != 0, s, _MASKED)
+    if pad_keys:
+        col = j * block_k + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+        s = jnp.where(col < s_len, s, -jnp.inf)
+    p = jnp.exp(s - m_sc[...]) / l_sc[...]
+    dp = jax.lax.dot_general(do, v, trans_b, preferred_element_type=jnp.float32)  # bq bk
+    ds = p * (dp - delta_sc[...]) * scale
+    if has_mask:
+        ds = jnp.where(km_ref[...] != 0, ds, 0.0)
+    dq_sc[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _finish():
+        dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
+
+
+def _backward(q, k, v, key_mask, out, stats, g, scale, block_q, block_k, interpret):
+    """dq, dk, dv with two kernels (FlashAttention-2's backward): one walks the query blocks for each key block
+    (dK, dV), one the key blocks for each query block (dQ); each recomputes P = exp(S − m) / l from the forward's
+    row statistics, and delta = rowsum(dO ∘ O) comes from one XLA reduction."""
+    b, t, h, d = q.shape
+    s = k.shape[1]
+    bq, bk, tp, sp = _blocks(t, s, block_q, block_k)  # the forward's blocks: its statistics cover tp rows
+    heads_first = lambda x, n: _pad(x, 1, n).transpose(0, 2, 1, 3)  # noqa: E731  B H N D
+    qp, gp, kp, vp = heads_first(q, tp), heads_first(g.astype(q.dtype), tp), heads_first(k, sp), heads_first(v, sp)
+    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), g.astype(jnp.float32))
+    m, norm, delta = (x[:, :, None, :] for x in (*stats, _pad(delta, 2, tp)))  # B H 1 Tp: lane-dense rows
+    has_mask = key_mask is not None
+    args = [qp, gp, kp, vp, m, norm, delta]
+    if has_mask:
+        args.append(_pad(jnp.broadcast_to(key_mask, (b, s)).astype(jnp.int32), 1, sp)[:, None, :])  # B 1 Sp
+
+    sq = pl.squeezed
+    itemsize = jnp.dtype(q.dtype).itemsize
+    common = dict(scale=scale, s_len=s, block_k=bk, has_mask=has_mask, pad_keys=sp != s)
+    semantics = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+
+    def specs(qi, kj):  # the inputs' blocks, given which grid axes index the query and the key blocks
+        q_spec = pl.BlockSpec((sq, sq, bq, d), lambda *g: (g[0], g[1], g[qi], 0))
+        kv_spec = pl.BlockSpec((sq, sq, bk, d), lambda *g: (g[0], g[1], g[kj], 0))
+        row_spec = pl.BlockSpec((sq, sq, 1, bq), lambda *g: (g[0], g[1], 0, g[qi]))
+        mask_spec = [pl.BlockSpec((sq, 1, bk), lambda *g: (g[0], 0, g[kj]))] if has_mask else []
+        return [q_spec, q_spec, kv_spec, kv_spec, row_spec, row_spec, row_spec, *mask_spec]
+
+    kv_out = pl.BlockSpec((sq, sq, bk, d), lambda bi, hi, j, i: (bi, hi, j, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, **common),
+        out_shape=[jax.ShapeDtypeStruct((b, h, sp, d), k.dtype)] * 2,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=0,
+            grid=(b, h, sp // bk, tp // bq),
+            in_specs=specs(3, 2),
+            out_specs=[kv_out, kv_out],
+            scratch_shapes=[pltpu.VMEM((bk, 1), jnp.int32)] * has_mask + [pltpu.VMEM((bk, d), jnp.float32)] * 2,
+        ),
+        compiler_params=semantics,
+        cost_estimate=pl.CostEstimate(
+            flops=8 * b * h * tp * sp * d,
+            transcendentals=b * h * tp * sp,
+            bytes_accessed=itemsize * b * h * d * (4 * sp + 2 * tp * (sp // bk)) + 12 * b * h * tp * (sp // bk),
+        ),
+        interpret=interpret,
+        name="dit_flash_attention_dkv",
+    )(*args)
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, **common),
+        out_shape=jax.ShapeDtypeStruct((b, h, tp, d), q.dtype),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=0,
+            grid=(b, h, tp // bq, sp // bk),
+            in_specs=specs(2, 3),
+            out_specs=pl.BlockSpec((sq, sq, bq, d), lambda bi, hi, i, j: (bi, hi, i, 0)),
+            scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32)] * 3 + [pltpu.VMEM((bq, d), jnp.float32)],
+        ),
+        compiler_params=semantics,
+        cost_estimate=pl.CostEstimate(
+            flops=6 * b * h * tp * sp * d,
+            transcendentals=b * h * tp * sp,
+            bytes_accessed=itemsize * b * h * d * (3 * tp + 2 * sp * (tp // bq)) + 12 * b * h * tp,
+        ),
+        interpret=interpret,
+        name="dit_flash_attention_dq",
+    )(*args)
+    tokens_first = lambda x, n: x.transpose(0, 2, 1, 3)[:, :n]  # noqa: E731
+    return tokens_first(dq, t), tokens_first(dk, s), tokens_first(dv, s)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -176,11 +323,7 @@ def _flash_fwd(q, k, v, key_mask, scale, block_q, block_k, interpret):
 
 def _flash_bwd(scale, block_q, block_k, interpret, res, g):
     q, k, v, key_mask, out, stats = res
-    t, s = q.shape[1], k.shape[1]
-    q_chunk, kv_chunk = blockwise.Q_CHUNK, blockwise.KV_CHUNK
-    mask = None if key_mask is None else jnp.broadcast_to(key_mask, (q.shape[0], s))[:, None, None, :]
-    stats = _backward_stats(stats, t, s, q_chunk, kv_chunk)
-    dq, dk, dv = blockwise._backward(q, k, v, mask, out, stats, g, scale, q_chunk, kv_chunk)
+    dq, dk, dv = _backward(q, k, v, key_mask, out, stats, g, scale, block_q, block_k, interpret)
     return dq, dk, dv, None
 
 
@@ -239,7 +382,8 @@ def pallas_attention(
     """``softmax(q kᵀ · scale) v`` with the Pallas flash kernel (see the module docstring).
 
     q: B T H D; k, v: B S H D; mask: None or bool broadcastable to (B, H, T, S). Differentiable in q, k, v (the
-    backward pass is the blockwise recomputation). ``interpret=None``: interpret mode unless running on TPU.
+    backward pass is the two Pallas kernels). ``interpret=None``: Mosaic when lowered for a TPU, interpret mode
+    elsewhere (decided at lowering; see ``_flash_call``).
     """
     if block_q < 1 or block_q % _LANES or block_k < 1 or block_k % _LANES:
         raise ValueError(
@@ -261,12 +405,17 @@ def pallas_attention(
         key_mask = _key_mask(mask)
         if key_mask is None:  # a mask over heads or queries: the portable blockwise path
             return blockwise_attention(q, k, v, mask, scale)
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
     flash = functools.partial(_flash_call, scale=float(scale), block_q=int(block_q), block_k=int(block_k),
-                              interpret=bool(interpret))  # fmt: skip
+                              interpret=interpret)  # fmt: skip
     return _per_device(flash, q, k, v, key_mask)
 
 
 def _flash_call(q, k, v, key_mask, *, scale, block_q, block_k, interpret):
-    return _flash(q, k, v, key_mask, scale, block_q, block_k, interpret)
+    """The kernels compiled by Mosaic (``interpret=False``), interpreted (``True``), or — ``None`` — whichever the
+    platform the computation is lowered for takes: Mosaic for TPU, interpreted for any other. The choice is made at
+    lowering, not from this process's default backend, so a step compiled ahead of time for a TPU topology on a CPU
+    host (``dit_jax.plan --topology``) holds the real kernels."""
+    run = lambda interpret: lambda q, k, v, km: _flash(q, k, v, km, scale, block_q, block_k, interpret)  # noqa: E731
+    if interpret is not None:
+        return run(bool(interpret))(q, k, v, key_mask)
+    return jax.lax.platform_dependent(q, k, v, key_mask, tpu=run(False), default=run(True))
