@@ -38,6 +38,7 @@ BLOCK_K = 512  # key rows per block (a multiple of 128: it is the lane dimension
 _MASKED = float(jnp.finfo(jnp.float32).min)
 _LANES = 128
 _SUBLANES = 8
+_TRANS_B = (((1,), (1,)), ((), ()))  # a · bᵀ: contract both operands' last dimension
 
 
 def _round_up(x: int, m: int) -> int:
@@ -72,7 +73,7 @@ def _kernel(*refs, scale: float, s_len: int, block_k: int, has_mask: bool, pad_k
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
     q, k, v = q_ref[...], k_ref[...], v_ref[...]
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale  # bq bk
+    s = jax.lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale  # bq bk
     if km_ref is not None:
         s = jnp.where(km_ref[...] != 0, s, _MASKED)
     if pad_keys:  # keys past the sequence: −inf, so they drop out exactly (also from all-masked rows)
@@ -161,6 +162,26 @@ def _row_to_column(row: jax.Array, n: int) -> jax.Array:
     return jnp.broadcast_to(row, (_LANES, n)).T[:, :1]
 
 
+def _p_and_ds(a, b, da, db, keep, stats, *, key_axis: int, first_key, s_len: int, scale: float, pad_keys: bool):
+    """One block's probabilities P and logit gradients dS, both laid out as ``a · bᵀ`` (queries × keys for the dQ
+    kernel, keys × queries for the dK/dV one; ``key_axis`` says which axis holds the keys): S = a bᵀ · scale with the
+    key mask ``keep`` (None: no mask) and the keys past ``s_len`` excluded, P = exp(S − m) / l from the forward's
+    statistics ``stats = (m, l, delta)``, dS = P ∘ (da dbᵀ − delta) · scale, zero where a key is masked (a masked
+    logit is a constant)."""
+    m, norm, delta = stats
+    s = jax.lax.dot_general(a, b, _TRANS_B, preferred_element_type=jnp.float32) * scale
+    if keep is not None:
+        s = jnp.where(keep, s, _MASKED)
+    if pad_keys:
+        key = first_key + jax.lax.broadcasted_iota(jnp.int32, s.shape, key_axis)
+        s = jnp.where(key < s_len, s, -jnp.inf)
+    p = jnp.exp(s - m) / norm
+    ds = p * (jax.lax.dot_general(da, db, _TRANS_B, preferred_element_type=jnp.float32) - delta) * scale
+    if keep is not None:
+        ds = jnp.where(keep, ds, 0.0)
+    return p, ds
+
+
 def _dkv_kernel(*refs, scale: float, s_len: int, block_k: int, has_mask: bool, pad_keys: bool):
     """One (batch, head, key block) × query block step of dK, dV. Keys are on the rows and queries on the lanes
     (``Sᵀ = k qᵀ``), so the lane-dense row statistics broadcast as they are and every matmul is a plain or a
@@ -183,19 +204,11 @@ def _dkv_kernel(*refs, scale: float, s_len: int, block_k: int, has_mask: bool, p
             km_sc[...] = _row_to_column(km_ref[...], bk)
 
     q, do, k, v = q_ref[...], do_ref[...], k_ref[...], v_ref[...]
-    trans_b = (((1,), (1,)), ((), ()))
-    st = jax.lax.dot_general(k, q, trans_b, preferred_element_type=jnp.float32) * scale  # bk bq
-    if has_mask:
-        st = jnp.where(km_sc[...] != 0, st, _MASKED)
-    if pad_keys:
-        row = j * block_k + jax.lax.broadcasted_iota(jnp.int32, st.shape, 0)
-        st = jnp.where(row < s_len, st, -jnp.inf)
-    pt = jnp.exp(st - m_ref[...]) / l_ref[...]  # the forward's probabilities, transposed
+    keep = km_sc[...] != 0 if has_mask else None
+    stats = m_ref[...], l_ref[...], delta_ref[...]  # rows: they broadcast over the key rows as they are
+    pt, dst = _p_and_ds(k, q, v, do, keep, stats, key_axis=0, first_key=j * block_k, s_len=s_len, scale=scale,
+                        pad_keys=pad_keys)  # fmt: skip
     dv_sc[...] += jnp.dot(pt.astype(do.dtype), do, preferred_element_type=jnp.float32)
-    dpt = jax.lax.dot_general(v, do, trans_b, preferred_element_type=jnp.float32)  # bk bq
-    dst = pt * (dpt - delta_ref[...]) * scale
-    if has_mask:  # a masked logit is a constant: no gradient to q, k
-        dst = jnp.where(km_sc[...] != 0, dst, 0.0)
     dk_sc[...] += jnp.dot(dst.astype(q.dtype), q, preferred_element_type=jnp.float32)
 
     @pl.when(i == pl.num_programs(3) - 1)
@@ -221,18 +234,10 @@ def _dq_kernel(*refs, scale: float, s_len: int, block_k: int, has_mask: bool, pa
             sc[...] = _row_to_column(ref[...], bq)
 
     q, do, k, v = q_ref[...], do_ref[...], k_ref[...], v_ref[...]
-    trans_b = (((1,), (1,)), ((), ()))
-    s = jax.lax.dot_general(q, k, trans_b, preferred_element_type=jnp.float32) * scale  # bq bk
-    if has_mask:
-        s = jnp.where(km_ref[...] != 0, s, _MASKED)
-    if pad_keys:
-        col = j * block_k + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        s = jnp.where(col < s_len, s, -jnp.inf)
-    p = jnp.exp(s - m_sc[...]) / l_sc[...]
-    dp = jax.lax.dot_general(do, v, trans_b, preferred_element_type=jnp.float32)  # bq bk
-    ds = p * (dp - delta_sc[...]) * scale
-    if has_mask:
-        ds = jnp.where(km_ref[...] != 0, ds, 0.0)
+    keep = km_ref[...] != 0 if has_mask else None
+    stats = m_sc[...], l_sc[...], delta_sc[...]  # columns: they broadcast over the key lanes
+    _, ds = _p_and_ds(q, k, do, v, keep, stats, key_axis=1, first_key=j * block_k, s_len=s_len, scale=scale,
+                      pad_keys=pad_keys)  # fmt: skip
     dq_sc[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     @pl.when(j == pl.num_programs(3) - 1)
