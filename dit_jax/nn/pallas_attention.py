@@ -95,6 +95,16 @@ def _kernel(*refs, scale: float, s_len: int, block_k: int, has_mask: bool, pad_k
                 ref[...] = jnp.broadcast_to(sc[...], (sc.shape[0], _LANES)).T[:1, :]
 
 
+def _heads_first(x: jax.Array, n: int) -> jax.Array:
+    """(B, N, H, D) → (B, H, n, D), the sequence zero-padded to ``n``: the layout every kernel's blocks index."""
+    return _pad(x, 1, n).transpose(0, 2, 1, 3)
+
+
+def _key_mask_rows(key_mask: jax.Array, b: int, s: int, sp: int) -> jax.Array:
+    """The (B|1, S) key mask as (B, 1, Sp) int32 rows (padded keys 0), lane-dense as the kernels read it."""
+    return _pad(jnp.broadcast_to(key_mask, (b, s)).astype(jnp.int32), 1, sp)[:, None, :]
+
+
 def _blocks(t: int, s: int, block_q: int, block_k: int) -> tuple[int, int, int, int]:
     """Block sizes (never beyond the rounded-up sequence) and the padded lengths."""
     bq = min(block_q, _round_up(t, _SUBLANES))  # one block: any multiple of 8; several: block_q (× 128)
@@ -107,8 +117,7 @@ def _forward(q, k, v, key_mask, scale, block_q, block_k, interpret, with_stats=T
     b, t, h, d = q.shape
     s = k.shape[1]
     bq, bk, tp, sp = _blocks(t, s, block_q, block_k)
-    heads_first = lambda x, n: _pad(x, 1, n).transpose(0, 2, 1, 3)  # noqa: E731  B H N D
-    qp, kp, vp = heads_first(q, tp), heads_first(k, sp), heads_first(v, sp)
+    qp, kp, vp = _heads_first(q, tp), _heads_first(k, sp), _heads_first(v, sp)
     has_mask = key_mask is not None
 
     sq = pl.squeezed
@@ -117,7 +126,7 @@ def _forward(q, k, v, key_mask, scale, block_q, block_k, interpret, with_stats=T
     in_specs = [q_spec, kv_spec, kv_spec]
     args = [qp, kp, vp]
     if has_mask:
-        km = _pad(jnp.broadcast_to(key_mask, (b, s)).astype(jnp.int32), 1, sp)[:, None, :]  # B 1 Sp
+        km = _key_mask_rows(key_mask, b, s, sp)
         in_specs.append(pl.BlockSpec((sq, 1, bk), lambda bi, hi, i, j: (bi, 0, j)))
         args.append(km)
     out_shape = [jax.ShapeDtypeStruct((b, h, tp, d), q.dtype)]
@@ -252,14 +261,13 @@ def _backward(q, k, v, key_mask, out, stats, g, scale, block_q, block_k, interpr
     b, t, h, d = q.shape
     s = k.shape[1]
     bq, bk, tp, sp = _blocks(t, s, block_q, block_k)  # the forward's blocks: its statistics cover tp rows
-    heads_first = lambda x, n: _pad(x, 1, n).transpose(0, 2, 1, 3)  # noqa: E731  B H N D
-    qp, gp, kp, vp = heads_first(q, tp), heads_first(g.astype(q.dtype), tp), heads_first(k, sp), heads_first(v, sp)
+    qp, gp, kp, vp = (_heads_first(x, n) for x, n in ((q, tp), (g.astype(q.dtype), tp), (k, sp), (v, sp)))
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), g.astype(jnp.float32))
     m, norm, delta = (x[:, :, None, :] for x in (*stats, _pad(delta, 2, tp)))  # B H 1 Tp: lane-dense rows
     has_mask = key_mask is not None
     args = [qp, gp, kp, vp, m, norm, delta]
     if has_mask:
-        args.append(_pad(jnp.broadcast_to(key_mask, (b, s)).astype(jnp.int32), 1, sp)[:, None, :])  # B 1 Sp
+        args.append(_key_mask_rows(key_mask, b, s, sp))
 
     sq = pl.squeezed
     itemsize = jnp.dtype(q.dtype).itemsize
