@@ -75,7 +75,10 @@ def test_cudnn_on_cpu_raises():
         dot_product_attention(q, k, v, backend="cudnn")
 
 
-def test_auto_falls_back_to_xla_on_cpu():
+def test_auto_falls_back_to_xla_on_cpu_without_the_cpu_kernel(monkeypatch):
+    from dit_jax.nn import cpu_attention
+
+    monkeypatch.setattr(cpu_attention, "_state", {"reason": "disabled by DIT_JAX_CPU_KERNEL"})
     assert jax.default_backend() == "cpu"
     q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in _inputs())  # bf16: what would pick cuDNN on a GPU
     assert attn_lib._auto_backend(q) == "xla"

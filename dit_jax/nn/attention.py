@@ -8,8 +8,9 @@ Backends: ``dense`` materialises the (B, H, T, S) logits (the reference); ``bloc
 key/value blocks with O(T × chunk) memory forward and backward (``dit_jax.nn.blockwise``); ``xla`` is the portable
 choice: ``dense`` below ``BLOCKWISE_MIN_LOGITS`` logits per head, ``blockwise`` from there; ``cudnn`` is cuDNN flash
 attention (GPU, bf16/fp16); ``pallas`` is a Pallas flash-attention kernel for TPU at the true head_dim (64, 72, 88,
-128 without padding it to 128; ``dit_jax.nn.pallas_attention``, interpreted elsewhere); ``auto`` takes ``pallas`` on
-TPU, cuDNN on GPU where it applies, else ``xla``. Under a mesh whose ``sequence`` axis
+128 without padding it to 128; ``dit_jax.nn.pallas_attention``, interpreted elsewhere); ``cpu`` is a C++ flash
+kernel for XLA:CPU built on first use (``dit_jax.nn.cpu_attention``); ``auto`` takes ``pallas`` on TPU, cuDNN on GPU
+where it applies, ``cpu`` on CPU when the kernel builds, else ``xla``. Under a mesh whose ``sequence`` axis
 splits the tokens, every backend runs sequence-parallel (Ulysses or ring, ``dit_jax.parallel.sequence``).
 """
 
@@ -22,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dit_jax.nn.blockwise import blockwise_attention
+from dit_jax.nn.cpu_attention import available as cpu_attention_available
+from dit_jax.nn.cpu_attention import cpu_attention
 from dit_jax.nn.layers import LayerNorm, dense, partitioned, zeros
 from dit_jax.nn.pallas_attention import pallas_attention
 from dit_jax.parallel import sequence
@@ -87,12 +90,15 @@ register_backend("blockwise", blockwise_attention)
 register_backend("xla", _xla_attention)
 register_backend("cudnn", _cudnn_attention)
 register_backend("pallas", pallas_attention)
+register_backend("cpu", cpu_attention)
 
 
 def _auto_backend(q: jax.Array) -> str:
     head_dim = q.shape[-1]
     if jax.default_backend() == "tpu":
         return "pallas"
+    if jax.default_backend() == "cpu" and cpu_attention_available():
+        return "cpu"
     if (
         jax.default_backend() == "gpu"
         and q.dtype in (jnp.bfloat16, jnp.float16)
@@ -116,12 +122,12 @@ def dot_product_attention(
     """Multi-head attention ``softmax(q kᵀ · scale) v``.
 
     q: B T H D; k, v: B S H D; mask: None, a key mask ``(B, S)`` (1 = keep) or a bool array broadcastable to
-    ``(B, H, T, S)``. ``backend``: ``auto`` (Pallas on TPU, cuDNN flash attention on GPU in bf16/fp16, else ``xla``),
-    ``xla`` (dense below ``BLOCKWISE_MIN_LOGITS``, else blockwise), ``dense``, ``blockwise``, ``cudnn``, ``pallas`` or
-    any registered name (see the module docstring). When the mesh in context splits tokens (``act_length``) over
-    devices, the backend runs sequence-parallel (``dit_jax.parallel.sequence``); ``kv_sharded=False`` marks keys that
-    are a short context held whole on every device (cross-attention) rather than a token stream split like the
-    queries.
+    ``(B, H, T, S)``. ``backend``: ``auto`` (Pallas on TPU, cuDNN flash attention on GPU in bf16/fp16, the C++ kernel
+    on CPU, else ``xla``), ``xla`` (dense below ``BLOCKWISE_MIN_LOGITS``, else blockwise), ``dense``, ``blockwise``,
+    ``cudnn``, ``pallas``, ``cpu`` or any registered name (see the module docstring). When the mesh in context splits
+    tokens (``act_length``) over devices, the backend runs sequence-parallel (``dit_jax.parallel.sequence``);
+    ``kv_sharded=False`` marks keys that are a short context held whole on every device (cross-attention) rather than
+    a token stream split like the queries.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5

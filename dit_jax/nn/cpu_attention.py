@@ -1,0 +1,203 @@
+"""Flash attention for XLA:CPU: a C++ kernel (``cpu_attention.cc``) called as an XLA FFI custom call.
+
+XLA:CPU runs the blockwise recurrence's small matmuls at a fraction of the host's FLOP rate (BENCHMARKS.md, Issue 10),
+so on CPU the attention forward is a hand-written flash kernel: register-tiled ``q kᵀ`` and ``p v`` with the online
+softmax in fp32, one (batch, head, query run) per task on XLA's intra-op thread pool. It is exact to fp32 round-off
+against the materialised reference (its ``exp`` is a polynomial within a few ulps), takes any head_dim up to 128 at
+its true size, and key masks (``(B|1, 1, 1, S)``); a mask over heads or queries falls back to ``blockwise_attention``.
+
+The kernel is compiled on first use with the host's C++ compiler (``$CXX`` or ``c++``, ``-O3 -march=native``) against
+the FFI headers that jaxlib ships, into ``$DIT_JAX_CACHE_DIR`` (default ``~/.cache/dit_jax``) under a key of the
+source, the compiler, jaxlib and the CPU, and loaded from there afterwards (a few seconds once per machine). Without a
+compiler, or with ``DIT_JAX_CPU_KERNEL=0``, ``available()`` is False with the reason, ``attention_backend="auto"``
+keeps the XLA path and ``backend="cpu"`` raises ``NotImplementedError`` naming the reason.
+
+Gradients: the kernel also returns each query row's softmax max and normaliser, from which ``blockwise_attention``'s
+backward pass recomputes the probabilities block by block (FlashAttention-2), so training memory stays
+O(tokens × chunk) and the forward is not run twice. Inputs of other float dtypes are computed in fp32 and cast back.
+When the computation is lowered for a platform other than CPU (an ahead-of-time plan for a TPU on a CPU host), the
+blockwise path takes its place. Like any custom call without a stability guarantee, the kernel cannot be serialised
+with ``jax.export`` for CPU: export with ``DIT_JAX_CPU_KERNEL=0`` (or ``backend="xla"``).
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dit_jax.nn import blockwise
+from dit_jax.nn.blockwise import blockwise_attention
+from dit_jax.nn.pallas_attention import _key_mask, _per_device
+
+SOURCE = Path(__file__).with_name("cpu_attention.cc")
+TARGET = "dit_jax_cpu_attention"
+MAX_HEAD_DIM = 128
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DIT_JAX_CACHE_DIR") or Path.home() / ".cache" / "dit_jax")
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the CPU model and its feature flags (Linux), else the machine name."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        keep = [line for line in info if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "\n".join(sorted(set(keep)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compile_command(out: Path) -> list[str]:
+    cxx = shlex.split(os.environ.get("CXX", "c++"))
+    flags = ["-O3", "-march=native", "-std=gnu++17", "-ffp-contract=fast", "-fPIC", "-shared"]
+    return [*cxx, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
+
+
+def _build() -> Path:
+    """The compiled kernel's path, compiling it into the cache first if it is not there."""
+    import jaxlib
+
+    probe = _compile_command(Path("x"))
+    key = hashlib.sha256(
+        b"\0".join(
+            [SOURCE.read_bytes(), " ".join(probe).encode(), jaxlib.__version__.encode(), _cpu_signature().encode()]
+        )
+    ).hexdigest()[:16]
+    lib = cache_dir() / "kernels" / f"cpu_attention-{key}.so"
+    if lib.exists():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    print(f"dit_jax: compiling the CPU attention kernel into {lib} (once per machine)", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+        tmp_lib = Path(tmp) / lib.name
+        try:
+            proc = subprocess.run(_compile_command(tmp_lib), capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise RuntimeError(f"could not run the C++ compiler ({e})") from None
+        if proc.returncode != 0:
+            raise RuntimeError(f"the C++ compiler failed:\n{(proc.stderr or proc.stdout)[-2000:]}")
+        os.replace(tmp_lib, lib)  # atomic: a concurrent build of the same key writes the same file
+    return lib
+
+
+def _load() -> str | None:
+    """Build, load and register the kernel once per process; the reason it is unavailable, or None."""
+    with _lock:
+        if "reason" not in _state:
+            reason = None
+            if os.environ.get("DIT_JAX_CPU_KERNEL", "1").lower() in ("0", "false", "no", "off"):
+                reason = "disabled by DIT_JAX_CPU_KERNEL"
+            else:
+                try:
+                    library = ctypes.cdll.LoadLibrary(str(_build()))
+                    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.DitJaxCpuAttention), platform="cpu")
+                except (RuntimeError, OSError, AttributeError) as e:
+                    reason = f"the CPU attention kernel is unavailable: {e}"
+                    warnings.warn(f"dit_jax: {reason}; attention keeps the XLA path", RuntimeWarning, stacklevel=3)
+            _state["reason"] = reason
+        return _state["reason"]
+
+
+def available() -> bool:
+    """Whether the kernel is built and registered in this process (building it on first call)."""
+    return _load() is None
+
+
+def supports(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> bool:
+    """Whether the kernel takes these shapes (else ``cpu_attention`` falls back to the blockwise path)."""
+    return q.shape[-1] <= MAX_HEAD_DIM and k.shape[1] > 0 and (mask is None or _key_mask(mask) is not None)
+
+
+def _kernel(q, k, v, key_mask, scale, has_mask):
+    """(out (B, T, H, D), row max (B, H, T), normaliser (B, H, T)), fp32."""
+    b, t, h, _ = q.shape
+    stat = jax.ShapeDtypeStruct((b, h, t), jnp.float32)
+    call = jax.ffi.ffi_call(TARGET, (jax.ShapeDtypeStruct(q.shape, jnp.float32), stat, stat), vmap_method="sequential")
+    return call(q, k, v, key_mask, scale=np.float32(scale), has_mask=bool(has_mask))
+
+
+def _blockwise(q, k, v, key_mask, scale, has_mask):
+    """The same triple from the XLA blockwise path (its statistics cover whole query chunks: cut to T)."""
+    mask = key_mask[:, None, None, :] if has_mask else None
+    out, (m, norm) = blockwise._forward(q, k, v, mask, scale, blockwise.Q_CHUNK, blockwise.KV_CHUNK)
+    return out, m[..., : q.shape[1]], norm[..., : q.shape[1]]
+
+
+def _forward(q, k, v, key_mask, scale, has_mask):
+    """The kernel when lowered for CPU, the blockwise path for any other platform (chosen at lowering)."""
+    return jax.lax.platform_dependent(
+        q, k, v, key_mask,
+        cpu=lambda *a: _kernel(*a, scale, has_mask),
+        default=lambda *a: _blockwise(*a, scale, has_mask),
+    )  # fmt: skip
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention(q, k, v, key_mask, scale, has_mask):
+    """fp32 q, k, v; key_mask (B, S) bool."""
+    return _forward(q, k, v, key_mask, scale, has_mask)[0]
+
+
+def _attention_fwd(q, k, v, key_mask, scale, has_mask):
+    out, m, norm = _forward(q, k, v, key_mask, scale, has_mask)
+    return out, (q, k, v, key_mask, out, m, norm)
+
+
+def _attention_bwd(scale, has_mask, res, g):
+    """blockwise_attention's backward pass (FlashAttention-2's recomputation) from the kernel's row statistics,
+    padded to its whole query chunks (padded rows have no gradient: any finite statistics do)."""
+    q, k, v, key_mask, out, m, norm = res
+    t, s = q.shape[1], k.shape[1]
+    tp = blockwise._chunks(t, s, blockwise.Q_CHUNK, blockwise.KV_CHUNK)[2]
+    pad = ((0, 0), (0, 0), (0, tp - t))
+    stats = (jnp.pad(m, pad), jnp.pad(norm, pad, constant_values=1.0))
+    mask = key_mask[:, None, None, :] if has_mask else None
+    dq, dk, dv = blockwise._backward(q, k, v, mask, out, stats, g, scale, blockwise.Q_CHUNK, blockwise.KV_CHUNK)
+    return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, scale: float | None = None):
+    """``softmax(q kᵀ · scale) v`` with the CPU kernel (see the module docstring).
+
+    q: B T H D; k, v: B S H D; mask: None or bool broadcastable to (B, H, T, S). Raises ``NotImplementedError`` when
+    the kernel cannot be built here; shapes it does not take (head_dim > 128, masks over heads or queries) run the
+    blockwise path.
+    """
+    reason = _load()
+    if reason is not None:
+        raise NotImplementedError(reason)
+    if q.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
+        raise ValueError(f"cpu_attention: expected q (B, T, H, D) and k, v (B, S, H, D), got {q.shape}, "
+                         f"{k.shape}, {v.shape}")  # fmt: skip
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if mask is not None:
+        mask = jnp.asarray(mask).astype(bool)
+        mask = jax.lax.stop_gradient(mask.reshape((1,) * (4 - mask.ndim) + mask.shape))
+    if not supports(q, k, mask):
+        return blockwise_attention(q, k, v, mask, scale)
+    dtype = jnp.result_type(q, k, v)
+    b, s = q.shape[0], k.shape[1]
+    has_mask = mask is not None
+    key_mask = jnp.broadcast_to(_key_mask(mask), (b, s)) if has_mask else jnp.ones((b, s), bool)
+    run = lambda q, k, v, km: _attention(q, k, v, km, float(scale), has_mask)  # noqa: E731
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    return _per_device(run, q, k, v, key_mask).astype(dtype)
