@@ -1,15 +1,15 @@
-"""Attention alone: dit_jax's ``dense`` and ``blockwise`` backends vs torch ``scaled_dot_product_attention``.
+"""Attention alone: dit_jax's backends vs torch ``scaled_dot_product_attention``.
 
   python -m benchmarks.attention                                  # 1,024 / 2,048 / 4,096 tokens, 16 heads × 72
-  python -m benchmarks.attention --tokens 4096 --backends blockwise --iters 5
+  python -m benchmarks.attention --tokens 4096 --backends cpu,blockwise --iters 5
 
 Self-attention without a mask, batch ``--batch``, ``--heads`` × ``--head-dim`` (default PixArt: 16 × 72), fp32 on a
 CPU. Each side takes its own layout (dit_jax ``B T H D``, torch ``B H T D``), random inputs shared by both. All the
 backends and torch SDPA are timed round-robin in one process (``time_interleaved``); one JSON line per dit_jax
-backend and size, each against the same torch timing (see benchmarks/common.py). ``xla`` (the CPU default under
-``auto``) is ``dense`` below 1024² logits per head and ``blockwise`` from there, i.e. ``blockwise`` at every size here.
+backend and size, each against the same torch timing (see benchmarks/common.py). On CPU ``auto`` is ``cpu`` (the C++
+flash kernel, ``dit_jax.nn.cpu_attention``) when it builds; ``xla`` is ``dense`` below 1024² logits per head and
+``blockwise`` from there, i.e. ``blockwise`` at every size here.
 """
-
 import argparse
 import functools
 
@@ -42,7 +42,7 @@ def main():
     on_gpu = on_accelerator()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", default="1024,2048,4096")
-    ap.add_argument("--backends", default="dense,blockwise")
+    ap.add_argument("--backends", default="cpu,blockwise,dense")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=72)

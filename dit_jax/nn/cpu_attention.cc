@@ -68,10 +68,10 @@ inline float hsum(vf x) {
   return s;
 }
 
-// 2^x for x ≤ 0 (softmax arguments in base 2: the queries carry the factor log2(e)), within a few ulps; 0 below −126
-// (where 2^x leaves the normal range; such terms are below 1e-37 of the row's largest, which is 1) and for −inf.
+// 2^x for x ≤ 0 (softmax arguments in base 2: the queries carry the factor log2(e)), within a few ulps; 0 below −125
+// (so no result is subnormal; such terms are below 1e-37 of the row's largest, which is 1) and for −inf.
 inline vf vexp2(vf x) {
-  const vf lo = splat(-126.0f);
+  const vf lo = splat(-125.0f);
   const vf xc = vmax(x, lo);
   const vf shifter = splat(12582912.0f);  // 1.5·2^23: adding it rounds to an integer
   const vf n = (xc + shifter) - shifter;
@@ -273,6 +273,8 @@ void run_item(const Problem& pb, int64_t b, int64_t h, int64_t q_begin, int64_t 
           for (int64_t d = 0; d < dv; ++d) orow[d] *= alpha;
         }
       }
+      for (int64_t r = rows; r < BQ; ++r)  // rows past the end of the queries: P = 0 in the tiles that cover them
+        std::fill(&w.s[r * BK], &w.s[r * BK] + width, 0.f);
       for (int64_t j = 0; j < width; j += kTile)  // kTile value rows stay in L1 while the rows of P stream past
         pv(w.s.data() + j, &w.vp[(s0 + j) * dv], std::min<int64_t>(kTile, width - j), w.o.data(), rows);
     }
