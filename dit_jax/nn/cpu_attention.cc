@@ -220,14 +220,17 @@ void run_item(const Problem& pb, int64_t b, int64_t h, int64_t q_begin, int64_t 
   w.m.resize(BQ);
   w.l.resize(BQ);
   const PvFn pv = pv_for(D);
-  const float qscale = static_cast<float>(static_cast<double>(pb.scale) * 1.4426950408889634);  // · log2(e)
+  // logits stay unscaled until the exponent: 2^((x − m)·scale·log2(e)); x − m is exact for the terms near the max
+  // (Sterbenz), is 0 where a row's keys are all masked (x = m = finfo.min) and −inf on padding
+  const float base2 = static_cast<float>(static_cast<double>(pb.scale) * 1.4426950408889634);
+  const vf base2v = splat(base2);
   for (int64_t t0 = q_begin; t0 < q_end; t0 += BQ) {
     const int64_t rows = std::min<int64_t>(BQ, pb.T - t0);
     for (int64_t r = 0; r < BQ; ++r) {
       float* dst = &w.qs[r * D];
       if (r < rows) {
         const float* src = pb.q + (b * pb.T + t0 + r) * row + h * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * qscale;
+        std::memcpy(dst, src, D * sizeof(float));
       } else {
         std::fill(dst, dst + D, 0.f);
       }
@@ -257,15 +260,15 @@ void run_item(const Problem& pb, int64_t b, int64_t h, int64_t q_begin, int64_t 
           }
           mx = vmax(mx, x);
         }
-        const float m_new = std::max(w.m[r], hmax(mx));
+        const float m_new = std::max(w.m[r], hmax(mx));  // of the unscaled logits: scale > 0 keeps the order
         const vf mv = splat(m_new);
         vf sum = {};
         for (int64_t c = 0; c < width; c += kLanes) {
-          vf p = vexp2(load(sr + c) - mv);
+          vf p = vexp2((load(sr + c) - mv) * base2v);
           store(sr + c, p);
           sum += p;
         }
-        const float alpha = vexp2(splat(w.m[r] - m_new))[0];  // 2^−inf = 0 on the first block
+        const float alpha = vexp2(splat((w.m[r] - m_new) * base2))[0];  // 2^−inf = 0 on the first block
         w.l[r] = w.l[r] * alpha + hsum(sum);
         w.m[r] = m_new;
         if (alpha != 1.f) {
@@ -284,7 +287,7 @@ void run_item(const Problem& pb, int64_t b, int64_t h, int64_t q_begin, int64_t 
       for (int64_t d = 0; d < D; ++d) dst[d] = w.o[r * dv + d] * inv;
       // m is in base 2; a row whose keys are all masked keeps the marker finfo.min (its P is uniform)
       const int64_t stat = (b * H + h) * pb.T + t0 + r;
-      pb.row_max[stat] = w.m[r] == kMasked ? kMasked : static_cast<float>(w.m[r] * 0.6931471805599453);
+      pb.row_max[stat] = w.m[r] == kMasked ? kMasked : w.m[r] * pb.scale;
       pb.row_sum[stat] = w.l[r];
     }
   }
