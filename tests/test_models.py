@@ -198,7 +198,7 @@ def test_unknown_preset():
         (
             DiTConfig,
             dict(attention_backend="cudnnn"),
-            r"attention_backend='cudnnn' .*\['auto', 'blockwise', 'cudnn', 'dense', 'pallas', 'xla'",
+            r"attention_backend='cudnnn' .*\['auto', 'blockwise', 'cpu', 'cudnn', 'dense', 'pallas', 'xla'",
         ),
         (PixArtConfig, dict(attention_backend="flash"), "attention_backend='flash'"),
         (PixArtConfig, dict(kv_compress_op="max"), "kv_compress_op='max' .*'conv', 'avg', 'discard'"),
