@@ -42,7 +42,7 @@ typedef float vh __attribute__((vector_size(32)));  // 8 floats: the head_dim re
 constexpr int kLanes = 16;
 
 constexpr int BQ = 120;     // query rows per block (a multiple of every row tile below: 6, 5, 8, 12)
-constexpr int BK = 256;     // keys per block (a multiple of the S tile's 64 columns)
+constexpr int BK = 512;     // keys per block (a multiple of the S tile's 64 columns)
 constexpr int kSRows = 6;   // S tile: 6 query rows × kSCols vectors of keys
 constexpr int kSCols = 4;
 constexpr int kTile = kSCols * 16;  // keys per S tile; also the P·V key sub-block
@@ -200,8 +200,15 @@ void run_item(const Problem& pb, int64_t b, int64_t h, int64_t q_begin, int64_t 
   const int64_t dv = packed_width(D);
   const int64_t sp = (S + BK - 1) / BK * BK;
   const int64_t row = H * D;  // stride between tokens
-  w.kt.assign(D * sp, 0.f);  // K^T in column tiles: [S / kTile][D][kTile], each tile contiguous
-  w.vp.assign(sp * dv, 0.f);
+  // K^T in column tiles, [sp / kTile][D][kTile] (each tile contiguous), and V in rows of dv; the scratch is reused,
+  // so only what is read past the keys is cleared: the last tile's columns and rows after S, V's lanes after D
+  const int64_t s_tiles = (S + kTile - 1) / kTile * kTile;
+  w.kt.resize(D * sp);
+  w.vp.resize(sp * dv);
+  for (int64_t s = S; s < s_tiles; ++s) {
+    for (int64_t d = 0; d < D; ++d) w.kt[(s / kTile) * D * kTile + d * kTile + s % kTile] = 0.f;
+    std::fill(&w.vp[s * dv], &w.vp[s * dv] + dv, 0.f);
+  }
   w.keep.resize(sp);  // per key: its logit as computed (1), finfo.min (masked) or −inf (padding)
   for (int64_t s = 0; s < S; ++s) {
     const float* ks = pb.k + (b * S + s) * row + h * D;
@@ -209,6 +216,7 @@ void run_item(const Problem& pb, int64_t b, int64_t h, int64_t q_begin, int64_t 
     float* kt = &w.kt[(s / kTile) * D * kTile + s % kTile];
     for (int64_t d = 0; d < D; ++d) kt[d * kTile] = ks[d];
     std::memcpy(&w.vp[s * dv], vs, D * sizeof(float));
+    std::fill(&w.vp[s * dv + D], &w.vp[s * dv + dv], 0.f);
     w.keep[s] = (pb.mask == nullptr || pb.mask[b * S + s]) ? 1.f : kMasked;
   }
   for (int64_t s = S; s < sp; ++s) w.keep[s] = -std::numeric_limits<float>::infinity();
@@ -304,7 +312,7 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t, 
   st->fn = std::move(fn);
   st->n = n;
   auto work = [](State& s) {
-    Scratch scratch;
+    static thread_local Scratch scratch;  // kept by each thread across calls: no allocation per call
     for (int64_t i; (i = s.next.fetch_add(1)) < s.n;) {
       s.fn(i, scratch);
       s.done.fetch_add(1, std::memory_order_release);
