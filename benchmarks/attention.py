@@ -10,6 +10,7 @@ backend and size, each against the same torch timing (see benchmarks/common.py).
 flash kernel, ``dit_jax.nn.cpu_attention``) when it builds; ``xla`` is ``dense`` below 1024² logits per head and
 ``blockwise`` from there, i.e. ``blockwise`` at every size here.
 """
+
 import argparse
 import functools
 

@@ -7,17 +7,20 @@
 // softmax row max and normaliser (B, H, T) that the backward pass (blockwise_attention's) recomputes P from.
 //
 // One work item is one (batch, head) pair and a run of query blocks. The item packs that pair's keys transposed,
-// K^T (D × S), and its values padded to whole vectors, V (S × Dv), then for each block of BQ query rows walks the keys
-// in blocks of BK with the online softmax (fp32 running max m, normaliser l, accumulator O in the block's scratch):
-//   S = (scale·Q) K^T  →  masked entries set to finfo(float32).min, padding to −inf
-//   m' = max(m, rowmax S);  P = exp(S − m');  l = l·exp(m − m') + rowsum P;  O = O·exp(m − m') + P V
+// K^T (D × S), and its values in rows of Dv (D rounded up to a half vector), V (S × Dv), then for each block of BQ
+// query rows walks the keys in blocks of BK with the online softmax (fp32 running max m, normaliser l, accumulator O
+// in the block's scratch):
+//   S = Q K^T  →  masked entries set to finfo(float32).min, padding to −inf
+//   m' = max(m, rowmax S);  P = 2^((S − m')·scale·log2 e);  α = 2^((m − m')·scale·log2 e)
+//   l = l·α + rowsum P;  O = O·α + P V
 // and writes O / l. A row whose keys are all masked averages all keys (every logit equals finfo.min), as the
 // materialised reference does; padding never takes part.
 //
 // The two products run on register tiles written with GCC vector extensions (16 floats per vector: one AVX-512
-// register, two AVX2 ones): S on 6 rows × 64 key columns, P V on R rows × the whole padded head_dim (R × Dv/16 ≤ 24
-// accumulators). Items are spread over XLA's intra-op thread pool; the calling thread works too and waits only for
-// items already taken, so the call completes even if the pool runs none of them.
+// register, two AVX2 ones): S on 6 rows × 64 key columns, P V on R rows × the whole head_dim (whole vectors plus a
+// half vector for 72's or 88's last 8 lanes; about 24 accumulators). Items are spread over XLA's intra-op thread
+// pool; the calling thread works too and waits only for items already taken, so the call completes even if the pool
+// runs none of them.
 
 #include <algorithm>
 #include <atomic>
@@ -68,7 +71,7 @@ inline float hsum(vf x) {
   return s;
 }
 
-// 2^x for x ≤ 0 (softmax arguments in base 2: the queries carry the factor log2(e)), within a few ulps; 0 below −125
+// 2^x for x ≤ 0 (softmax arguments in base 2: (S − m)·scale·log2 e), within a few ulps; 0 below −125
 // (so no result is subnormal; such terms are below 1e-37 of the row's largest, which is 1) and for −inf.
 inline vf vexp2(vf x) {
   const vf lo = splat(-125.0f);
@@ -105,62 +108,59 @@ inline void s_tile(const float* q, int64_t d_len, const float* kt, int64_t kt_st
     for (int c = 0; c < kSCols; ++c) store(s + r * BK + c * kLanes, acc[r][c]);
 }
 
-// o[r][0:16·G] += Σ_j p[r][j] · v[j][0:16·G] for R rows and G vectors of head_dim, j < cols; rows of v and o are
-// `stride` floats apart.
-template <int R, int G>
+// o[r][0:w] += Σ_j p[r][j] · v[j][0:w] for R rows, j < cols, with w = 16·G (+ 8 if HALF: the last 8 lanes of a
+// head_dim that leaves 1–8 after its whole vectors, 72 = 4·16 + 8, 88 = 5·16 + 8, taken as a half vector instead of
+// padding the row); rows of v and o are `stride` floats apart.
+template <int R, int G, bool HALF>
 inline void pv_tile(const float* p, const float* v, int64_t stride, int64_t cols, float* o) {
-  vf acc[R][G];
-  for (int r = 0; r < R; ++r)
+  vf acc[R][G > 0 ? G : 1];
+  vh tail[R];
+  for (int r = 0; r < R; ++r) {
     for (int c = 0; c < G; ++c) acc[r][c] = load(o + r * stride + c * kLanes);
+    if constexpr (HALF) std::memcpy(&tail[r], o + r * stride + G * kLanes, sizeof(vh));
+  }
   for (int64_t j = 0; j < cols; ++j) {
-    vf vv[G];
+    vf vv[G > 0 ? G : 1];
+    vh vt;
     for (int c = 0; c < G; ++c) vv[c] = load(v + j * stride + c * kLanes);
+    if constexpr (HALF) std::memcpy(&vt, v + j * stride + G * kLanes, sizeof vt);
     for (int r = 0; r < R; ++r) {
-      vf pb = splat(p[r * BK + j]);
+      const float pr = p[r * BK + j];
+      const vf pb = splat(pr);
       for (int c = 0; c < G; ++c) acc[r][c] += pb * vv[c];
+      if constexpr (HALF) tail[r] += (pr - vh{}) * vt;  // scalar − (+0): a broadcast
     }
   }
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < R; ++r) {
     for (int c = 0; c < G; ++c) store(o + r * stride + c * kLanes, acc[r][c]);
-}
-
-// The same for the last 8 columns of a head_dim that leaves 1–8 after its whole vectors (72 = 4·16 + 8, 88 = 5·16 + 8):
-// a half vector instead of padding the row to a whole one (10% of the P·V work at 72).
-template <int R>
-inline void pv_tile_half(const float* p, const float* v, int64_t stride, int64_t cols, float* o) {
-  vh acc[R];
-  for (int r = 0; r < R; ++r) std::memcpy(&acc[r], o + r * stride, sizeof(vh));
-  for (int64_t j = 0; j < cols; ++j) {
-    vh vv;
-    std::memcpy(&vv, v + j * stride, sizeof vv);
-    for (int r = 0; r < R; ++r) acc[r] += (p[r * BK + j] - vh{}) * vv;  // scalar − (+0): a broadcast
+    if constexpr (HALF) std::memcpy(o + r * stride + G * kLanes, &tail[r], sizeof(vh));
   }
-  for (int r = 0; r < R; ++r) std::memcpy(o + r * stride, &acc[r], sizeof(vh));
 }
 
-// The P·V tile for G vectors of head_dim (G = 0: the half vector): R × G ≈ 24 accumulators (the measured best on
-// AVX-512: 5×5, 6×4, 8×3, 12×2).
-template <int G>
+// Rows per P·V tile for G whole vectors (+ a half one): about 24 accumulators, the measured best on AVX-512
+// (6 × 4, 5 × 5, 8 × 3, 12 × 2; with a half vector 6 × 4½, 4 × 5½, 6 × 3½, 8 × 2½, 12 × 1½).
+template <int G, bool HALF>
+constexpr int pv_rows() {
+  if constexpr (HALF) return G >= 5 ? 4 : (G >= 3 ? 6 : (G == 2 ? 8 : 12));
+  return G == 5 ? 5 : (G == 4 ? 6 : (G == 3 ? 8 : 12));
+}
+
+template <int G, bool HALF>
 void pv_group(const float* p, const float* v, int64_t stride, int64_t cols, float* o, int64_t rows) {
-  constexpr int R = G == 5 ? 5 : (G == 4 ? 6 : (G == 3 ? 8 : 12));
+  constexpr int R = pv_rows<G, HALF>();
   static_assert(BQ % R == 0, "BQ must be a multiple of the P·V row tile");
-  for (int r = 0; r < rows; r += R) {  // the tiles that hold the block's live rows (BQ is a multiple of R)
-    if constexpr (G == 0)
-      pv_tile_half<R>(p + r * BK, v, stride, cols, o + r * stride);
-    else
-      pv_tile<R, G>(p + r * BK, v, stride, cols, o + r * stride);
-  }
+  for (int r = 0; r < rows; r += R)  // the tiles that hold the block's live rows (BQ is a multiple of R)
+    pv_tile<R, G, HALF>(p + r * BK, v, stride, cols, o + r * stride);
 }
 
-// O (BQ × dv) += P (BQ × cols) · V (cols × dv) with dv = 16·F (+ 8 if HALF): the F whole vectors in groups of at
-// most 5 (8 = 4 + 4, 7 = 4 + 3, 6 = 3 + 3), then the half vector; each group's rows tiled as above.
+// O (BQ × dv) += P (BQ × cols) · V (cols × dv) with dv = 16·F (+ 8 if HALF): up to 5 whole vectors (and the half
+// one) in a single pass over P and V; wider rows in two groups (8 = 4 + 4, 7 = 4 + 3, 6 = 3 + 3, each + the half).
 template <int F, bool HALF>
 void pv_block(const float* p, const float* v, int64_t cols, float* o, int64_t rows) {
   constexpr int stride = F * kLanes + (HALF ? kLanes / 2 : 0);
-  constexpr int first = F <= 5 ? F : (F == 6 ? 3 : 4);
-  if constexpr (first > 0) pv_group<first>(p, v, stride, cols, o, rows);
-  if constexpr (F > first) pv_group<F - first>(p, v + first * kLanes, stride, cols, o + first * kLanes, rows);
-  if constexpr (HALF) pv_group<0>(p, v + F * kLanes, stride, cols, o + F * kLanes, rows);
+  constexpr int first = F <= 5 ? 0 : (F == 6 ? 3 : 4);
+  if constexpr (first > 0) pv_group<first, false>(p, v, stride, cols, o, rows);
+  pv_group<F - first, HALF>(p, v + first * kLanes, stride, cols, o + first * kLanes, rows);
 }
 
 using PvFn = void (*)(const float*, const float*, int64_t, float*, int64_t);
@@ -220,7 +220,8 @@ void run_item(const Problem& pb, int64_t b, int64_t h, int64_t q_begin, int64_t 
     w.keep[s] = (pb.mask == nullptr || pb.mask[b * S + s]) ? 1.f : kMasked;
   }
   for (int64_t s = S; s < sp; ++s) w.keep[s] = -std::numeric_limits<float>::infinity();
-  const bool any_masked = pb.mask != nullptr && std::any_of(pb.mask + b * S, pb.mask + (b + 1) * S, [](bool x) { return !x; });
+  const bool any_masked =
+      pb.mask != nullptr && std::any_of(pb.mask + b * S, pb.mask + (b + 1) * S, [](bool x) { return !x; });
 
   w.qs.resize(BQ * D);
   w.s.resize(BQ * BK);

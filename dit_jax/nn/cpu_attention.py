@@ -62,9 +62,14 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
-def _compile_command(out: Path) -> list[str]:
+# Tuned for the host's CPU; compilers that do not take -march=native (clang for Apple silicon) get -mcpu=native,
+# and a compiler that takes neither builds for its default target.
+_ARCH_FLAGS = (["-march=native"], ["-mcpu=native"], [])
+
+
+def _compile_command(out: Path, arch: list[str] = _ARCH_FLAGS[0]) -> list[str]:
     cxx = shlex.split(os.environ.get("CXX", "c++"))
-    flags = ["-O3", "-march=native", "-std=gnu++17", "-ffp-contract=fast", "-fPIC", "-shared"]
+    flags = ["-O3", *arch, "-std=gnu++17", "-ffp-contract=fast", "-fPIC", "-shared"]
     return [*cxx, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
 
 
@@ -85,12 +90,17 @@ def _build() -> Path:
     print(f"dit_jax: compiling the CPU attention kernel into {lib} (once per machine)", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         tmp_lib = Path(tmp) / lib.name
-        try:
-            proc = subprocess.run(_compile_command(tmp_lib), capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise RuntimeError(f"could not run the C++ compiler ({e})") from None
-        if proc.returncode != 0:
-            raise RuntimeError(f"the C++ compiler failed:\n{(proc.stderr or proc.stdout)[-2000:]}")
+        errors = []
+        for arch in _ARCH_FLAGS:
+            try:
+                proc = subprocess.run(_compile_command(tmp_lib, arch), capture_output=True, text=True, timeout=300)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                raise RuntimeError(f"could not run the C++ compiler ({e})") from None
+            if proc.returncode == 0:
+                break
+            errors.append(proc.stderr or proc.stdout)
+        else:  # the first attempt's message: the later ones differ only by the target flags
+            raise RuntimeError(f"the C++ compiler failed:\n{errors[0][-2000:]}")
         os.replace(tmp_lib, lib)  # atomic: a concurrent build of the same key writes the same file
     return lib
 
