@@ -16,6 +16,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from dit_jax.nn.kernel_inputs import attention_mask
+
 Q_CHUNK = 256  # query rows per block (XLA:CPU: (B, H, 256, 512) fp32 logits stay near the caches)
 KV_CHUNK = 512  # key/value rows per block
 _MASKED = float(jnp.finfo(jnp.float32).min)
@@ -72,8 +74,8 @@ def _valid_block(valid, j, tk):
 
 
 def _forward(q, k, v, mask, scale, q_chunk, kv_chunk):
-    """(out (B, T, H, D) in q's dtype, row max and normaliser (B, H, Tp) fp32 over the padded queries: kept apart,
-    not as a logsumexp, because a row with every key masked has max finfo.min, which would swallow log(l))."""
+    """(out (B, T, H, D) in q's dtype, row max and normaliser (B, H, T) fp32: kept apart, not as a logsumexp,
+    because a row with every key masked has max finfo.min, which would swallow log(l))."""
     b, t, h, d = q.shape
     tq, tk, tp, sp, qp, kp, vp, mp, valid = _prepare(q, k, v, mask, q_chunk, kv_chunk)
 
@@ -103,17 +105,19 @@ def _forward(q, k, v, mask, scale, q_chunk, kv_chunk):
 
     outs, m, norm = jax.lax.map(q_block, jnp.arange(tp // tq))  # (nq, B, H, tq, D), (nq, B, H, tq) ×2
     out = outs.transpose(1, 0, 3, 2, 4).reshape(b, tp, h, d)[:, :t]
-    m, norm = (x.transpose(1, 2, 0, 3).reshape(b, h, tp) for x in (m, norm))
+    m, norm = (x.transpose(1, 2, 0, 3).reshape(b, h, tp)[..., :t] for x in (m, norm))
     return out, (m, norm)
 
 
 def _backward(q, k, v, mask, out, stats, g, scale, q_chunk, kv_chunk):
     """Gradients of q, k, v: for each key block, the blocks of every query chunk are recomputed from the saved row
-    statistics (P = exp(S − m) / l), as in FlashAttention-2's backward pass."""
-    m, norm = stats
+    statistics (P = exp(S − m) / l), as in FlashAttention-2's backward pass. ``stats``: row max and normaliser
+    (B, H, T), from ``_forward`` or any kernel that computes the same softmax."""
     b, t, h, d = q.shape
     s = k.shape[1]
     tq, tk, tp, sp, qp, kp, vp, mp, valid, gp, op = _prepare(q, k, v, mask, q_chunk, kv_chunk, g, out)
+    # padded query rows have dO = 0, so any finite statistics do there
+    m, norm = _pad(stats[0], 2, tp), _pad(stats[1], 2, tp, 1.0)
     # D_i = rowsum(dO ∘ O) in fp32 (B, H, Tp); padded query rows have dO = 0
     delta = jnp.einsum("bhtd,bhtd->bht", op.astype(jnp.float32), gp.astype(jnp.float32))
 
@@ -187,10 +191,5 @@ def blockwise_attention(
         raise ValueError(f"q_chunk and kv_chunk must be positive, got {q_chunk} and {kv_chunk}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if mask is not None:
-        mask = jnp.asarray(mask).astype(bool)
-        if mask.ndim > 4:
-            raise ValueError(f"blockwise_attention: mask must broadcast to (B, H, T, S), got shape {mask.shape}")
-        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-        mask = jax.lax.stop_gradient(mask)
+    mask = attention_mask("blockwise_attention", mask)
     return _attention(q, k, v, mask, float(scale), int(q_chunk), int(kv_chunk))

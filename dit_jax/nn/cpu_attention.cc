@@ -248,8 +248,7 @@ void run_item(const Problem& pb, int64_t b, int64_t h, int64_t q_begin, int64_t 
     std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<float>::infinity());
     std::fill(w.l.begin(), w.l.end(), 0.f);
     for (int64_t s0 = 0; s0 < sp; s0 += BK) {
-      const int64_t cols = std::min<int64_t>(BK, sp - s0);  // always BK: sp is a multiple of BK
-      const int64_t live = std::min<int64_t>(cols, S - s0);
+      const int64_t live = std::min<int64_t>(BK, S - s0);  // keys in this block (sp is a multiple of BK)
       const int64_t tiles = (live + kTile - 1) / kTile;
       const int64_t width = tiles * kTile;  // columns computed: whole tiles, padding included
       for (int64_t c = 0; c < tiles; ++c) {  // one K^T tile stays in L1 while the query rows stream past

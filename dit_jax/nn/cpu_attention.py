@@ -39,7 +39,7 @@ import numpy as np
 
 from dit_jax.nn import blockwise
 from dit_jax.nn.blockwise import blockwise_attention
-from dit_jax.nn.pallas_attention import _key_mask, _per_device
+from dit_jax.nn.kernel_inputs import attention_mask, check_qkv, key_mask_row, per_device
 
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
 TARGET = "dit_jax_cpu_attention"
@@ -130,7 +130,7 @@ def available() -> bool:
 
 def supports(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> bool:
     """Whether the kernel takes these shapes (else ``cpu_attention`` falls back to the blockwise path)."""
-    return q.shape[-1] <= MAX_HEAD_DIM and k.shape[1] > 0 and (mask is None or _key_mask(mask) is not None)
+    return q.shape[-1] <= MAX_HEAD_DIM and k.shape[1] > 0 and (mask is None or key_mask_row(mask) is not None)
 
 
 def _kernel(q, k, v, key_mask, scale, has_mask):
@@ -142,10 +142,10 @@ def _kernel(q, k, v, key_mask, scale, has_mask):
 
 
 def _blockwise(q, k, v, key_mask, scale, has_mask):
-    """The same triple from the XLA blockwise path (its statistics cover whole query chunks: cut to T)."""
+    """The same triple from the XLA blockwise path."""
     mask = key_mask[:, None, None, :] if has_mask else None
     out, (m, norm) = blockwise._forward(q, k, v, mask, scale, blockwise.Q_CHUNK, blockwise.KV_CHUNK)
-    return out, m[..., : q.shape[1]], norm[..., : q.shape[1]]
+    return out, m, norm
 
 
 def _forward(q, k, v, key_mask, scale, has_mask):
@@ -169,15 +169,10 @@ def _attention_fwd(q, k, v, key_mask, scale, has_mask):
 
 
 def _attention_bwd(scale, has_mask, res, g):
-    """blockwise_attention's backward pass (FlashAttention-2's recomputation) from the kernel's row statistics,
-    padded to its whole query chunks (padded rows have no gradient: any finite statistics do)."""
+    """blockwise_attention's backward pass (FlashAttention-2's recomputation) from the kernel's row statistics."""
     q, k, v, key_mask, out, m, norm = res
-    t, s = q.shape[1], k.shape[1]
-    tp = blockwise._chunks(t, s, blockwise.Q_CHUNK, blockwise.KV_CHUNK)[2]
-    pad = ((0, 0), (0, 0), (0, tp - t))
-    stats = (jnp.pad(m, pad), jnp.pad(norm, pad, constant_values=1.0))
     mask = key_mask[:, None, None, :] if has_mask else None
-    dq, dk, dv = blockwise._backward(q, k, v, mask, out, stats, g, scale, blockwise.Q_CHUNK, blockwise.KV_CHUNK)
+    dq, dk, dv = blockwise._backward(q, k, v, mask, out, (m, norm), g, scale, blockwise.Q_CHUNK, blockwise.KV_CHUNK)
     return dq, dk, dv, None
 
 
@@ -194,20 +189,16 @@ def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     reason = _load()
     if reason is not None:
         raise NotImplementedError(reason)
-    if q.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
-        raise ValueError(f"cpu_attention: expected q (B, T, H, D) and k, v (B, S, H, D), got {q.shape}, "
-                         f"{k.shape}, {v.shape}")  # fmt: skip
+    check_qkv("cpu_attention", q, k, v)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if mask is not None:
-        mask = jnp.asarray(mask).astype(bool)
-        mask = jax.lax.stop_gradient(mask.reshape((1,) * (4 - mask.ndim) + mask.shape))
+    mask = attention_mask("cpu_attention", mask)
     if not supports(q, k, mask):
         return blockwise_attention(q, k, v, mask, scale)
     dtype = jnp.result_type(q, k, v)
     b, s = q.shape[0], k.shape[1]
     has_mask = mask is not None
-    key_mask = jnp.broadcast_to(_key_mask(mask), (b, s)) if has_mask else jnp.ones((b, s), bool)
+    key_mask = jnp.broadcast_to(key_mask_row(mask), (b, s)) if has_mask else jnp.ones((b, s), bool)
     run = lambda q, k, v, km: _attention(q, k, v, km, float(scale), has_mask)  # noqa: E731
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    return _per_device(run, q, k, v, key_mask).astype(dtype)
+    return per_device(run, q, k, v, key_mask).astype(dtype)

@@ -21,17 +21,14 @@ averages all real keys, like it).
 """
 
 import functools
-import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import AxisType
-from jax.sharding import PartitionSpec as P
 
 from dit_jax.nn.blockwise import blockwise_attention
+from dit_jax.nn.kernel_inputs import attention_mask, check_qkv, key_mask_row, per_device
 
 BLOCK_Q = 512  # query rows per block (a multiple of 128: the row statistics are stored lane-dense)
 BLOCK_K = 512  # key rows per block (a multiple of 128: it is the lane dimension of the logits and of the key mask)
@@ -343,44 +340,6 @@ def _flash_bwd(scale, block_q, block_k, interpret, res, g):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _key_mask(mask: jax.Array) -> jax.Array | None:
-    """The (B|1, S) key row of a mask broadcastable to (B, H, T, S), or None when it varies over heads or queries."""
-    if mask.shape[1] == 1 and mask.shape[2] == 1:
-        return mask[:, 0, 0, :]
-    return None
-
-
-def _logical_axes(name: str, auto: list[str], mesh, size: int) -> tuple[str, ...] | None:
-    """The automatic mesh axes that the logical ``name`` maps to under the rules in context, if they divide ``size``."""
-    rules = nn.get_logical_axis_rules()
-    if not rules:
-        return None
-    axes = nn.logical_to_mesh_axes((name,), rules)[0]
-    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ())) if a in auto)
-    if not axes or size % math.prod(mesh.shape[a] for a in axes):
-        return None
-    return axes
-
-
-def _per_device(fn, q, k, v, key_mask):
-    """``fn(q, k, v, key_mask)`` on each device's part. A Mosaic kernel cannot be partitioned by XLA, so under a mesh
-    with automatic axes it runs inside ``shard_map`` over all of them: batch split as ``act_batch`` and heads as
-    ``act_heads`` (under the logical rules in context, where they divide), every other axis replicated."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return fn(q, k, v, key_mask)
-    auto = [a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Manual]
-    if not auto:
-        return fn(q, k, v, key_mask)
-    batch = _logical_axes("act_batch", auto, mesh, q.shape[0])
-    heads = _logical_axes("act_heads", auto, mesh, q.shape[2])
-    spec = P(batch, None, heads, None)
-    mask_spec = None if key_mask is None else P(batch if key_mask.shape[0] > 1 else None, None)
-    return jax.shard_map(
-        fn, in_specs=(spec, spec, spec, mask_spec), out_specs=spec, axis_names=set(auto), check_vma=False
-    )(q, k, v, key_mask)
-
-
 def pallas_attention(
     q: jax.Array,
     k: jax.Array,
@@ -402,25 +361,20 @@ def pallas_attention(
         raise ValueError(
             f"pallas_attention: block_q and block_k must be positive multiples of {_LANES}, got {block_q} and {block_k}"
         )
-    if q.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
-        raise ValueError(f"pallas_attention: expected q (B, T, H, D) and k, v (B, S, H, D), got {q.shape}, "
-                         f"{k.shape}, {v.shape}")  # fmt: skip
+    check_qkv("pallas_attention", q, k, v)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     dtype = jnp.result_type(q, k, v)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     key_mask = None
+    mask = attention_mask("pallas_attention", mask)
     if mask is not None:
-        mask = jnp.asarray(mask).astype(bool)
-        if mask.ndim > 4:
-            raise ValueError(f"pallas_attention: mask must broadcast to (B, H, T, S), got shape {mask.shape}")
-        mask = jax.lax.stop_gradient(mask.reshape((1,) * (4 - mask.ndim) + mask.shape))
-        key_mask = _key_mask(mask)
+        key_mask = key_mask_row(mask)
         if key_mask is None:  # a mask over heads or queries: the portable blockwise path
             return blockwise_attention(q, k, v, mask, scale)
     flash = functools.partial(_flash_call, scale=float(scale), block_q=int(block_q), block_k=int(block_k),
                               interpret=interpret)  # fmt: skip
-    return _per_device(flash, q, k, v, key_mask)
+    return per_device(flash, q, k, v, key_mask)
 
 
 def _flash_call(q, k, v, key_mask, *, scale, block_q, block_k, interpret):
