@@ -7,9 +7,9 @@
 // softmax row max and normaliser (B, H, T) that the backward pass (blockwise_attention's) recomputes P from.
 //
 // One work item is one (batch, head) pair and a run of query blocks. The item packs that pair's keys transposed,
-// K^T (D × S), and its values in rows of Dv (D rounded up to a half vector), V (S × Dv), then for each block of BQ
-// query rows walks the keys in blocks of BK with the online softmax (fp32 running max m, normaliser l, accumulator O
-// in the block's scratch):
+// K^T (D × S), and its values V (S × Dv) in rows of Dv = D rounded up to whole vectors (every row starts on a cache
+// line: split loads cost Intel cores ~15%), then for each block of BQ query rows walks the keys in blocks of BK with
+// the online softmax (fp32 running max m, normaliser l, accumulator O in the block's scratch):
 //   S = Q K^T  →  masked entries set to finfo(float32).min, padding to −inf
 //   m' = max(m, rowmax S);  P = 2^((S − m')·scale·log2 e);  α = 2^((m − m')·scale·log2 e)
 //   l = l·α + rowsum P;  O = O·α + P V
@@ -34,6 +34,10 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -76,8 +80,12 @@ inline float hsum(vf x) {
 inline vf vexp2(vf x) {
   const vf lo = splat(-125.0f);
   const vf xc = vmax(x, lo);
+#ifdef __AVX512F__
+  const vf n = (vf)_mm512_roundscale_ps((__m512)xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
   const vf shifter = splat(12582912.0f);  // 1.5·2^23: adding it rounds to an integer
   const vf n = (xc + shifter) - shifter;
+#endif
   const vf r = xc - n;  // exact, in [−1/2, 1/2]
   // 2^r = Σ (r ln2)^k / k!, to k = 7: truncation below 6e-9 relative
   vf p = splat(1.525273380405984e-05f);
@@ -88,13 +96,18 @@ inline vf vexp2(vf x) {
   p = p * r + splat(2.402265069591007e-01f);
   p = p * r + splat(6.931471805599453e-01f);
   p = p * r + splat(1.f);
+#ifdef __AVX512F__
+  const vf y = (vf)_mm512_scalef_ps((__m512)p, (__m512)n);  // p · 2^n in one instruction
+#else
   const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;  // 2^n
   const vf y = p * (vf)bits;  // same-size vector cast: the bits reinterpreted
+#endif
   return x < lo ? vf{} : y;
 }
 
-// s[r][c] = Σ_d q[r][d] · kt[d][c] for kSRows rows and kSCols·16 columns.
-inline void s_tile(const float* q, int64_t d_len, const float* kt, int64_t kt_stride, float* s) {
+// s[r][c] = Σ_d q[r][d] · kt[d][c] for kSRows rows and kSCols·16 columns; mx[r] (one vector per row) takes the
+// lane-wise max of row r's new columns, so the softmax need not read S once more for its row max.
+inline void s_tile(const float* q, int64_t d_len, const float* kt, int64_t kt_stride, float* s, float* mx) {
   vf acc[kSRows][kSCols] = {};
   for (int64_t d = 0; d < d_len; ++d) {
     vf kv[kSCols];
@@ -104,13 +117,19 @@ inline void s_tile(const float* q, int64_t d_len, const float* kt, int64_t kt_st
       for (int c = 0; c < kSCols; ++c) acc[r][c] += qb * kv[c];
     }
   }
-  for (int r = 0; r < kSRows; ++r)
-    for (int c = 0; c < kSCols; ++c) store(s + r * BK + c * kLanes, acc[r][c]);
+  for (int r = 0; r < kSRows; ++r) {
+    vf m = load(mx + r * kLanes);
+    for (int c = 0; c < kSCols; ++c) {
+      store(s + r * BK + c * kLanes, acc[r][c]);
+      m = vmax(m, acc[r][c]);
+    }
+    store(mx + r * kLanes, m);
+  }
 }
 
 // o[r][0:w] += Σ_j p[r][j] · v[j][0:w] for R rows, j < cols, with w = 16·G (+ 8 if HALF: the last 8 lanes of a
 // head_dim that leaves 1–8 after its whole vectors, 72 = 4·16 + 8, 88 = 5·16 + 8, taken as a half vector instead of
-// padding the row); rows of v and o are `stride` floats apart.
+// padding the row); rows of v and o are `stride` floats apart (a whole number of vectors).
 template <int R, int G, bool HALF>
 inline void pv_tile(const float* p, const float* v, int64_t stride, int64_t cols, float* o) {
   vf acc[R][G > 0 ? G : 1];
@@ -128,7 +147,7 @@ inline void pv_tile(const float* p, const float* v, int64_t stride, int64_t cols
       const float pr = p[r * BK + j];
       const vf pb = splat(pr);
       for (int c = 0; c < G; ++c) acc[r][c] += pb * vv[c];
-      if constexpr (HALF) tail[r] += (pr - vh{}) * vt;  // scalar − (+0): a broadcast
+      if constexpr (HALF) tail[r] += __builtin_shufflevector(pb, pb, 0, 1, 2, 3, 4, 5, 6, 7) * vt;
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -153,11 +172,11 @@ void pv_group(const float* p, const float* v, int64_t stride, int64_t cols, floa
     pv_tile<R, G, HALF>(p + r * BK, v, stride, cols, o + r * stride);
 }
 
-// O (BQ × dv) += P (BQ × cols) · V (cols × dv) with dv = 16·F (+ 8 if HALF): up to 5 whole vectors (and the half
+// O (BQ × w) += P (BQ × cols) · V (cols × w) with w = 16·F (+ 8 if HALF; rows stay whole vectors apart): up to 5 whole vectors (and the half
 // one) in a single pass over P and V; wider rows in two groups (8 = 4 + 4, 7 = 4 + 3, 6 = 3 + 3, each + the half).
 template <int F, bool HALF>
 void pv_block(const float* p, const float* v, int64_t cols, float* o, int64_t rows) {
-  constexpr int stride = F * kLanes + (HALF ? kLanes / 2 : 0);
+  constexpr int stride = (F + (HALF ? 1 : 0)) * kLanes;
   constexpr int first = F <= 5 ? 0 : (F == 6 ? 3 : 4);
   if constexpr (first > 0) pv_group<first, false>(p, v, stride, cols, o, rows);
   pv_group<F - first, HALF>(p, v + first * kLanes, stride, cols, o + first * kLanes, rows);
@@ -165,7 +184,7 @@ void pv_block(const float* p, const float* v, int64_t cols, float* o, int64_t ro
 
 using PvFn = void (*)(const float*, const float*, int64_t, float*, int64_t);
 
-// Width of a packed value row for head_dim d: whole vectors, plus a half vector when the rest fits in one.
+// Columns of V that P·V computes for head_dim d: whole vectors, plus a half vector when the rest fits in one.
 int64_t packed_width(int64_t d) {
   const int64_t rest = d % kLanes;
   return d / kLanes * kLanes + (rest == 0 ? 0 : (rest <= kLanes / 2 ? kLanes / 2 : kLanes));
@@ -190,14 +209,27 @@ struct Problem {
   float scale;
 };
 
+// Cache-line aligned storage: with rows a whole number of vectors apart, no vector load straddles two lines.
+template <class T>
+struct Aligned {
+  using value_type = T;
+  Aligned() = default;
+  template <class U>
+  Aligned(const Aligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  bool operator==(const Aligned&) const { return true; }
+  bool operator!=(const Aligned&) const { return false; }
+};
+
 // Scratch reused by one thread across its items.
 struct Scratch {
-  std::vector<float> kt, vp, keep, qs, s, o, m, l;
+  std::vector<float, Aligned<float>> kt, vp, keep, qs, s, mx, o, m, l;
 };
 
 void run_item(const Problem& pb, int64_t b, int64_t h, int64_t q_begin, int64_t q_end, Scratch& w) {
   const int64_t D = pb.D, S = pb.S, H = pb.H;
-  const int64_t dv = packed_width(D);
+  const int64_t dv = (D + kLanes - 1) / kLanes * kLanes;
   const int64_t sp = (S + BK - 1) / BK * BK;
   const int64_t row = H * D;  // stride between tokens
   // K^T in column tiles, [sp / kTile][D][kTile] (each tile contiguous), and V in rows of dv; the scratch is reused,
@@ -225,6 +257,7 @@ void run_item(const Problem& pb, int64_t b, int64_t h, int64_t q_begin, int64_t 
 
   w.qs.resize(BQ * D);
   w.s.resize(BQ * BK);
+  w.mx.resize(BQ * kLanes);
   w.o.resize(BQ * dv);
   w.m.resize(BQ);
   w.l.resize(BQ);
@@ -251,22 +284,24 @@ void run_item(const Problem& pb, int64_t b, int64_t h, int64_t q_begin, int64_t 
       const int64_t live = std::min<int64_t>(BK, S - s0);  // keys in this block (sp is a multiple of BK)
       const int64_t tiles = (live + kTile - 1) / kTile;
       const int64_t width = tiles * kTile;  // columns computed: whole tiles, padding included
+      std::fill(w.mx.begin(), w.mx.end(), -std::numeric_limits<float>::infinity());
       for (int64_t c = 0; c < tiles; ++c) {  // one K^T tile stays in L1 while the query rows stream past
         const float* kt = &w.kt[(s0 / kTile + c) * D * kTile];
-        for (int r = 0; r < rows; r += kSRows) s_tile(&w.qs[r * D], D, kt, kTile, &w.s[r * BK + c * kTile]);
+        for (int r = 0; r < rows; r += kSRows)
+          s_tile(&w.qs[r * D], D, kt, kTile, &w.s[r * BK + c * kTile], &w.mx[r * kLanes]);
       }
-      const bool edit = any_masked || live < width;
+      const bool edit = any_masked || live < width;  // masked or padding columns: the row max is taken again
       for (int64_t r = 0; r < rows; ++r) {
         float* sr = &w.s[r * BK];
-        vf mx = splat(-std::numeric_limits<float>::infinity());
-        for (int64_t c = 0; c < width; c += kLanes) {
-          vf x = load(sr + c);
-          if (edit) {
-            vf keep = load(&w.keep[s0 + c]);
-            x = keep == splat(1.f) ? x : keep;
+        vf mx = load(&w.mx[r * kLanes]);
+        if (edit) {
+          mx = splat(-std::numeric_limits<float>::infinity());
+          for (int64_t c = 0; c < width; c += kLanes) {
+            const vf keep = load(&w.keep[s0 + c]);
+            const vf x = keep == splat(1.f) ? load(sr + c) : keep;
             store(sr + c, x);
+            mx = vmax(mx, x);
           }
-          mx = vmax(mx, x);
         }
         const float m_new = std::max(w.m[r], hmax(mx));  // of the unscaled logits: scale > 0 keeps the order
         const vf mv = splat(m_new);
