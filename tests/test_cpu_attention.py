@@ -1,7 +1,7 @@
 """The C++ flash-attention kernel for XLA:CPU (``dit_jax.nn.cpu_attention``): built with the host's compiler, equal to
 a float64 reference at every head_dim path (half-vector remainders, grouped P·V tiles), with key masks (incl. a row
 with every key masked), cross-attention and lengths that fill no block; gradients through the kernel's row
-statistics; the fallbacks; one clear error when it cannot be built."""
+statistics; the fallbacks; one clear error when it cannot be built; the command that builds it ahead of time."""
 
 import jax
 import jax.numpy as jnp
@@ -155,3 +155,29 @@ def test_a_failing_compiler_is_reported_and_leaves_no_library(monkeypatch, tmp_p
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     with pytest.raises(RuntimeError, match="could not run the C\\+\\+ compiler"):
         ca._build()
+
+
+def _prebuild(tmp_path, **env):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DIT_JAX_CACHE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu", **env}
+    cmd = [sys.executable, "-m", "dit_jax.nn.cpu_attention"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_prebuild_command_builds_into_the_cache_and_checks_the_kernel(tmp_path):
+    proc = _prebuild(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    built = list((tmp_path / "kernels").glob("cpu_attention-*.so"))
+    assert len(built) == 1 and proc.stdout.splitlines()[0] == str(built[0])
+    assert "checked against the reference attention" in proc.stdout
+    again = _prebuild(tmp_path)  # found in the cache: nothing compiled the second time
+    assert again.returncode == 0 and "compiling" not in again.stderr and again.stdout == proc.stdout
+
+
+def test_prebuild_command_fails_with_the_reason(tmp_path):
+    proc = _prebuild(tmp_path, DIT_JAX_CPU_KERNEL="0")
+    assert proc.returncode == 1 and "disabled by DIT_JAX_CPU_KERNEL" in proc.stderr
+    assert not (tmp_path / "kernels").exists()

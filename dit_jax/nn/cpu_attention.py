@@ -18,8 +18,13 @@ O(tokens × chunk) and the forward is not run twice. Inputs of other float dtype
 When the computation is lowered for a platform other than CPU (an ahead-of-time plan for a TPU on a CPU host), the
 blockwise path takes its place. Like any custom call without a stability guarantee, the kernel cannot be serialised
 with ``jax.export`` for CPU: export with ``DIT_JAX_CPU_KERNEL=0`` (or ``backend="xla"``).
+
+``python -m dit_jax.nn.cpu_attention`` builds the kernel ahead of its first use (a container image, a cluster's login
+node before the jobs start, with ``DIT_JAX_CACHE_DIR`` on shared storage), checks it against the materialised
+reference and prints where it is; it exits with status 1 and the reason if the kernel cannot be built.
 """
 
+import argparse
 import ctypes
 import functools
 import hashlib
@@ -114,7 +119,8 @@ def _load() -> str | None:
                 reason = "disabled by DIT_JAX_CPU_KERNEL"
             else:
                 try:
-                    library = ctypes.cdll.LoadLibrary(str(_build()))
+                    _state["library"] = path = _build()
+                    library = ctypes.cdll.LoadLibrary(str(path))
                     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.DitJaxCpuAttention), platform="cpu")
                 except (RuntimeError, OSError, AttributeError) as e:
                     reason = f"the CPU attention kernel is unavailable: {e}"
@@ -202,3 +208,37 @@ def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     run = lambda q, k, v, km: _attention(q, k, v, km, float(scale), has_mask)  # noqa: E731
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     return per_device(run, q, k, v, key_mask).astype(dtype)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build (or find) the kernel for this machine, check it once, and say where it is."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dit_jax.nn.cpu_attention",
+        description="Build the CPU attention kernel into the cache now and check it against the reference attention.",
+    )
+    parser.parse_args(argv)
+    reason = _load()
+    if reason is not None:
+        print(f"dit_jax: {reason}", file=sys.stderr)
+        return 1
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, (1, 200, 2, 72), jnp.float32) for key in keys)
+    from dit_jax.nn.attention import dot_product_attention  # a module-level import would be circular
+
+    with jax.default_device(jax.devices("cpu")[0]):
+        got = jax.jit(cpu_attention)(q, k, v)
+        err = float(jnp.max(jnp.abs(got - dot_product_attention(q, k, v, backend="dense"))))
+    if not err < 1e-4:
+        print(
+            f"dit_jax: the CPU attention kernel at {_state['library']} differs from the reference by {err:.3g}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"{_state['library']}\n(checked against the reference attention: max |difference| {err:.2e})")
+    return 0
+
+
+if __name__ == "__main__":
+    from dit_jax.nn import cpu_attention as module  # the package's copy, whose state the attention backends share
+
+    sys.exit(module.main())
