@@ -172,8 +172,9 @@ void pv_group(const float* p, const float* v, int64_t stride, int64_t cols, floa
     pv_tile<R, G, HALF>(p + r * BK, v, stride, cols, o + r * stride);
 }
 
-// O (BQ × w) += P (BQ × cols) · V (cols × w) with w = 16·F (+ 8 if HALF; rows stay whole vectors apart): up to 5 whole vectors (and the half
-// one) in a single pass over P and V; wider rows in two groups (8 = 4 + 4, 7 = 4 + 3, 6 = 3 + 3, each + the half).
+// O (BQ × w) += P (BQ × cols) · V (cols × w) with w = 16·F (+ 8 if HALF; rows stay whole vectors apart): up to 5
+// whole vectors (and the half one) in a single pass over P and V; wider rows in two groups (8 = 4 + 4, 7 = 4 + 3,
+// 6 = 3 + 3, each + the half).
 template <int F, bool HALF>
 void pv_block(const float* p, const float* v, int64_t cols, float* o, int64_t rows) {
   constexpr int stride = (F + (HALF ? 1 : 0)) * kLanes;
