@@ -173,6 +173,11 @@ def test_prebuild_command_builds_into_the_cache_and_checks_the_kernel(tmp_path):
     built = list((tmp_path / "kernels").glob("cpu_attention-*.so"))
     assert len(built) == 1 and proc.stdout.splitlines()[0] == str(built[0])
     assert "checked against the reference attention" in proc.stdout
+    from dit_jax.nn import cpu_dense
+
+    if cpu_dense.available():  # the dense-layer kernel is built and checked by the same command
+        assert len(list((tmp_path / "kernels").glob("cpu_dense-*.so"))) == 1
+        assert "checked against XLA's dot" in proc.stdout
     again = _prebuild(tmp_path)  # found in the cache: nothing compiled the second time
     assert again.returncode == 0 and "compiling" not in again.stderr and again.stdout == proc.stdout
 

@@ -6,11 +6,12 @@ softmax in fp32, one (batch, head, query run) per task on XLA's intra-op thread 
 against the materialised reference (its ``exp`` is a polynomial within a few ulps), takes any head_dim up to 128 at
 its true size, and key masks (``(B|1, 1, 1, S)``); a mask over heads or queries falls back to ``blockwise_attention``.
 
-The kernel is compiled on first use with the host's C++ compiler (``$CXX`` or ``c++``, ``-O3 -march=native``) against
-the FFI headers that jaxlib ships, into ``$DIT_JAX_CACHE_DIR`` (default ``~/.cache/dit_jax``) under a key of the
-source, the compiler, jaxlib and the CPU, and loaded from there afterwards (a few seconds once per machine). Without a
-compiler, or with ``DIT_JAX_CPU_KERNEL=0``, ``available()`` is False with the reason, ``attention_backend="auto"``
-keeps the XLA path and ``backend="cpu"`` raises ``NotImplementedError`` naming the reason.
+The kernel is compiled on first use (``dit_jax.nn.cpu_build``) with the host's C++ compiler (``$CXX`` or ``c++``,
+``-O3 -march=native``) against the FFI headers that jaxlib ships, into ``$DIT_JAX_CACHE_DIR`` (default
+``~/.cache/dit_jax``) under a key of the source, the compiler, jaxlib and the CPU, and loaded from there afterwards (a
+few seconds once per machine). Without a compiler, or with ``DIT_JAX_CPU_KERNEL=0``, ``available()`` is False with
+the reason, ``attention_backend="auto"`` keeps the XLA path and ``backend="cpu"`` raises ``NotImplementedError``
+naming the reason.
 
 Gradients: the kernel also returns each query row's softmax max and normaliser, from which ``blockwise_attention``'s
 backward pass recomputes the probabilities block by block (FlashAttention-2), so training memory stays
@@ -21,19 +22,15 @@ with ``jax.export`` for CPU: export with ``DIT_JAX_CPU_KERNEL=0`` (or ``backend=
 
 ``python -m dit_jax.nn.cpu_attention`` builds the kernel ahead of its first use (a container image, a cluster's login
 node before the jobs start, with ``DIT_JAX_CACHE_DIR`` on shared storage), checks it against XLA's materialised
-attention and prints where it is; it exits with status 1 and the reason if the kernel cannot be built.
+attention and prints where it is, then does the same for the dense-layer kernel (``dit_jax.nn.cpu_dense``); it exits
+with status 1 and the reason if a kernel cannot be built or differs from XLA's (a host without a usable BLAS only
+says so: dense layers then keep XLA's dot).
 """
 
 import argparse
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shlex
-import subprocess
 import sys
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -42,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax.nn import blockwise
+from dit_jax.nn import blockwise, cpu_build
 from dit_jax.nn.blockwise import blockwise_attention
 from dit_jax.nn.kernel_inputs import attention_mask, check_qkv, key_mask_row, per_device
 
@@ -53,61 +50,9 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("DIT_JAX_CACHE_DIR") or Path.home() / ".cache" / "dit_jax")
-
-
-def _cpu_signature() -> str:
-    """What ``-march=native`` depends on: the CPU model and its feature flags (Linux), else the machine name."""
-    try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-        keep = [line for line in info if line.startswith(("model name", "flags", "Features", "CPU part"))]
-        return "\n".join(sorted(set(keep)))
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-# Tuned for the host's CPU; compilers that do not take -march=native (clang for Apple silicon) get -mcpu=native,
-# and a compiler that takes neither builds for its default target.
-_ARCH_FLAGS = (["-march=native"], ["-mcpu=native"], [])
-
-
-def _compile_command(out: Path, arch: list[str] = _ARCH_FLAGS[0]) -> list[str]:
-    cxx = shlex.split(os.environ.get("CXX", "c++"))
-    flags = ["-O3", *arch, "-std=gnu++17", "-ffp-contract=fast", "-fPIC", "-shared"]
-    return [*cxx, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
-
-
 def _build() -> Path:
     """The compiled kernel's path, compiling it into the cache first if it is not there."""
-    import jaxlib
-
-    probe = _compile_command(Path("x"))
-    key = hashlib.sha256(
-        b"\0".join(
-            [SOURCE.read_bytes(), " ".join(probe).encode(), jaxlib.__version__.encode(), _cpu_signature().encode()]
-        )
-    ).hexdigest()[:16]
-    lib = cache_dir() / "kernels" / f"cpu_attention-{key}.so"
-    if lib.exists():
-        return lib
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    print(f"dit_jax: compiling the CPU attention kernel into {lib} (once per machine)", file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-        tmp_lib = Path(tmp) / lib.name
-        errors = []
-        for arch in _ARCH_FLAGS:
-            try:
-                proc = subprocess.run(_compile_command(tmp_lib, arch), capture_output=True, text=True, timeout=300)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                raise RuntimeError(f"could not run the C++ compiler ({e})") from None
-            if proc.returncode == 0:
-                break
-            errors.append(proc.stderr or proc.stdout)
-        else:  # the first attempt's message: the later ones differ only by the target flags
-            raise RuntimeError(f"the C++ compiler failed:\n{errors[0][-2000:]}")
-        os.replace(tmp_lib, lib)  # atomic: a concurrent build of the same key writes the same file
-    return lib
+    return cpu_build.build(SOURCE)
 
 
 def _load() -> str | None:
@@ -115,7 +60,7 @@ def _load() -> str | None:
     with _lock:
         if "reason" not in _state:
             reason = None
-            if os.environ.get("DIT_JAX_CPU_KERNEL", "1").lower() in ("0", "false", "no", "off"):
+            if cpu_build.disabled():
                 reason = "disabled by DIT_JAX_CPU_KERNEL"
             else:
                 try:
@@ -210,29 +155,50 @@ def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     return per_device(run, q, k, v, key_mask).astype(dtype)
 
 
+def _check_dense() -> str:
+    """Build (or find) the dense-layer kernel and check one product; its line for ``main``'s report."""
+    from dit_jax.nn import cpu_dense
+
+    if not cpu_dense.available():
+        return f"(dense layers keep XLA's dot: {cpu_dense.describe()})"
+    ka, kb = jax.random.split(jax.random.key(1))
+    a, b = jax.random.normal(ka, (96, 80), jnp.float32), jax.random.normal(kb, (80, 64), jnp.float32)
+    got = jax.jit(cpu_dense.matmul)(a, b)
+    err = float(jnp.max(jnp.abs(got - jnp.dot(a, b, precision="highest"))))
+    if not err < 1e-4:
+        raise RuntimeError(f"the CPU dense kernel at {cpu_dense._state['library']} differs from XLA's dot by {err:.3g}")
+    return f"{cpu_dense.describe()}\n(checked against XLA's dot: max |difference| {err:.2e})"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Build (or find) the kernel for this machine, check it once, and say where it is."""
+    """Build (or find) the CPU kernels for this machine, check them once, and say where they are."""
     parser = argparse.ArgumentParser(
         prog="python -m dit_jax.nn.cpu_attention",
-        description="Build the CPU attention kernel into the cache now and check it against the reference attention.",
+        description="Build the CPU attention kernel (and the dense-layer one, dit_jax.nn.cpu_dense) into the cache "
+        "now and check them against XLA's attention and dot.",
     )
     parser.parse_args(argv)
     reason = _load()
     if reason is not None:
         print(f"dit_jax: {reason}", file=sys.stderr)
         return 1
-    with jax.default_device(jax.devices("cpu")[0]):  # on a GPU host too: the check must lower for CPU
+    with jax.default_device(jax.devices("cpu")[0]):  # on a GPU host too: the checks must lower for CPU
         keys = jax.random.split(jax.random.key(0), 3)
         q, k, v = (jax.random.normal(key, (1, 200, 2, 72), jnp.float32) for key in keys)
         got = jax.jit(cpu_attention)(q, k, v)
         err = float(jnp.max(jnp.abs(got - jax.nn.dot_product_attention(q, k, v, implementation="xla"))))
-    if not err < 1e-4:
-        print(
-            f"dit_jax: the CPU attention kernel at {_state['library']} differs from the reference by {err:.3g}",
-            file=sys.stderr,
-        )
-        return 1
-    print(f"{_state['library']}\n(checked against the reference attention: max |difference| {err:.2e})")
+        if not err < 1e-4:
+            print(
+                f"dit_jax: the CPU attention kernel at {_state['library']} differs from the reference by {err:.3g}",
+                file=sys.stderr,
+            )
+            return 1
+        try:
+            dense = _check_dense()
+        except RuntimeError as e:
+            print(f"dit_jax: {e}", file=sys.stderr)
+            return 1
+    print(f"{_state['library']}\n(checked against the reference attention: max |difference| {err:.2e})\n{dense}")
     return 0
 
 

@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dit_jax.nn import cpu_dense
+
 Names = tuple[str | None, ...]
 Initializer = Callable[..., jax.Array]
 
@@ -36,6 +38,7 @@ class Dense(nn.Module):
 
     Parameters are float32 and carry the logical ``names`` (input axes first, then output axes; the bias takes the
     output part). The default init is torch's xavier_uniform with fan_in = prod(in_dims), fan_out = prod(features).
+    Large fp32 products on CPU run on the BLAS kernel of ``dit_jax.nn.cpu_dense``, the rest on XLA's dot.
     """
 
     features: tuple[int, ...]
@@ -55,7 +58,7 @@ class Dense(nn.Module):
         shape = tuple(x.shape[a] for a in axes) + tuple(self.features)
         init = self.kernel_init or xavier_uniform(tuple(range(n_in)), tuple(range(n_in, n_in + n_out)))
         kernel = self.param("kernel", partitioned(init, self.names), shape, jnp.float32)
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), ((axes, tuple(range(n_in))), ((), ())))
+        y = cpu_dense.dense_product(x.astype(self.dtype), kernel.astype(self.dtype), axes)
         if self.use_bias:
             bias = self.param("bias", partitioned(self.bias_init, self.names[n_in:]), self.features, jnp.float32)
             y = y + bias.astype(self.dtype)

@@ -12,11 +12,15 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from dit_jax.nn import cpu_dense
+
+_policies = jax.checkpoint_policies
+_dense_kernel = _policies.save_only_these_names(cpu_dense.NAME)  # the CPU dense kernel's products count as dots
 REMAT_POLICIES = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _policies.nothing_saveable,
+    "dots": _policies.save_from_both_policies(_policies.checkpoint_dots, _dense_kernel),
+    "dots_no_batch": _policies.save_from_both_policies(_policies.dots_with_no_batch_dims_saveable, _dense_kernel),
 }
 
 
