@@ -81,7 +81,8 @@ def test_dots_remat_policies_keep_saving_the_kernel_products(policy, calls):
 
 
 def test_a_pixart_forward_and_gradient_on_the_kernel_equal_xla(monkeypatch):
-    monkeypatch.setattr(cd, "MIN_MACS", 0)  # the tiny model's products are all below the threshold
+    monkeypatch.setattr(cd, "MIN_MACS", 0)  # the tiny model's products are all below the thresholds
+    monkeypatch.setattr(cd, "MIN_ROWS", 0)
     params = random_params(PIXART, 7)
     x, t, caption, mask, res, aspect = (jnp.asarray(a) for a in pixart_inputs())
     model = models.build(PIXART)
@@ -106,6 +107,7 @@ def test_where_the_kernel_stays_out():
     assert KERNEL in _hlo(product, x, w)
     assert KERNEL not in _hlo(product, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))  # not fp32
     assert KERNEL not in _hlo(product, x[:, :16], w)  # below MIN_MACS
+    assert KERNEL not in _hlo(product, x[:1, :256], jnp.tile(w, (1, 4)))  # 12.6M multiply-adds but below MIN_ROWS
     assert KERNEL not in _hlo(lambda x, w: cd.dense_product(x, w[:2], (0,)), x, w)  # not the trailing axes
     from jax.sharding import AxisType
 

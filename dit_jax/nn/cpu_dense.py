@@ -6,7 +6,8 @@ of the model's FLOPs. So on CPU, ``layers.Dense`` hands its product to ``cblas_s
 wheels bundle (or of the library that ``DIT_JAX_BLAS`` names, e.g. MKL's ``libmkl_rt.so``) when
 
 - the computation is float32 and contracts x's trailing axes (every ``Dense`` in the models),
-- it has at least ``MIN_MACS`` multiply-adds (smaller ones stay in XLA, where a call costs more than it saves),
+- it has at least ``MIN_MACS`` multiply-adds and ``MIN_ROWS`` rows (tokens × batch; smaller ones stay in XLA, whose
+  dot is as fast there),
 - no mesh splits it over devices (a mesh of one device, or inside ``shard_map``; XLA cannot partition a custom call,
   so a sharded product stays XLA's dot, which it partitions).
 
@@ -42,6 +43,7 @@ SOURCE = Path(__file__).with_name("cpu_dense.cc")
 TARGET = "dit_jax_cpu_dense"
 NAME = "cpu_dense"  # the checkpoint name of the kernel's output (remat policies save it like a dot)
 MIN_MACS = 1 << 22  # about 4M multiply-adds: e.g. 1024 tokens × 64 × 64
+MIN_ROWS = 512  # rows of x (tokens × batch): fewer, and XLA's dot is as fast (300 caption tokens: 1.02–1.05×)
 # cblas_sgemm and openblas_set_num_threads in numpy's OpenBLAS (ILP64: prefixed and suffixed), then plain names
 _SGEMM = (("scipy_cblas_sgemm64_", True), ("cblas_sgemm64_", True), ("cblas_sgemm", False))
 _SET_THREADS = ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads")
@@ -173,6 +175,7 @@ def takes(x: jax.Array, kernel: jax.Array, axes: tuple[int, ...]) -> bool:
         and kernel.dtype == jnp.float32
         and tuple(a % x.ndim for a in axes) == tuple(range(x.ndim - n_in, x.ndim))
         and macs >= MIN_MACS
+        and math.prod(x.shape[: x.ndim - n_in]) >= MIN_ROWS
         and _unsplit()
         and available()
     )
