@@ -31,8 +31,6 @@ import argparse
 import ctypes
 import functools
 import sys
-import threading
-import warnings
 from pathlib import Path
 
 import jax
@@ -46,7 +44,6 @@ from dit_jax.nn.kernel_inputs import attention_mask, check_qkv, key_mask_row, pe
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
 TARGET = "dit_jax_cpu_attention"
 MAX_HEAD_DIM = 128
-_lock = threading.Lock()
 _state: dict = {}
 
 
@@ -55,23 +52,15 @@ def _build() -> Path:
     return cpu_build.build(SOURCE)
 
 
+def _setup():
+    _state["library"] = path = _build()
+    library = ctypes.cdll.LoadLibrary(str(path))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.DitJaxCpuAttention), platform="cpu")
+
+
 def _load() -> str | None:
     """Build, load and register the kernel once per process; the reason it is unavailable, or None."""
-    with _lock:
-        if "reason" not in _state:
-            reason = None
-            if cpu_build.disabled():
-                reason = "disabled by DIT_JAX_CPU_KERNEL"
-            else:
-                try:
-                    _state["library"] = path = _build()
-                    library = ctypes.cdll.LoadLibrary(str(path))
-                    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.DitJaxCpuAttention), platform="cpu")
-                except (RuntimeError, OSError, AttributeError) as e:
-                    reason = f"the CPU attention kernel is unavailable: {e}"
-                    warnings.warn(f"dit_jax: {reason}; attention keeps the XLA path", RuntimeWarning, stacklevel=3)
-            _state["reason"] = reason
-        return _state["reason"]
+    return cpu_build.load_once(_state, "attention", "attention keeps the XLA path", _setup)
 
 
 def available() -> bool:

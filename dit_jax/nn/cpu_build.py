@@ -12,6 +12,9 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -21,9 +24,32 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DIT_JAX_CACHE_DIR") or Path.home() / ".cache" / "dit_jax")
 
 
-def disabled() -> bool:
-    """Whether ``DIT_JAX_CPU_KERNEL`` turns the CPU kernels off."""
-    return os.environ.get("DIT_JAX_CPU_KERNEL", "1").lower() in ("0", "false", "no", "off")
+def _switched_off(variable: str) -> bool:
+    return os.environ.get(variable, "1").lower() in ("0", "false", "no", "off")
+
+
+_lock = threading.Lock()
+
+
+def load_once(state: dict, what: str, fallback: str, setup: Callable[[], None], switch: str | None = None):
+    """Run ``setup`` (build, load and register a kernel, filling ``state``) once per process; the reason the kernel is
+    unavailable, or None. ``DIT_JAX_CPU_KERNEL=0`` (or the kernel's own ``switch`` variable) turns it off; a failure
+    warns once, naming what takes the kernel's place (``fallback``)."""
+    with _lock:
+        if "reason" not in state:
+            reason = None
+            for variable in ("DIT_JAX_CPU_KERNEL", switch):
+                if variable and _switched_off(variable):
+                    reason = f"disabled by {variable}"
+                    break
+            else:
+                try:
+                    setup()
+                except (RuntimeError, OSError, AttributeError) as e:
+                    reason = f"the CPU {what} kernel is unavailable: {e}"
+                    warnings.warn(f"dit_jax: {reason}; {fallback}", RuntimeWarning, stacklevel=4)
+            state["reason"] = reason
+        return state["reason"]
 
 
 def _cpu_signature() -> str:

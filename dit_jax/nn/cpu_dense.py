@@ -28,8 +28,6 @@ import math
 import os
 import shutil
 import tempfile
-import threading
-import warnings
 from pathlib import Path
 
 import jax
@@ -47,7 +45,6 @@ MIN_ROWS = 512  # rows of x (tokens × batch): fewer, and XLA's dot is as fast (
 # cblas_sgemm and openblas_set_num_threads in numpy's OpenBLAS (ILP64: prefixed and suffixed), then plain names
 _SGEMM = (("scipy_cblas_sgemm64_", True), ("cblas_sgemm64_", True), ("cblas_sgemm", False))
 _SET_THREADS = ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads")
-_lock = threading.Lock()
 _state: dict = {}
 
 
@@ -90,27 +87,17 @@ def _private_blas() -> tuple[int, bool, Path, Path]:
     return address, dict(_SGEMM)[name], source, copy
 
 
+def _setup():
+    _state["library"] = path = cpu_build.build(SOURCE)
+    library = ctypes.cdll.LoadLibrary(str(path))
+    address, ilp64, _state["blas"], _state["blas_copy"] = _private_blas()
+    library.DitJaxSetSgemm(ctypes.c_void_p(address), ctypes.c_int(int(ilp64)))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.DitJaxCpuDense), platform="cpu")
+
+
 def _load() -> str | None:
     """Build, load and register the kernel once per process; the reason it is unavailable, or None."""
-    with _lock:
-        if "reason" not in _state:
-            reason = None
-            if cpu_build.disabled():
-                reason = "disabled by DIT_JAX_CPU_KERNEL"
-            elif os.environ.get("DIT_JAX_CPU_DENSE", "1").lower() in ("0", "false", "no", "off"):
-                reason = "disabled by DIT_JAX_CPU_DENSE"
-            else:
-                try:
-                    address, ilp64, _state["blas"], _state["blas_copy"] = _private_blas()
-                    _state["library"] = path = cpu_build.build(SOURCE)
-                    library = ctypes.cdll.LoadLibrary(str(path))
-                    library.DitJaxSetSgemm(ctypes.c_void_p(address), ctypes.c_int(int(ilp64)))
-                    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.DitJaxCpuDense), platform="cpu")
-                except (RuntimeError, OSError, AttributeError) as e:
-                    reason = f"the CPU dense kernel is unavailable: {e}"
-                    warnings.warn(f"dit_jax: {reason}; dense layers keep XLA's dot", RuntimeWarning, stacklevel=3)
-            _state["reason"] = reason
-        return _state["reason"]
+    return cpu_build.load_once(_state, "dense", "dense layers keep XLA's dot", _setup, switch="DIT_JAX_CPU_DENSE")
 
 
 def available() -> bool:
