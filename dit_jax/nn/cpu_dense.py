@@ -3,7 +3,7 @@
 XLA:CPU's own dot runs a DiT's large linears (PixArt-Σ at 1024 px: 4096 tokens × 1152 → 1152 / 4608) at 0.7–0.9×
 the rate of an optimised BLAS on the same cores (BENCHMARKS.md, Issue 10), and those linears carry about two thirds
 of the model's FLOPs. So on CPU, ``layers.Dense`` hands its product to ``cblas_sgemm`` of the OpenBLAS that numpy's
-wheels bundle (or of the library that ``DIT_JAX_BLAS`` names, e.g. MKL's ``libmkl_rt.so``) when
+wheels bundle when
 
 - the computation is float32 and contracts x's trailing axes (every ``Dense`` in the models),
 - it has at least ``MIN_MACS`` multiply-adds and ``MIN_ROWS`` rows (tokens × batch; smaller ones stay in XLA, whose
@@ -11,16 +11,18 @@ wheels bundle (or of the library that ``DIT_JAX_BLAS`` names, e.g. MKL's ``libmk
 - no mesh splits it over devices (a mesh of one device, or inside ``shard_map``; XLA cannot partition a custom call,
   so a sharded product stays XLA's dot, which it partitions).
 
+The kernel cuts the output into one slab per thread of XLA's intra-op pool and runs each slab as one single-threaded
+``cblas_sgemm`` (the BLAS's own thread pool and XLA's would spin against each other). To keep numpy's OpenBLAS and its
+thread count untouched, the kernel calls a private copy of the library, kept in the kernel cache and set to one thread.
+
 The gradient uses the same kernel (dx = g·Wᵀ, dW = xᵀ·g), and the product's output is named ``cpu_dense`` so that the
 ``dots`` remat policies keep saving it as they save XLA's dots (``dit_jax.nn.stack``). Results equal XLA's dot to
 fp32 round-off (a different summation order). When the computation is lowered for another platform (an
 ahead-of-time TPU plan on a CPU host) XLA's dot takes the kernel's place. The kernel is built like the attention
-kernel (``dit_jax.nn.cpu_build``) on first use; without a compiler or a BLAS, or with ``DIT_JAX_CPU_KERNEL=0``,
-``available()`` is False with the reason and every product stays XLA's (``DIT_JAX_CPU_DENSE=0`` turns off this
-kernel alone). Like any custom call, it cannot be
-serialised with ``jax.export`` for CPU: export with ``DIT_JAX_CPU_KERNEL=0``.
-
-The BLAS runs on its own threads (``OPENBLAS_NUM_THREADS``, default: every core), not on XLA's thread pool.
+kernel (``dit_jax.nn.cpu_build``) on first use; without a compiler or a bundled OpenBLAS, or with
+``DIT_JAX_CPU_KERNEL=0``, ``available()`` is False with the reason and every product stays XLA's
+(``DIT_JAX_CPU_DENSE=0`` turns off this kernel alone). Like any custom call, it cannot be serialised with
+``jax.export`` for CPU: export with ``DIT_JAX_CPU_DENSE=0``.
 """
 
 import ctypes
@@ -43,7 +45,7 @@ NAME = "cpu_dense"  # the checkpoint name of the kernel's output (remat policies
 MIN_MACS = 1 << 22  # about 4M multiply-adds: e.g. 1024 tokens × 64 × 64
 MIN_ROWS = 512  # rows of x (tokens × batch): fewer, and XLA's dot is as fast (300 caption tokens: 1.02–1.05×)
 # cblas_sgemm and openblas_set_num_threads in numpy's OpenBLAS (ILP64: prefixed and suffixed), then plain names
-_SGEMM = (("scipy_cblas_sgemm64_", True), ("cblas_sgemm64_", True), ("cblas_sgemm", False))
+_SGEMM = {"scipy_cblas_sgemm64_": True, "cblas_sgemm64_": True, "cblas_sgemm": False}  # name: 64-bit integers
 _SET_THREADS = ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads")
 _state: dict = {}
 
@@ -79,12 +81,12 @@ def _private_blas() -> tuple[int, bool, Path, Path]:
             shutil.copyfile(source, Path(tmp) / copy.name)
             os.replace(Path(tmp) / copy.name, copy)  # atomic: a concurrent copy writes the same file
     shared, private = ctypes.CDLL(str(source)), ctypes.CDLL(str(copy))
-    name, sgemm = _symbol(private, [s for s, _ in _SGEMM])
+    name, sgemm = _symbol(private, list(_SGEMM))
     address = ctypes.cast(sgemm, ctypes.c_void_p).value
     if address == ctypes.cast(getattr(shared, name), ctypes.c_void_p).value:
         raise RuntimeError(f"the copy {copy} loaded as numpy's own OpenBLAS")  # never set numpy's to one thread
     _symbol(private, _SET_THREADS)[1](ctypes.c_int(1))
-    return address, dict(_SGEMM)[name], source, copy
+    return address, _SGEMM[name], source, copy
 
 
 def _setup():
